@@ -1,0 +1,52 @@
+# Every target that needs something sets it up first, so `make test` and `make demo` work on a
+# fresh Debian/Ubuntu machine (as root) and on one where Docker already runs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install host fixtures test unit demo lint format clean clean-fleets
+
+install: $(INSTALLED)
+
+$(INSTALLED): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+# Docker daemon, arm64 emulation (qemu-user binfmt), mmdebstrap.
+host:
+	sshd-fixtures/host-setup.sh
+
+# The four sshd images; each is rebuilt only when its recipe hash changed.
+fixtures: install host
+	$(BIN)/python sshd-fixtures/build_images.py
+
+test: fixtures
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Tests that need no Docker.
+unit: install
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+demo: fixtures
+	$(BIN)/python -m cronium_nb.demo
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+# Fleet containers left behind by a crashed run.
+clean-fleets: install
+	$(BIN)/python -c 'from cronium_nb import Fleet; print(Fleet.cleanup_stale(), "stale containers removed")'
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache build dist *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

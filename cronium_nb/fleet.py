@@ -1,0 +1,344 @@
+"""Local Docker sshd servers for tests, demos and notebooks.
+
+A :class:`Fleet` starts containers from the images that ``sshd-fixtures/build_images.py``
+builds, one sshd per container, port 22 published on 127.0.0.1 only. Each fleet generates a
+fresh ed25519 client key and one host key per container, so its ``known_hosts`` file pins
+every server before the first connection: strict host-key checking, no trust on first use.
+
+.. code-block:: python
+
+    with Fleet.up(amd64=2, arm64=1) as fleet:
+        executor = Executor(inventory=fleet.inventory)
+        fleet.exec("amd64-1", "ps -ef")
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import socket
+import tarfile
+import tempfile
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncssh
+import docker
+import docker.errors
+
+from cronium_nb.inventory import Inventory
+from cronium_nb.model import Server
+
+IMAGE_REPOSITORY = "cronium-sshd"
+ARCHES = ("amd64", "arm64")
+VARIANTS = ("full", "bare")
+# Users created in every image (name -> uid); the fleet's key is authorized for root and these.
+FIXTURE_USERS = {"cronium": 1000, "intruder": 1001}
+FLEET_LABEL = "cronium.fleet"
+OWNER_LABEL = "cronium.fleet.owner"  # "<hostname>:<pid>" of the process that started the fleet
+HOST_KEY_PATH = "etc/ssh/ssh_host_ed25519_key"
+READY_TIMEOUT_S = 120.0  # emulated arm64 sshd can take several seconds to answer
+
+
+def image_tag(arch: str, variant: str) -> str:
+    """The moving tag of a fixture image; the build script also adds a recipe-hash tag."""
+    return f"{IMAGE_REPOSITORY}:{arch}-{variant}"
+
+
+class FleetError(RuntimeError):
+    """The fleet could not be started or driven."""
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """What ``docker exec`` of a command in a fleet container gave."""
+
+    exit_code: int
+    output: str
+
+
+@dataclass(frozen=True)
+class FleetMember:
+    server: Server
+    arch: str
+    variant: str
+    container_id: str
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _tar(files: Sequence[tuple[str, bytes | None, int, int]]) -> bytes:
+    """A tar of (path, content or None for a directory, mode, uid) entries."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for path, content, mode, uid in files:
+            info = tarfile.TarInfo(path)
+            info.mode, info.uid, info.gid, info.mtime = mode, uid, uid, int(time.time())
+            if content is None:
+                info.type = tarfile.DIRTYPE
+                archive.addfile(info)
+            else:
+                info.size = len(content)
+                archive.addfile(info, io.BytesIO(content))
+    return buffer.getvalue()
+
+
+def _owner_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Fleet:
+    """Running sshd containers and the files (keys, known_hosts) that reach them.
+
+    Create one with :meth:`up`; remove it with :meth:`down` (or use it as a context manager).
+    """
+
+    def __init__(self, client: docker.DockerClient, fleet_id: str, workdir: Path) -> None:
+        self._client = client
+        self.fleet_id = fleet_id
+        self.workdir = workdir
+        self.key_path = workdir / "id_ed25519"
+        self.known_hosts = workdir / "known_hosts"
+        self._members: dict[str, FleetMember] = {}
+
+    # -- start and stop
+
+    @classmethod
+    def up(
+        cls,
+        amd64: int = 1,
+        arm64: int = 1,
+        variant: str = "full",
+        *,
+        user: str = "root",
+        sshd_options: Mapping[str, str] | None = None,
+        name_prefix: str = "",
+        ready_timeout: float = READY_TIMEOUT_S,
+    ) -> Fleet:
+        """Start ``amd64`` + ``arm64`` servers of one image variant and wait until sshd answers.
+
+        Servers are named ``<prefix><arch>-<n>``. ``sshd_options`` are passed to sshd as
+        ``-o KEY=VALUE`` (e.g. ``{"AllowTcpForwarding": "no"}``).
+        """
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown fleet variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+        if user != "root" and user not in FIXTURE_USERS:
+            raise ValueError(f"unknown fleet user {user!r}; expected root or one of {', '.join(FIXTURE_USERS)}")
+        counts = {"amd64": amd64, "arm64": arm64}
+        if any(not isinstance(n, int) or n < 0 for n in counts.values()) or not sum(counts.values()):
+            raise ValueError(f"server counts must be non-negative integers, not all zero: {counts}")
+        client = docker.from_env()
+        for arch, count in counts.items():
+            if count:
+                try:
+                    client.images.get(image_tag(arch, variant))
+                except docker.errors.ImageNotFound:
+                    raise FleetError(f"image {image_tag(arch, variant)} is missing: run `make fixtures`") from None
+        fleet_id = uuid.uuid4().hex[:8]
+        fleet = cls(client, fleet_id, Path(tempfile.mkdtemp(prefix=f"cronium-fleet-{fleet_id}-")))
+        try:
+            fleet._start(counts, variant, user, dict(sshd_options or {}), name_prefix, ready_timeout)
+        except BaseException:
+            fleet.down()
+            raise
+        return fleet
+
+    def _start(
+        self,
+        counts: Mapping[str, int],
+        variant: str,
+        user: str,
+        sshd_options: dict[str, str],
+        prefix: str,
+        ready_timeout: float,
+    ) -> None:
+        client_key = asyncssh.generate_private_key("ssh-ed25519", comment=f"cronium-fleet-{self.fleet_id}")
+        client_key.write_private_key(str(self.key_path))
+        os.chmod(self.key_path, 0o600)
+        authorized = client_key.export_public_key("openssh")
+        command = [arg for key, value in sshd_options.items() for arg in ("-o", f"{key}={value}")]
+        home_files = [("root/.ssh", None, 0o700, 0), ("root/.ssh/authorized_keys", authorized, 0o600, 0)]
+        for fixture_user, uid in FIXTURE_USERS.items():
+            home = f"home/{fixture_user}/.ssh"
+            home_files += [(home, None, 0o700, uid), (f"{home}/authorized_keys", authorized, 0o600, uid)]
+        known_hosts_lines = []
+        for arch, count in counts.items():
+            for index in range(1, count + 1):
+                name = f"{prefix}{arch}-{index}"
+                host_key = asyncssh.generate_private_key("ssh-ed25519", comment=name)
+                files = _tar(
+                    [
+                        (HOST_KEY_PATH, host_key.export_private_key("openssh"), 0o600, 0),
+                        (HOST_KEY_PATH + ".pub", host_key.export_public_key("openssh"), 0o644, 0),
+                        *home_files,
+                    ]
+                )
+                container, port = self._start_container(name, arch, variant, command, files)
+                server = Server(
+                    name=name,
+                    host="127.0.0.1",
+                    port=port,
+                    user=user,
+                    key_path=str(self.key_path),
+                    known_hosts=str(self.known_hosts),
+                )
+                self._members[name] = FleetMember(server, arch, variant, container.id)
+                public = host_key.export_public_key("openssh").decode().split()
+                known_hosts_lines.append(f"[127.0.0.1]:{port} {public[0]} {public[1]}\n")
+        self.known_hosts.write_text("".join(known_hosts_lines))
+        with ThreadPoolExecutor(max_workers=max(1, len(self._members))) as pool:
+            list(pool.map(lambda name: self.wait_ready(name, ready_timeout), self._members))
+
+    def _start_container(self, name: str, arch: str, variant: str, command: list[str], files: bytes):
+        """Create the container, copy ``files`` (a tar) into it, start it; returns it and its port."""
+        labels = {FLEET_LABEL: self.fleet_id, OWNER_LABEL: _owner_id(), "cronium.fleet.server": name}
+        for _attempt in range(10):
+            port = _free_loopback_port()
+            try:
+                container = self._client.containers.create(
+                    image_tag(arch, variant),
+                    command=command,
+                    name=f"cronium-{self.fleet_id}-{name}",
+                    hostname=name,
+                    labels=labels,
+                    ports={"22/tcp": ("127.0.0.1", port)},
+                    detach=True,
+                )
+                container.put_archive("/", files)
+            except docker.errors.APIError as error:
+                raise FleetError(f"cannot create container for {name}: {error.explanation}") from error
+            try:
+                container.start()
+            except docker.errors.APIError as error:
+                container.remove(force=True)
+                # The port was free when probed, but another process may have taken it since.
+                if "already allocated" in str(error) or "address already in use" in str(error):
+                    continue
+                raise FleetError(f"cannot start container for {name}: {error.explanation}") from error
+            return container, port
+        raise FleetError(f"no free loopback port for {name} after 10 attempts")
+
+    def down(self) -> None:
+        """Remove every container of the fleet and its key files. Safe to call twice."""
+        for container in self._client.containers.list(all=True, filters={"label": f"{FLEET_LABEL}={self.fleet_id}"}):
+            container.remove(force=True, v=True)
+        self._members.clear()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> Fleet:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.down()
+
+    @staticmethod
+    def cleanup_stale(client: docker.DockerClient | None = None) -> int:
+        """Remove fleet containers whose starting process is gone; returns how many."""
+        client = client or docker.from_env()
+        hostname = socket.gethostname()
+        removed = 0
+        for container in client.containers.list(all=True, filters={"label": FLEET_LABEL}):
+            owner_host, _, pid = container.labels.get(OWNER_LABEL, ":").rpartition(":")
+            if owner_host == hostname and pid.isdigit() and _process_alive(int(pid)):
+                continue
+            container.remove(force=True, v=True)
+            removed += 1
+        for leftover in Path(tempfile.gettempdir()).glob("cronium-fleet-*"):
+            fleet_id = leftover.name.split("-")[2]
+            if not client.containers.list(all=True, filters={"label": f"{FLEET_LABEL}={fleet_id}"}):
+                shutil.rmtree(leftover, ignore_errors=True)
+        return removed
+
+    # -- what is running
+
+    @property
+    def inventory(self) -> Inventory:
+        """The fleet's servers, with groups ``amd64``, ``arm64`` and ``fleet``."""
+        groups: dict[str, list[str]] = {}
+        for name, member in self._members.items():
+            groups.setdefault(member.arch, []).append(name)
+        groups["fleet"] = list(self._members)
+        return Inventory([m.server for m in self._members.values()], groups)
+
+    @property
+    def servers(self) -> list[Server]:
+        return [m.server for m in self._members.values()]
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._members)
+
+    def member(self, name: str) -> FleetMember:
+        try:
+            return self._members[name]
+        except KeyError:
+            raise KeyError(f"no fleet server {name!r}; fleet has {', '.join(self._members)}") from None
+
+    def container(self, name: str):
+        """The docker SDK container of a server."""
+        return self._client.containers.get(self.member(name).container_id)
+
+    # -- driving servers (for tests)
+
+    def exec(self, name: str, cmd: str | Sequence[str], *, user: str = "root") -> ExecResult:
+        """Run ``cmd`` in the container with ``docker exec`` (a string goes through ``sh -c``)."""
+        argv = ["sh", "-c", cmd] if isinstance(cmd, str) else list(cmd)
+        exit_code, output = self.container(name).exec_run(argv, user=user)
+        return ExecResult(exit_code, output.decode("utf-8", errors="replace"))
+
+    def pause(self, name: str) -> None:
+        self.container(name).pause()
+
+    def unpause(self, name: str) -> None:
+        self.container(name).unpause()
+
+    def kill_sshd(self, name: str) -> None:
+        """SIGKILL every sshd process (listener and sessions); the container stays up."""
+        result = self.exec(name, "pkill -KILL -x sshd")
+        if result.exit_code not in (0, 1):  # 1: nothing matched
+            raise FleetError(f"pkill sshd failed on {name}: {result.output}")
+
+    def restart(self, name: str, *, ready_timeout: float = READY_TIMEOUT_S) -> None:
+        """Restart the container (same port, same host key, same files) and wait for sshd."""
+        self.container(name).restart(timeout=1)
+        self.wait_ready(name, ready_timeout)
+
+    def wait_ready(self, name: str, timeout: float = READY_TIMEOUT_S) -> None:
+        """Poll until the server's sshd sends its SSH banner; raise FleetError after ``timeout``."""
+        server = self.member(name).server
+        deadline = time.monotonic() + timeout
+        last_error = "no answer"
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection((server.host, server.port), timeout=2) as sock:
+                    sock.settimeout(max(0.5, min(10.0, deadline - time.monotonic())))
+                    if sock.recv(4).startswith(b"SSH-"):
+                        return
+                    last_error = "no SSH banner"
+            except OSError as error:
+                last_error = str(error)
+            container = self.container(name)
+            if container.status == "exited":
+                logs = container.logs(tail=20).decode(errors="replace")
+                raise FleetError(f"{name}: container exited before sshd was ready:\n{logs}")
+            time.sleep(0.1)
+        raise FleetError(f"{name}: sshd on port {server.port} not ready after {timeout:.0f} s ({last_error})")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

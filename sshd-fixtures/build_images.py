@@ -1,0 +1,114 @@
+"""Build the sshd test images with no image registry: mmdebstrap rootfs -> ``docker import``.
+
+Four images, {amd64, arm64} x {full, bare}. Each is tagged with a hash of its recipe (this
+file, the entrypoint, the sshd settings, the architecture and the variant), plus a moving tag
+``cronium-sshd:<arch>-<variant>`` that :class:`cronium_nb.Fleet` starts. An image whose recipe
+hash already exists is not rebuilt.
+
+Usage: python sshd-fixtures/build_images.py [--arch amd64,arm64] [--variant full,bare] [--check]
+``--check`` exits 1 when some image would be built, and builds nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from cronium_nb.fleet import ARCHES, FIXTURE_USERS, IMAGE_REPOSITORY, VARIANTS, image_tag
+
+HERE = Path(__file__).resolve().parent
+RECIPE_FILES = ("build_images.py", "entrypoint.sh", "sshd_config.conf")
+SUITE = "bookworm"
+BASE_PACKAGES = ["openssh-server", "procps", "tini", "bash", "coreutils", "tar", "gzip"]
+PACKAGES = {"bare": BASE_PACKAGES, "full": [*BASE_PACKAGES, "python3", "nodejs"]}
+ENTRYPOINT = "/usr/local/sbin/cronium-sshd-entrypoint"
+
+
+def recipe_hash(arch: str, variant: str) -> str:
+    digest = hashlib.sha256(f"{SUITE}/{arch}/{variant}/{sorted(FIXTURE_USERS.items())}\n".encode())
+    for name in RECIPE_FILES:
+        digest.update((HERE / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def image_exists(ref: str) -> bool:
+    probe = subprocess.run(["docker", "image", "inspect", ref], capture_output=True)
+    return probe.returncode == 0
+
+
+def mmdebstrap_command(arch: str, variant: str, output: Path) -> list[str]:
+    hooks = [
+        'rm -f "$1"/etc/ssh/ssh_host_*',
+        f'install -m 0755 {HERE / "entrypoint.sh"} "$1"{ENTRYPOINT}',
+        f'install -m 0644 {HERE / "sshd_config.conf"} "$1"/etc/ssh/sshd_config.d/cronium.conf',
+        'chroot "$1" usermod -p "*" root',
+        *(f'chroot "$1" useradd -m -s /bin/bash -p "*" -u {uid} {user}' for user, uid in FIXTURE_USERS.items()),
+        'rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*',
+    ]
+    return [
+        "mmdebstrap",
+        "--quiet",
+        "--variant=apt",
+        f"--architectures={arch}",
+        f"--include={','.join(PACKAGES[variant])}",
+        "--dpkgopt=path-exclude=/usr/share/doc/*",
+        "--dpkgopt=path-exclude=/usr/share/man/*",
+        "--dpkgopt=path-exclude=/usr/share/locale/*",
+        *(f"--customize-hook={hook}" for hook in hooks),
+        SUITE,
+        str(output),
+    ]
+
+
+def build(arch: str, variant: str) -> str:
+    tag = image_tag(arch, variant)
+    hashed = f"{tag}-{recipe_hash(arch, variant)}"
+    if image_exists(hashed):
+        subprocess.run(["docker", "tag", hashed, tag], check=True)
+        return f"{hashed}: up to date"
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="cronium-rootfs-") as tmp:
+        rootfs = Path(tmp) / "rootfs.tar"
+        result = subprocess.run(mmdebstrap_command(arch, variant, rootfs), capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"mmdebstrap failed for {arch}/{variant}:\n{result.stderr[-4000:]}")
+        changes = [
+            f'ENTRYPOINT ["/usr/bin/tini", "--", "{ENTRYPOINT}"]',
+            f"LABEL cronium.sshd.arch={arch} cronium.sshd.variant={variant}"
+            f" cronium.sshd.recipe={recipe_hash(arch, variant)}",
+        ]
+        change_args = [arg for change in changes for arg in ("--change", change)]
+        subprocess.run(["docker", "import", *change_args, str(rootfs), hashed], check=True, capture_output=True)
+    subprocess.run(["docker", "tag", hashed, tag], check=True)
+    return f"{hashed}: built in {time.monotonic() - started:.0f} s"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default=",".join(ARCHES))
+    parser.add_argument("--variant", default=",".join(VARIANTS))
+    parser.add_argument("--check", action="store_true", help="only report whether a build is needed")
+    args = parser.parse_args(argv)
+    wanted = [(a, v) for a in args.arch.split(",") for v in args.variant.split(",")]
+    for arch, variant in wanted:
+        if arch not in ARCHES or variant not in VARIANTS:
+            parser.error(f"unknown image {arch}/{variant}; known: {ARCHES} x {VARIANTS}")
+    if args.check:
+        stale = [f"{a}/{v}" for a, v in wanted if not image_exists(f"{image_tag(a, v)}-{recipe_hash(a, v)}")]
+        print("to build: " + ", ".join(stale) if stale else "all images up to date")
+        return 1 if stale else 0
+    # Two builds at a time: the machine has two cores and arm64 builds run emulated.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for line in pool.map(lambda av: build(*av), wanted):
+            print(f"{IMAGE_REPOSITORY} {line}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

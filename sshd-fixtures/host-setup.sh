@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Make this machine able to run the sshd test fleet: a Docker daemon that answers,
+# arm64 emulation through qemu-user binfmt, and mmdebstrap for the image builds.
+# Idempotent: every step checks first and does nothing when already done.
+set -euo pipefail
+
+say() { printf 'host-setup: %s\n' "$*" >&2; }
+die() { say "ERROR: $*"; exit 1; }
+
+can_install() { [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; }
+
+apt_install() {
+    can_install || die "missing $*; install it (Debian/Ubuntu: apt-get install $*) or run as root"
+    say "installing $*"
+    if [ ! -f /var/lib/apt/periodic/cronium-updated ]; then
+        apt-get update -q >&2
+        mkdir -p /var/lib/apt/periodic && touch /var/lib/apt/periodic/cronium-updated
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" >&2
+}
+
+ensure_docker() {
+    if docker info >/dev/null 2>&1; then return; fi
+    command -v dockerd >/dev/null || apt_install docker.io containerd runc tini
+    command -v docker >/dev/null || apt_install docker.io
+    [ "$(id -u)" = 0 ] || die "no Docker daemon answers and we are not root: start dockerd or add your user to the docker group"
+    if ! pgrep -x dockerd >/dev/null; then
+        say "starting dockerd (log: /var/log/dockerd.log)"
+        nohup dockerd >/var/log/dockerd.log 2>&1 &
+    fi
+    for _ in $(seq 1 120); do
+        docker info >/dev/null 2>&1 && return
+        sleep 0.5
+    done
+    tail -20 /var/log/dockerd.log >&2 || true
+    die "dockerd did not answer within 60 s"
+}
+
+ensure_binfmt() {
+    local entry=/proc/sys/fs/binfmt_misc/qemu-aarch64
+    if [ -e "$entry" ] && grep -q enabled "$entry"; then return; fi
+    [ -f /usr/lib/binfmt.d/qemu-aarch64.conf ] || apt_install qemu-user-static
+    [ "$(id -u)" = 0 ] || die "arm64 emulation is not registered; as root: mount binfmt_misc and register qemu-aarch64"
+    if [ ! -e /proc/sys/fs/binfmt_misc/register ]; then
+        mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
+    fi
+    [ -e "$entry" ] || cat /usr/lib/binfmt.d/qemu-aarch64.conf >/proc/sys/fs/binfmt_misc/register
+    grep -q enabled "$entry" || die "qemu-aarch64 binfmt entry is not enabled"
+    say "arm64 emulation registered"
+}
+
+ensure_mmdebstrap() {
+    command -v mmdebstrap >/dev/null || apt_install mmdebstrap
+}
+
+ensure_docker
+ensure_binfmt
+ensure_mmdebstrap
