@@ -1,0 +1,175 @@
+"""Command line: ``cronium-runner version | run | helper``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+from cronium_runner import __version__
+from cronium_runner.exitcodes import RunnerError, RunnerExit
+from cronium_runner.protocol import MAGIC
+
+DEFAULT_WORKROOT = "~/.cache/cronium/runs"
+MAX_STDIN_PAYLOAD = 256 * 1024 * 1024
+
+
+def flavour() -> str:
+    """``bundle`` (PyInstaller, no Python needed), ``zipapp`` (.pyz) or ``source``."""
+    if getattr(sys, "frozen", False):
+        return "bundle"
+    if __loader__.__class__.__name__ == "zipimporter" or ".pyz" in (__file__ or ""):
+        return "zipapp"
+    return "source"
+
+
+def version_info() -> dict[str, str]:
+    return {
+        "version": __version__,
+        "flavour": flavour(),
+        "arch": platform.machine(),
+        "python": platform.python_version(),
+        "protocol": MAGIC.decode().strip(),
+    }
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cronium-runner", description="Runs cronium payloads.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    version = commands.add_parser("version", help="print version, flavour and architecture")
+    version.add_argument("--json", action="store_true")
+    run = commands.add_parser("run", help="run a payload.tar.gz ('-': read it from stdin, framed mode)")
+    run.add_argument("payload")
+    run.add_argument("--sha256", help="expected SHA-256 of the payload; on mismatch nothing runs")
+    run.add_argument(
+        "--framed",
+        action="store_true",
+        help="orchestrator mode: framed output on stdout, run context and control lines on stdin",
+    )
+    run.add_argument("--context", type=Path, help="local mode: JSON file with execution_id, server, input, variables")
+    run.add_argument("--input", dest="input_json", help="local mode: the run's input as JSON")
+    run.add_argument("--keep-workdir", action="store_true", help="do not remove the work dir afterwards")
+    run.add_argument("--workroot", default=os.environ.get("CRONIUM_WORKROOT", DEFAULT_WORKROOT))
+    run.add_argument("--report", type=Path, help="local mode: also write the result JSON to this file")
+    helper = commands.add_parser("helper", help="runtime helpers for shell scripts (cronium.input, ...)")
+    helper.add_argument("verb")
+    helper.add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+class _Stdin:
+    """Reads stdin unbuffered so the bytes after the context line stay for the control channel."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+
+    def _fill(self) -> bool:
+        data = os.read(0, 65536)
+        self.buffer += data
+        return bool(data)
+
+    def line(self) -> bytes:
+        while b"\n" not in self.buffer:
+            if not self._fill():
+                raise RunnerError(RunnerExit.NO_PAYLOAD, "stdin ended before the run context line")
+        line, _, rest = bytes(self.buffer).partition(b"\n")
+        self.buffer = bytearray(rest)
+        return line
+
+    def exactly(self, size: int) -> bytes:
+        while len(self.buffer) < size:
+            if not self._fill():
+                raise RunnerError(
+                    RunnerExit.NO_PAYLOAD, f"stdin ended after {len(self.buffer)} of {size} payload bytes"
+                )
+        data = bytes(self.buffer[:size])
+        del self.buffer[:size]
+        return data
+
+
+def _run(args: argparse.Namespace) -> int:
+    from cronium_runner.execute import ControlChannel, FramedReporter, RunContext, TextReporter, run_payload
+
+    reporter = FramedReporter() if args.framed else TextReporter(args.report)
+    if args.framed:
+        reporter.message({"type": "hello", **version_info(), "pid": os.getpid()})
+    control = None
+    try:
+        context_data: dict = {}
+        if args.framed:
+            stdin = _Stdin()
+            context_data = json.loads(stdin.line() or b"{}")
+            if args.payload == "-":
+                size = context_data.get("payload_size")
+                if not isinstance(size, int) or not 0 < size <= MAX_STDIN_PAYLOAD:
+                    raise RunnerError(RunnerExit.USAGE, "run context needs payload_size for a payload on stdin")
+                data = stdin.exactly(size)
+            control = ControlChannel(0, bytes(stdin.buffer))
+        else:
+            if args.payload == "-":
+                raise RunnerError(RunnerExit.USAGE, "a payload on stdin needs --framed")
+            if args.context:
+                context_data = json.loads(args.context.read_text())
+            if args.input_json is not None:
+                context_data["input"] = json.loads(args.input_json)
+        if args.payload != "-":
+            try:
+                data = Path(args.payload).read_bytes()
+            except OSError as error:
+                raise RunnerError(
+                    RunnerExit.NO_PAYLOAD, f"cannot read payload {args.payload}: {error.strerror}"
+                ) from None
+        context = RunContext.from_dict(context_data)
+    except RunnerError as error:
+        reporter.message(
+            {
+                "type": "result",
+                "exit_code": int(error.code),
+                "runner_error": {"code": error.code.slug, "message": str(error)},
+            }
+        )
+        return int(error.code)
+    except ValueError as error:
+        reporter.message(
+            {
+                "type": "result",
+                "exit_code": int(RunnerExit.USAGE),
+                "runner_error": {"code": "usage", "message": str(error)},
+            }
+        )
+        return int(RunnerExit.USAGE)
+    return run_payload(
+        data,
+        sha256=args.sha256,
+        context=context,
+        workroot=Path(os.path.expanduser(args.workroot)),
+        reporter=reporter,
+        control=control,
+        keep_workdir=args.keep_workdir,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "version":
+            info = version_info()
+            print(
+                json.dumps(info)
+                if args.json
+                else f"cronium-runner {info['version']} ({info['flavour']}, {info['arch']})"
+            )
+            return 0
+        if args.command == "helper":
+            from cronium_runner.helpers import run_helper
+
+            return run_helper(args.verb, args.args)
+        return _run(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as error:  # a bug: say so, with a distinct exit code
+        print(f"cronium-runner: internal error: {error!r}", file=sys.stderr)
+        return int(RunnerExit.INTERNAL)

@@ -1,0 +1,504 @@
+"""Running one payload: prepare the work dir, supervise the script, report, clean up.
+
+The script runs in its own session (process group). The runner makes itself a child
+subreaper, so that whatever the script starts stays in the runner's process tree even after a
+double fork or ``setsid``; when the script ends, or the run is stopped, that whole tree is
+signalled: first the stop signal, then SIGKILL after the grace period.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import selectors
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cronium_runner import helpers, payload, protocol
+from cronium_runner.exitcodes import RunnerError, RunnerExit
+from cronium_runner.manifest import Manifest
+from cronium_runner.resources.cronium import OUTPUT_FILE, VARIABLES_FILE
+
+READ_SIZE = 65536
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+PIPE_DRAIN_S = 2.0  # how long to read pipes that outlive every process of the run
+PR_SET_CHILD_SUBREAPER = 36
+KILL_REPEAT_S = 0.2
+
+
+class OrchestratorGone(Exception):
+    """Writing to the orchestrator failed: the connection is gone."""
+
+
+# --- reporting --------------------------------------------------------------------------------
+
+
+class Reporter:
+    """Where script output and runner messages go."""
+
+    def stream(self, kind: bytes, ts: float, data: bytes) -> None:
+        raise NotImplementedError
+
+    def message(self, message: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            written = os.write(fd, view)
+        except BrokenPipeError as error:
+            raise OrchestratorGone from error
+        except BlockingIOError:
+            select.select([], [fd], [])
+            continue
+        except OSError as error:
+            raise OrchestratorGone from error
+        view = view[written:]
+
+
+class FramedReporter(Reporter):
+    """The protocol of :mod:`cronium_runner.protocol` on stdout, for the orchestrator."""
+
+    def __init__(self, fd: int = 1) -> None:
+        self.fd = fd
+        self.gone = False
+        _write_all(fd, protocol.MAGIC)
+
+    def _send(self, frame: bytes) -> None:
+        if self.gone:
+            return
+        try:
+            _write_all(self.fd, frame)
+        except OrchestratorGone:
+            self.gone = True
+            raise
+
+    def stream(self, kind: bytes, ts: float, data: bytes) -> None:
+        self._send(protocol.encode(kind, ts, data))
+
+    def message(self, message: dict[str, Any]) -> None:
+        self._send(protocol.encode_message(time.time(), message))
+
+
+class TextReporter(Reporter):
+    """Local testing mode: script output passes straight through; the result goes to stderr."""
+
+    def __init__(self, report_path: Path | None = None) -> None:
+        self.report_path = report_path
+        self.result: dict[str, Any] | None = None
+
+    def stream(self, kind: bytes, ts: float, data: bytes) -> None:
+        _write_all(1 if kind == protocol.STDOUT else 2, data)
+
+    def message(self, message: dict[str, Any]) -> None:
+        if message.get("type") != "result":
+            return
+        self.result = message
+        text = json.dumps(message, indent=1, sort_keys=True)
+        if self.report_path:
+            self.report_path.write_text(text + "\n")
+        summary = {k: message.get(k) for k in ("exit_code", "timed_out", "stop_reason", "outputs", "variables")}
+        if message.get("runner_error"):
+            summary["runner_error"] = message["runner_error"]
+        os.write(2, f"cronium-runner: {json.dumps(summary, sort_keys=True)}\n".encode())
+
+
+# --- the run's context ------------------------------------------------------------------------
+
+_UNSET = object()
+
+
+@dataclass
+class RunContext:
+    """Per-run data that travels beside the payload (so the payload stays cacheable)."""
+
+    execution_id: str = "local"
+    server: str = "local"
+    input: Any = _UNSET  # _UNSET: use the manifest's input
+    variables: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunContext:
+        context = cls()
+        context.execution_id = str(data.get("execution_id", context.execution_id))
+        context.server = str(data.get("server", context.server))
+        if "input" in data:
+            context.input = data["input"]
+        variables = data.get("variables") or {}
+        if not isinstance(variables, dict):
+            raise RunnerError(RunnerExit.USAGE, "run context 'variables' must be a mapping")
+        context.variables = variables
+        return context
+
+
+class ControlChannel:
+    """Non-blocking reader of the orchestrator's JSON control lines on an fd (stdin)."""
+
+    def __init__(self, fd: int, leftover: bytes = b"") -> None:
+        self.fd = fd
+        self._buffer = bytearray(leftover)
+        os.set_blocking(fd, False)
+
+    def read(self) -> tuple[list[dict[str, Any]], bool]:
+        """Messages now available, and whether the channel has ended."""
+        ended = False
+        try:
+            data = os.read(self.fd, READ_SIZE)
+            ended = not data
+            self._buffer += data
+        except BlockingIOError:
+            pass
+        except OSError:
+            ended = True
+        messages = []
+        while b"\n" in self._buffer:
+            line, _, rest = bytes(self._buffer).partition(b"\n")
+            self._buffer = bytearray(rest)
+            try:
+                messages.append(json.loads(line))
+            except ValueError:
+                messages.append({"op": "invalid", "line": line[:200].decode(errors="replace")})
+        return messages, ended
+
+
+# --- process tree -----------------------------------------------------------------------------
+
+
+def _become_subreaper() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: the process group is still signalled
+
+
+def _process_table() -> dict[int, tuple[int, str]]:
+    """pid -> (ppid, state) from /proc; empty where there is no /proc."""
+    table = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return table
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as stream:
+                stat = stream.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        table[int(entry)] = (int(fields[1]), fields[0].decode())
+    return table
+
+
+def _descendants(root: int) -> dict[int, str]:
+    """Live and zombie descendants of ``root``: pid -> state."""
+    children: dict[int, list[int]] = {}
+    table = _process_table()
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found: dict[int, str] = {}
+    pending = list(children.get(root, []))
+    while pending:
+        pid = pending.pop()
+        if pid not in found:
+            found[pid] = table[pid][1]
+            pending.extend(children.get(pid, []))
+    return found
+
+
+@dataclass
+class Outcome:
+    exit_code: int
+    signal: int | None
+    timed_out: bool
+    stop_reason: str | None
+    script_s: float
+
+
+class Supervisor:
+    """Runs the script, forwards its output, and makes sure none of its processes outlives it."""
+
+    def __init__(
+        self,
+        argv: list[str],
+        cwd: Path,
+        env: dict[str, str],
+        timeout: float,
+        grace: float,
+        reporter: Reporter,
+        control: ControlChannel | None,
+    ) -> None:
+        self.argv, self.cwd, self.env = argv, cwd, env
+        self.timeout, self.grace = timeout, grace
+        self.reporter, self.control = reporter, control
+        self.stop_reason: str | None = None
+        self.timed_out = False
+        self._kill_at: float | None = None
+        self._pending_signals: list[int] = []
+        self.process: subprocess.Popen | None = None
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self._pending_signals.append(signum)
+
+    def _signal_tree(self, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signum)
+        for pid, state in _descendants(os.getpid()).items():
+            if state != "Z":
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signum)
+
+    def _reap_orphans(self) -> bool:
+        """Reap zombie orphans; True while some descendant other than the script is alive."""
+        alive = False
+        for pid, state in _descendants(os.getpid()).items():
+            if pid == self.process.pid:
+                continue
+            if state == "Z":
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
+            else:
+                alive = True
+        return alive
+
+    def stop(self, signum: int, reason: str) -> None:
+        """Send ``signum`` to the whole tree now, SIGKILL after the grace period."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self._signal_tree(signum)
+        if self._kill_at is None:
+            self._kill_at = time.monotonic() + self.grace
+
+    def run(self) -> Outcome:
+        _become_subreaper()
+        wake_read, wake_write = os.pipe()
+        os.set_blocking(wake_read, False)
+        os.set_blocking(wake_write, False)
+        previous_wakeup = signal.set_wakeup_fd(wake_write)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (*STOP_SIGNALS, signal.SIGCHLD)}
+        selector = selectors.DefaultSelector()
+        try:
+            started = time.monotonic()
+            self.process = subprocess.Popen(
+                self.argv,
+                cwd=self.cwd,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
+            self.reporter.message({"type": "started", "pid": self.process.pid})
+            deadline = started + self.timeout
+            streams = {self.process.stdout.fileno(): protocol.STDOUT, self.process.stderr.fileno(): protocol.STDERR}
+            for fd in streams:
+                selector.register(fd, selectors.EVENT_READ)
+            selector.register(wake_read, selectors.EVENT_READ)
+            if self.control:
+                selector.register(self.control.fd, selectors.EVENT_READ)
+            exit_status: int | None = None
+            orphans_signalled = False
+            drain_since = 0.0
+            while True:
+                now = time.monotonic()
+                timers = [deadline, now + 1.0]
+                if self._kill_at is not None:
+                    timers.append(self._kill_at)
+                for key, _ in selector.select(max(0.0, min(timers) - now)):
+                    fd = key.fd
+                    if fd in streams:
+                        data = os.read(fd, READ_SIZE)
+                        if data:
+                            self._report(streams[fd], data)
+                        else:
+                            selector.unregister(fd)
+                            del streams[fd]
+                    elif fd == wake_read:
+                        while True:
+                            try:
+                                if not os.read(wake_read, 512):
+                                    break
+                            except BlockingIOError:
+                                break
+                    elif self.control and fd == self.control.fd:
+                        self._handle_control(selector)
+                while self._pending_signals:
+                    signum = self._pending_signals.pop(0)
+                    if signum != signal.SIGCHLD:
+                        self.stop(signum, f"runner received {signal.Signals(signum).name}")
+                now = time.monotonic()
+                if exit_status is None and now >= deadline:
+                    self.timed_out = True
+                    self.stop(signal.SIGTERM, "timeout")
+                if self._kill_at is not None and now >= self._kill_at:
+                    self._signal_tree(signal.SIGKILL)
+                    self._kill_at = now + KILL_REPEAT_S  # again, should anything have been born since
+                if exit_status is None:
+                    exit_status = self.process.poll()
+                    if exit_status is not None:
+                        script_s = time.monotonic() - started
+                if exit_status is None:
+                    continue
+                if self._reap_orphans():
+                    if not orphans_signalled:  # the script ended but left processes behind: they go too
+                        orphans_signalled = True
+                        self._signal_tree(signal.SIGTERM)
+                        if self._kill_at is None:
+                            self._kill_at = time.monotonic() + self.grace
+                    continue
+                if not streams:
+                    break
+                # Nothing of ours is alive, yet a pipe is open: some process outside our tree
+                # holds it. Read what comes for a while, then stop waiting.
+                drain_since = drain_since or now
+                if now - drain_since > PIPE_DRAIN_S:
+                    break
+            code = exit_status if exit_status >= 0 else 128 - exit_status
+            return Outcome(
+                exit_code=code,
+                signal=-exit_status if exit_status < 0 else None,
+                timed_out=self.timed_out,
+                stop_reason=self.stop_reason,
+                script_s=script_s,
+            )
+        finally:
+            selector.close()
+            if self.process is not None:
+                self.process.stdout.close()
+                self.process.stderr.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            signal.set_wakeup_fd(previous_wakeup)
+            os.close(wake_read)
+            os.close(wake_write)
+
+    def _report(self, kind: bytes, data: bytes) -> None:
+        try:
+            self.reporter.stream(kind, time.time(), data)
+        except OrchestratorGone:
+            self.stop(signal.SIGTERM, "orchestrator connection lost")
+
+    def _handle_control(self, selector: selectors.BaseSelector) -> None:
+        assert self.control is not None
+        messages, ended = self.control.read()
+        for message in messages:
+            if message.get("op") == "stop":
+                reason = str(message.get("reason", "stop requested"))
+                self.timed_out = self.timed_out or reason == "timeout"
+                self.stop(signal.SIGTERM, reason)
+        if ended:
+            selector.unregister(self.control.fd)
+            self.control = None
+            self.stop(signal.SIGTERM, "orchestrator connection lost")
+
+
+# --- one run, end to end ----------------------------------------------------------------------
+
+
+def _script_env(manifest: Manifest, context: RunContext, workdir: Path, bin_dir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    # A PyInstaller bundle points LD_LIBRARY_PATH at its own libraries; the script must not see that.
+    if "LD_LIBRARY_PATH_ORIG" in env:
+        env["LD_LIBRARY_PATH"] = env.pop("LD_LIBRARY_PATH_ORIG")
+    elif getattr(__import__("sys"), "frozen", False):
+        env.pop("LD_LIBRARY_PATH", None)
+    env.update(manifest.env)
+    env.setdefault("PYTHONUNBUFFERED", "1")  # so that Python scripts' output streams live
+    env.update(
+        {
+            "CRONIUM_DIR": str(workdir),
+            "CRONIUM_EXECUTION_ID": context.execution_id,
+            "CRONIUM_EVENT": manifest.name,
+            "CRONIUM_SERVER": context.server,
+            "PATH": f"{bin_dir}:{env.get('PATH') or '/usr/local/bin:/usr/bin:/bin'}",
+        }
+    )
+    return env
+
+
+def _read_json(path: Path, default: Any) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return default
+    except ValueError:
+        return {"error": f"{path.name} is not valid JSON"}
+
+
+def run_payload(
+    data: bytes,
+    *,
+    sha256: str | None,
+    context: RunContext,
+    workroot: Path,
+    reporter: Reporter,
+    control: ControlChannel | None = None,
+    keep_workdir: bool = False,
+) -> int:
+    """Verify, extract, run and report one payload; returns the runner's exit code."""
+    timings: dict[str, float] = {"started_at": time.time()}
+    clock = time.monotonic()
+    workdir: Path | None = None
+    result: dict[str, Any] = {"type": "result", "outputs": None, "variables": {}, "timed_out": False}
+    try:
+        payload.verify(data, sha256)
+        workdir = payload.make_workdir(workroot)
+        manifest = payload.extract(data, workdir)
+        timings["extract_s"] = time.monotonic() - clock
+        interpreter = shutil.which(manifest.interpreter)
+        if interpreter is None:
+            raise RunnerError(
+                RunnerExit.INTERPRETER_MISSING, f"interpreter {manifest.interpreter!r} for {manifest.type} not found"
+            )
+        event = {
+            **manifest.event,
+            "name": manifest.name,
+            "type": manifest.type,
+            "execution_id": context.execution_id,
+            "server": context.server,
+            "timeout": manifest.timeout,
+        }
+        input_value = manifest.input if context.input is _UNSET else context.input
+        bin_dir = helpers.install(workdir, input_value=input_value, variables=context.variables, event=event)
+        argv = helpers.interpreter_argv(manifest.type, interpreter, workdir, manifest.entrypoint)
+        env = _script_env(manifest, context, workdir, bin_dir)
+        timings["prepare_s"] = time.monotonic() - clock - timings["extract_s"]
+        supervisor = Supervisor(argv, workdir, env, manifest.timeout, manifest.grace_period, reporter, control)
+        outcome = supervisor.run()
+        timings["script_s"] = outcome.script_s
+        result.update(
+            exit_code=outcome.exit_code,
+            signal=outcome.signal,
+            timed_out=outcome.timed_out,
+            stop_reason=outcome.stop_reason,
+            outputs=_read_json(workdir / OUTPUT_FILE, None),
+            variables=_read_json(workdir / VARIABLES_FILE, {}),
+            runner_error=None,
+        )
+        exit_code = outcome.exit_code
+    except RunnerError as error:
+        result.update(exit_code=int(error.code), runner_error={"code": error.code.slug, "message": str(error)})
+        exit_code = int(error.code)
+    finally:
+        if workdir is not None and not keep_workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    if keep_workdir and workdir is not None:
+        result["workdir"] = str(workdir)
+    timings["total_s"] = time.monotonic() - clock
+    timings["finished_at"] = time.time()
+    result["timings"] = timings
+    with contextlib.suppress(OrchestratorGone):
+        reporter.message(result)
+    return exit_code

@@ -1,0 +1,105 @@
+"""Bundled-mode runtime helpers: the files a run's script sees, and the shell commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import pkgutil
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from cronium_runner.resources.cronium import EVENT_FILE, INPUT_FILE, VARIABLES_FILE, Cronium, parse_value
+
+HELPER_DIR = ".cronium"
+# Shell command name -> the `cronium-runner helper` verb it runs.
+SHELL_HELPERS = {
+    "cronium.input": "input",
+    "cronium.output": "output",
+    "cronium.getVariable": "getVariable",
+    "cronium.setVariable": "setVariable",
+    "cronium.event": "event",
+}
+RESOURCES = ("cronium.py", "bootstrap.py", "cronium.js")
+
+
+def runner_command() -> list[str]:
+    """How to start this same runner again (for the shell helper commands)."""
+    if getattr(sys, "frozen", False):  # PyInstaller bundle
+        return [sys.executable]
+    entry = os.path.abspath(sys.argv[0])
+    if entry.endswith(".pyz") or (os.path.isfile(entry) and not entry.endswith(".py")):
+        return [sys.executable, entry]
+    return [sys.executable, "-m", "cronium_runner"]
+
+
+def install(workdir: Path, *, input_value: Any, variables: dict[str, Any], event: dict[str, Any]) -> Path:
+    """Write the helper data files and helper programs into ``workdir``; return the bin dir."""
+    helper_dir = workdir / HELPER_DIR
+    bin_dir = helper_dir / "bin"
+    bin_dir.mkdir(mode=0o700, parents=True)
+    for name in RESOURCES:
+        data = pkgutil.get_data("cronium_runner.resources", name)
+        assert data is not None
+        (helper_dir / name).write_bytes(data)
+    for name, value in ((INPUT_FILE, input_value), (VARIABLES_FILE, variables), (EVENT_FILE, event)):
+        (workdir / name).write_text(json.dumps(value), encoding="utf-8")
+    command = " ".join(shlex.quote(part) for part in runner_command())
+    for name, verb in SHELL_HELPERS.items():
+        shim = bin_dir / name
+        shim.write_text(f'#!/bin/sh\nexec {command} helper {verb} "$@"\n')
+        shim.chmod(0o700)
+    return bin_dir
+
+
+def interpreter_argv(script_type: str, interpreter: str, workdir: Path, entrypoint: str) -> list[str]:
+    helper_dir = workdir / HELPER_DIR
+    if script_type == "python":
+        return [interpreter, str(helper_dir / "bootstrap.py"), entrypoint]
+    if script_type == "node":
+        return [interpreter, "--require", str(helper_dir / "cronium.js"), entrypoint]
+    return [interpreter, entrypoint]
+
+
+def _print_value(value: Any) -> None:
+    """Strings print as themselves (handy in shell), everything else as JSON."""
+    print(value if isinstance(value, str) else json.dumps(value))
+
+
+def run_helper(verb: str, args: list[str]) -> int:
+    """``cronium-runner helper VERB ARGS``: the shell helpers. Returns the exit code."""
+    helpers = Cronium()
+    usage = {
+        "input": (0, 1, "cronium.input [KEY]"),
+        "output": (1, 1, "cronium.output VALUE|-"),
+        "getVariable": (1, 1, "cronium.getVariable NAME"),
+        "setVariable": (2, 2, "cronium.setVariable NAME VALUE|-"),
+        "event": (0, 1, "cronium.event [FIELD]"),
+    }
+    if verb not in usage:
+        print(f"cronium-runner: unknown helper {verb!r}", file=sys.stderr)
+        return 64
+    low, high, text = usage[verb]
+    if not low <= len(args) <= high:
+        print(f"usage: {text}", file=sys.stderr)
+        return 64
+
+    def value_argument(text_value: str) -> Any:
+        return parse_value(sys.stdin.read() if text_value == "-" else text_value)
+
+    try:
+        if verb == "input":
+            _print_value(helpers.input(*args))
+        elif verb == "output":
+            helpers.output(value_argument(args[0]))
+        elif verb == "getVariable":
+            _print_value(helpers.getVariable(args[0]))
+        elif verb == "setVariable":
+            helpers.setVariable(args[0], value_argument(args[1]))
+        else:
+            _print_value(helpers.event(*args))
+    except (RuntimeError, ValueError, OSError) as error:
+        print(f"{text.split()[0]}: {error}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,138 @@
+"""The runner's framed output protocol, and its decoder (used by the orchestrator).
+
+The runner's stdout carries only frames, so script output of any content (binary bytes, a line
+of megabytes, text that looks like a frame) cannot be confused with the runner's own messages::
+
+    MAGIC                       once, first
+    kind:1  ts:float64  len:uint32  payload:len     repeated (big-endian)
+
+``kind`` is ``O`` (script stdout bytes), ``E`` (script stderr bytes) or ``M`` (a JSON message:
+``hello``, ``started``, ``result``...). ``ts`` is the Unix time at which the runner read the
+bytes. The orchestrator splits stdout/stderr into lines itself (:class:`LineSplitter`).
+
+The orchestrator's stdin to the runner carries one JSON line of run context first (and, when
+the payload path is ``-``, ``payload_size`` bytes of payload right after it), then JSON control
+lines such as ``{"op": "stop", "reason": "cancel"}``. End of stdin means the orchestrator is
+gone: the runner stops the script.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+MAGIC = b"CRONIUM-RUNNER/1\n"
+HEADER = struct.Struct(">cdI")
+STDOUT, STDERR, MESSAGE = b"O", b"E", b"M"
+KINDS = (STDOUT, STDERR, MESSAGE)
+MAX_FRAME = 16 * 1024 * 1024  # far above what the runner sends (64 KiB reads); more means corruption
+STREAM_NAMES = {STDOUT: "stdout", STDERR: "stderr"}
+
+
+def encode(kind: bytes, ts: float, payload: bytes) -> bytes:
+    return HEADER.pack(kind, ts, len(payload)) + payload
+
+
+def encode_message(ts: float, message: dict[str, Any]) -> bytes:
+    return encode(MESSAGE, ts, json.dumps(message, separators=(",", ":")).encode())
+
+
+class ProtocolError(ValueError):
+    """The byte stream is not a valid frame stream."""
+
+
+@dataclass(frozen=True)
+class Frame:
+    kind: bytes
+    ts: float
+    payload: bytes
+
+    def message(self) -> dict[str, Any]:
+        return json.loads(self.payload)
+
+
+class FrameDecoder:
+    """Incremental decoder: ``feed`` bytes as they arrive, get the complete frames back."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._seen_magic = False
+
+    def feed(self, data: bytes) -> list[Frame]:
+        self._buffer += data
+        if not self._seen_magic:
+            if len(self._buffer) < len(MAGIC):
+                if not MAGIC.startswith(bytes(self._buffer)):
+                    raise ProtocolError(f"not a runner stream: {bytes(self._buffer[:80])!r}")
+                return []
+            if not self._buffer.startswith(MAGIC):
+                raise ProtocolError(f"not a runner stream: {bytes(self._buffer[:80])!r}")
+            del self._buffer[: len(MAGIC)]
+            self._seen_magic = True
+        frames = []
+        offset = 0
+        while len(self._buffer) - offset >= HEADER.size:
+            kind, ts, length = HEADER.unpack_from(self._buffer, offset)
+            if kind not in KINDS or length > MAX_FRAME:
+                raise ProtocolError(f"corrupt frame header (kind {kind!r}, length {length})")
+            end = offset + HEADER.size + length
+            if end > len(self._buffer):
+                break
+            frames.append(Frame(kind, ts, bytes(self._buffer[offset + HEADER.size : end])))
+            offset = end
+        del self._buffer[:offset]
+        return frames
+
+    @property
+    def pending(self) -> int:
+        """Bytes received but not yet part of a complete frame."""
+        return len(self._buffer)
+
+
+class LineSplitter:
+    """Splits one stream's chunks into lines (``\\n`` removed), bounding memory.
+
+    A line longer than ``max_line`` is emitted in pieces of ``max_line`` bytes, each flagged
+    as a continuation (``complete=False``) except the last, so nothing is lost or held forever.
+    """
+
+    def __init__(self, max_line: int = 1024 * 1024) -> None:
+        self.max_line = max_line
+        self._partial = bytearray()
+
+    def feed(self, data: bytes) -> list[tuple[bytes, bool]]:
+        lines: list[tuple[bytes, bool]] = []
+        start = 0
+        while True:
+            newline = data.find(b"\n", start)
+            if newline < 0:
+                break
+            if self._partial:
+                self._partial += data[start:newline]
+                lines.extend(self._take(complete=True))
+            else:
+                piece = data[start:newline]
+                lines.extend(self._chop(piece))
+            start = newline + 1
+        self._partial += data[start:]
+        while len(self._partial) > self.max_line:
+            lines.append((bytes(self._partial[: self.max_line]), False))
+            del self._partial[: self.max_line]
+        return lines
+
+    def flush(self) -> list[tuple[bytes, bool]]:
+        """The unterminated rest, at end of stream."""
+        return self._take(complete=True) if self._partial else []
+
+    def _take(self, complete: bool) -> list[tuple[bytes, bool]]:
+        data = bytes(self._partial)
+        self._partial.clear()
+        return self._chop(data) if complete else [(data, False)]
+
+    def _chop(self, line: bytes) -> list[tuple[bytes, bool]]:
+        if len(line) <= self.max_line:
+            return [(line, True)]
+        pieces = [line[i : i + self.max_line] for i in range(0, len(line), self.max_line)]
+        return [(piece, index == len(pieces) - 1) for index, piece in enumerate(pieces)]

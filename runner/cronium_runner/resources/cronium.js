@@ -1,0 +1,55 @@
+// The `cronium` global for Node scripts (loaded with `node --require`), bundled mode:
+// JSON files in $CRONIUM_DIR, the same ones the Python and shell helpers use.
+"use strict";
+const fs = require("fs");
+const path = require("path");
+
+function directory() {
+  const dir = process.env.CRONIUM_DIR;
+  if (!dir) throw new Error("cronium helpers need CRONIUM_DIR (they run inside cronium-runner)");
+  return dir;
+}
+
+function read(name, fallback) {
+  try {
+    return JSON.parse(fs.readFileSync(path.join(directory(), name), "utf8"));
+  } catch (error) {
+    if (error.code === "ENOENT") return fallback;
+    throw error;
+  }
+}
+
+function write(name, value) {
+  const target = path.join(directory(), name);
+  const temporary = `${target}.tmp-${process.pid}`;
+  fs.writeFileSync(temporary, JSON.stringify(value === undefined ? null : value));
+  fs.renameSync(temporary, target);
+}
+
+const cronium = {
+  input(key) {
+    const data = read("input.json", null);
+    if (key === undefined) return data;
+    return data !== null && typeof data === "object" && key in data ? data[key] : null;
+  },
+  output(value) {
+    write("output.json", value);
+  },
+  getVariable(name) {
+    const variables = read("variables.json", {});
+    return name in variables ? variables[name] : null;
+  },
+  setVariable(name, value) {
+    if (typeof name !== "string" || !name) throw new Error("variable name must be a non-empty string");
+    const variables = read("variables.json", {});
+    variables[name] = value === undefined ? null : value;
+    write("variables.json", variables);
+  },
+  event(field) {
+    const data = read("event.json", {});
+    return field === undefined ? data : field in data ? data[field] : null;
+  },
+};
+cronium.get_variable = cronium.getVariable;
+cronium.set_variable = cronium.setVariable;
+globalThis.cronium = cronium;
