@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install host fixtures test unit demo lint format clean clean-fleets
+.PHONY: install host fixtures runner test unit demo lint format clean clean-fleets
 
 install: $(INSTALLED)
 
@@ -25,14 +25,18 @@ host:
 fixtures: install host
 	$(BIN)/python sshd-fixtures/build_images.py
 
-test: fixtures
+# The runner: zipapp and the amd64/arm64 bundles (built in containers); cached by source hash.
+runner: install host
+	$(BIN)/python runner/build/build_runner.py
+
+test: fixtures runner
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Tests that need no Docker.
 unit: install
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
-demo: fixtures
+demo: fixtures runner
 	$(BIN)/python -m cronium_nb.demo
 
 lint: install
@@ -48,5 +52,5 @@ clean-fleets: install
 	$(BIN)/python -c 'from cronium_nb import Fleet; print(Fleet.cleanup_stale(), "stale containers removed")'
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache build dist *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache build dist *.egg-info runner/dist
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

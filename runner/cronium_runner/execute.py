@@ -408,12 +408,12 @@ class Supervisor:
 
 
 def _script_env(manifest: Manifest, context: RunContext, workdir: Path, bin_dir: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    # A PyInstaller bundle points LD_LIBRARY_PATH at its own libraries; the script must not see that.
+    # The PyInstaller bootloader leaves _PYI_* variables (and may point LD_LIBRARY_PATH at its
+    # own libraries): the script, and the bundle started again by the shell helpers, must not
+    # inherit them, or that second bundle believes it is already set up and fails to start.
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("_PYI_", "_MEI"))}
     if "LD_LIBRARY_PATH_ORIG" in env:
         env["LD_LIBRARY_PATH"] = env.pop("LD_LIBRARY_PATH_ORIG")
-    elif getattr(__import__("sys"), "frozen", False):
-        env.pop("LD_LIBRARY_PATH", None)
     env.update(manifest.env)
     env.setdefault("PYTHONUNBUFFERED", "1")  # so that Python scripts' output streams live
     env.update(

@@ -64,7 +64,7 @@ def interpreter_argv(script_type: str, interpreter: str, workdir: Path, entrypoi
 
 def _print_value(value: Any) -> None:
     """Strings print as themselves (handy in shell), everything else as JSON."""
-    print(value if isinstance(value, str) else json.dumps(value))
+    print(value if isinstance(value, str) else json.dumps(value, separators=(",", ":")))
 
 
 def run_helper(verb: str, args: list[str]) -> int:
