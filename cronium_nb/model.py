@@ -1,9 +1,21 @@
-"""Plain data the rest of the package passes around."""
+"""Plain data the rest of the package passes around: servers, events, statuses, results."""
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from enum import Enum
+from typing import Any
+
+from cronium_runner.manifest import (
+    DEFAULT_GRACE_S,
+    DEFAULT_TIMEOUT_S,
+    SCRIPT_TYPES,
+    Manifest,
+    ManifestError,
+    validate_env,
+)
 
 MIN_PORT, MAX_PORT = 1, 65535
 
@@ -46,3 +58,84 @@ class Server:
 
 
 SERVER_FIELDS = tuple(f.name for f in fields(Server))
+
+
+class EventError(ValueError):
+    """An event that cannot run, found before anything is sent to a server."""
+
+
+@dataclass(frozen=True)
+class Event:
+    """What to run: a named script of one type, with its limits and data.
+
+    ``env`` values go into the payload manifest; ``secrets`` are environment values too, but
+    they travel only on the runner's stdin (never in a manifest, a command line or a log) and
+    are redacted wherever output is stored or shown. ``input`` is the default input of a run.
+    """
+
+    name: str
+    script: str
+    type: str = "bash"
+    timeout: float = DEFAULT_TIMEOUT_S
+    input: Any = None
+    env: dict[str, str] = field(default_factory=dict)
+    secrets: dict[str, str] = field(default_factory=dict, repr=False)
+    grace_period: float = DEFAULT_GRACE_S
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise EventError(f"event name must be a non-empty string, got {self.name!r}")
+        if self.type not in SCRIPT_TYPES:
+            raise EventError(f"unknown script type {self.type!r}; expected one of {', '.join(SCRIPT_TYPES)}")
+        if not isinstance(self.script, str) or not self.script.strip():
+            raise EventError(f"event {self.name!r} has an empty script")
+        for label, seconds in (("timeout", self.timeout), ("grace_period", self.grace_period)):
+            if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+                raise EventError(f"event {self.name!r}: {label} must be a positive number of seconds, got {seconds!r}")
+        try:
+            json.dumps(self.input, allow_nan=False)
+        except (TypeError, ValueError) as error:
+            raise EventError(f"event {self.name!r}: input is not JSON-able: {error}") from None
+        overlap = set(self.env) & set(self.secrets)
+        if overlap:
+            raise EventError(f"event {self.name!r}: {', '.join(sorted(overlap))} set both in env and secrets")
+        for label, mapping in (("env", self.env), ("secrets", self.secrets)):
+            if not isinstance(mapping, dict):
+                raise EventError(f"event {self.name!r}: {label} must be a mapping of names to strings")
+        try:
+            self.manifest()
+            validate_env(self.secrets)
+        except ManifestError as error:
+            message = str(error).replace("manifest field", "field")
+            raise EventError(f"event {self.name!r}: {message}") from None
+
+    def manifest(self) -> Manifest:
+        """The payload manifest: everything that defines the script, nothing per run, no secret."""
+        return Manifest(
+            name=self.name,
+            type=self.type,
+            entrypoint="script" + SCRIPT_TYPES[self.type][0],
+            timeout=float(self.timeout),
+            grace_period=float(self.grace_period),
+            env=dict(self.env),
+        )
+
+
+class Status(str, Enum):
+    """Status of an execution and of each server in it (one set of names for both)."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCESS = "success"  # an execution: every server succeeded
+    PARTIAL = "partial"  # an execution: some servers succeeded
+    FAILED = "failed"
+    TIMEOUT = "timeout"
+    CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"  # the orchestrator died while it ran (found on the next open)
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def finished(self) -> bool:
+        return self not in (Status.PENDING, Status.RUNNING)

@@ -23,7 +23,7 @@ from typing import Any
 
 from cronium_runner import helpers, payload, protocol
 from cronium_runner.exitcodes import RunnerError, RunnerExit
-from cronium_runner.manifest import Manifest
+from cronium_runner.manifest import Manifest, ManifestError, validate_env
 from cronium_runner.resources.cronium import OUTPUT_FILE, VARIABLES_FILE
 
 READ_SIZE = 65536
@@ -125,6 +125,7 @@ class RunContext:
     server: str = "local"
     input: Any = _UNSET  # _UNSET: use the manifest's input
     variables: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)  # secret values: never in the manifest
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunContext:
@@ -137,6 +138,12 @@ class RunContext:
         if not isinstance(variables, dict):
             raise RunnerError(RunnerExit.USAGE, "run context 'variables' must be a mapping")
         context.variables = variables
+        env = data.get("env") or {}
+        try:
+            validate_env(env)
+        except ManifestError as error:
+            raise RunnerError(RunnerExit.USAGE, f"run context: {error}") from None
+        context.env = env
         return context
 
 
@@ -415,6 +422,7 @@ def _script_env(manifest: Manifest, context: RunContext, workdir: Path, bin_dir:
     if "LD_LIBRARY_PATH_ORIG" in env:
         env["LD_LIBRARY_PATH"] = env.pop("LD_LIBRARY_PATH_ORIG")
     env.update(manifest.env)
+    env.update(context.env)
     env.setdefault("PYTHONUNBUFFERED", "1")  # so that Python scripts' output streams live
     env.update(
         {

@@ -86,6 +86,19 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def validate_env(env: Any) -> None:
+    """Environment for the script (the manifest's, or the secret one of a run's context)."""
+    if not isinstance(env, dict):
+        raise ManifestError("manifest field 'env' must be a mapping of names to strings")
+    for key, value in env.items():
+        if not isinstance(key, str) or not ENV_NAME.match(key):
+            raise ManifestError(f"env name {key!r} is not a valid variable name")
+        if key.startswith(RESERVED_ENV_PREFIX):
+            raise ManifestError(f"env name {key!r} uses the reserved prefix {RESERVED_ENV_PREFIX}")
+        if not isinstance(value, str) or "\0" in value:
+            raise ManifestError(f"env value of {key!r} must be a string without NUL bytes")
+
+
 def validate(data: Any) -> None:
     """Raise :class:`ManifestError` naming the first field that is wrong."""
     if not isinstance(data, dict):
@@ -112,16 +125,7 @@ def validate(data: Any) -> None:
         value = data.get(seconds, 1)
         if not _number(value) or value <= 0:
             raise ManifestError(f"manifest field {seconds!r} must be a positive number of seconds, got {value!r}")
-    env = data.get("env", {})
-    if not isinstance(env, dict):
-        raise ManifestError("manifest field 'env' must be a mapping of names to strings")
-    for key, value in env.items():
-        if not isinstance(key, str) or not ENV_NAME.match(key):
-            raise ManifestError(f"env name {key!r} is not a valid variable name")
-        if key.startswith(RESERVED_ENV_PREFIX):
-            raise ManifestError(f"env name {key!r} uses the reserved prefix {RESERVED_ENV_PREFIX}")
-        if not isinstance(value, str) or "\0" in value:
-            raise ManifestError(f"env value of {key!r} must be a string without NUL bytes")
+    validate_env(data.get("env", {}))
     if not isinstance(data.get("event", {}), dict):
         raise ManifestError("manifest field 'event' must be a mapping")
     try:

@@ -1,0 +1,420 @@
+"""The SQLite store: events, payload versions, executions, per-server results, logs, variables.
+
+One file in the state directory (``cronium.db``), WAL journal, foreign keys on, schema version
+in ``PRAGMA user_version`` with migrations applied on open. An execution is written when it
+starts and updated as it goes; one found still running when the store is opened, whose owning
+process is gone, is marked ``interrupted``. Queries come back as pandas DataFrames.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from cronium_nb.model import Status
+
+DB_NAME = "cronium.db"
+
+# Each entry moves the schema from version N to N + 1; never edit one that has shipped.
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the initial schema
+    """
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        type TEXT NOT NULL,
+        payload_version INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE runner_payloads (
+        id INTEGER PRIMARY KEY,
+        event_id INTEGER NOT NULL REFERENCES events(id) ON DELETE CASCADE,
+        version INTEGER NOT NULL,
+        hash TEXT NOT NULL,
+        path TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        created_at REAL NOT NULL,
+        UNIQUE (event_id, version)
+    );
+    CREATE TABLE executions (
+        id TEXT PRIMARY KEY,
+        event_id INTEGER REFERENCES events(id) ON DELETE SET NULL,
+        event_name TEXT NOT NULL,
+        targets TEXT NOT NULL,
+        status TEXT NOT NULL,
+        started_at REAL NOT NULL,
+        finished_at REAL,
+        options TEXT NOT NULL DEFAULT '{}',
+        owner TEXT NOT NULL
+    );
+    CREATE INDEX executions_by_start ON executions (started_at);
+    CREATE TABLE server_results (
+        execution_id TEXT NOT NULL REFERENCES executions(id) ON DELETE CASCADE,
+        server TEXT NOT NULL,
+        arch TEXT,
+        status TEXT NOT NULL,
+        exit_code INTEGER,
+        duration_s REAL,
+        deploy TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        error TEXT,
+        outputs TEXT,
+        variables TEXT,
+        PRIMARY KEY (execution_id, server)
+    );
+    CREATE TABLE log_lines (
+        execution_id TEXT NOT NULL REFERENCES executions(id) ON DELETE CASCADE,
+        server TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        ts REAL NOT NULL,
+        stream TEXT NOT NULL,
+        line TEXT NOT NULL
+    );
+    CREATE INDEX log_lines_by_run ON log_lines (execution_id, server, seq);
+    CREATE TABLE variables (
+        scope TEXT NOT NULL,
+        name TEXT NOT NULL,
+        value TEXT NOT NULL,
+        updated_at REAL NOT NULL,
+        updated_by TEXT,
+        PRIMARY KEY (scope, name)
+    );
+    """,
+    # 2: per-phase timings per server, the payload version and the error of an execution
+    """
+    ALTER TABLE server_results ADD COLUMN phases TEXT NOT NULL DEFAULT '{}';
+    ALTER TABLE executions ADD COLUMN payload_version INTEGER;
+    ALTER TABLE executions ADD COLUMN error TEXT;
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+SERVER_RESULT_FIELDS = (
+    "arch", "status", "exit_code", "duration_s", "deploy", "attempts", "error", "outputs", "variables", "phases",
+)  # fmt: skip
+JSON_FIELDS = ("outputs", "variables", "phases")
+LOG_COLUMNS = ("execution_id", "server", "seq", "ts", "stream", "line")
+
+
+class StoreError(RuntimeError):
+    """The database is newer than this code, or otherwise unusable."""
+
+
+def migrate(connection: sqlite3.Connection, target: int = SCHEMA_VERSION) -> int:
+    """Apply migrations up to ``target``, each in its own transaction; returns the new version."""
+    current = connection.execute("PRAGMA user_version").fetchone()[0]
+    if current > SCHEMA_VERSION:
+        raise StoreError(f"database schema version {current} is newer than this cronium_nb ({SCHEMA_VERSION})")
+    for version in range(current, target):
+        connection.executescript(f"BEGIN;\n{MIGRATIONS[version]}\nPRAGMA user_version = {version + 1};\nCOMMIT;")
+    return max(current, target)
+
+
+def _process_start_time(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stream:
+            return stream.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return "0"
+
+
+def current_owner() -> str:
+    """Identifies this process across restarts: host, pid and the pid's start time."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_process_start_time(os.getpid())}"
+
+
+def owner_alive(owner: str) -> bool:
+    host, _, rest = owner.partition(":")
+    pid_text, _, start = rest.partition(":")
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False  # another machine's run cannot be checked; treat it as gone
+    pid = int(pid_text)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return _process_start_time(pid) == start
+
+
+@dataclass(frozen=True)
+class PayloadRow:
+    id: int
+    event_id: int
+    version: int
+    hash: str
+    path: str
+    size: int
+    created_at: float
+
+
+class Store:
+    """Thread-safe access to the database; one connection guarded by a lock."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.path = Path(directory) / DB_NAME
+        self._lock = threading.RLock()
+        self._connection = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._connection.execute("PRAGMA journal_mode = WAL")
+        self._connection.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL survives a killed process
+        self._connection.execute("PRAGMA foreign_keys = ON")
+        self.path.chmod(0o600)
+        with self._lock:
+            self.schema_version = migrate(self._connection)
+        self.interrupted = self.recover_interrupted()
+
+    def close(self) -> None:
+        with self._lock:
+            self._connection.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._connection.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._connection
+            except BaseException:
+                self._connection.execute("ROLLBACK")
+                raise
+            self._connection.execute("COMMIT")
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        with self._lock:
+            return self._connection.execute(sql, params).fetchall()
+
+    def _frame(self, sql: str, params: Sequence[Any] = ()) -> pd.DataFrame:
+        with self._lock:
+            return pd.read_sql_query(sql, self._connection, params=list(params))
+
+    # -- events and payloads
+
+    def upsert_event(self, name: str, script_type: str) -> int:
+        now = time.time()
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO events (name, type, created_at, updated_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET type = excluded.type, updated_at = excluded.updated_at",
+                (name, script_type, now, now),
+            )
+            return db.execute("SELECT id FROM events WHERE name = ?", (name,)).fetchone()[0]
+
+    def event_payload_version(self, event_id: int) -> int:
+        return self._query("SELECT payload_version FROM events WHERE id = ?", (event_id,))[0][0]
+
+    def add_payload(self, event_id: int, sha256: str, path: str, size: int) -> PayloadRow:
+        """Record a new payload version of the event (its ``payload_version`` + 1)."""
+        now = time.time()
+        with self._transaction() as db:
+            version = db.execute("SELECT payload_version FROM events WHERE id = ?", (event_id,)).fetchone()[0] + 1
+            cursor = db.execute(
+                "INSERT INTO runner_payloads (event_id, version, hash, path, size, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (event_id, version, sha256, path, size, now),
+            )
+            db.execute("UPDATE events SET payload_version = ?, updated_at = ? WHERE id = ?", (version, now, event_id))
+        return PayloadRow(cursor.lastrowid, event_id, version, sha256, path, size, now)
+
+    def payloads(self, event_id: int | None = None) -> list[PayloadRow]:
+        """Payload rows, newest version first."""
+        where, params = ("WHERE event_id = ?", (event_id,)) if event_id is not None else ("", ())
+        rows = self._query(
+            f"SELECT id, event_id, version, hash, path, size, created_at FROM runner_payloads {where} "
+            "ORDER BY event_id, version DESC",
+            params,
+        )
+        return [PayloadRow(*row) for row in rows]
+
+    def delete_payloads(self, ids: Iterable[int]) -> None:
+        with self._transaction() as db:
+            db.executemany("DELETE FROM runner_payloads WHERE id = ?", [(i,) for i in ids])
+
+    def payloads_frame(self) -> pd.DataFrame:
+        return self._frame(
+            "SELECT e.name AS event, p.version, p.hash, p.size, p.path, p.created_at FROM runner_payloads p "
+            "JOIN events e ON e.id = p.event_id ORDER BY e.name, p.version"
+        )
+
+    # -- executions
+
+    def start_execution(
+        self,
+        execution_id: str,
+        event_name: str,
+        targets: Sequence[str],
+        *,
+        event_id: int | None = None,
+        payload_version: int | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO executions (id, event_id, event_name, targets, status, started_at, options, owner, "
+                "payload_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    execution_id, event_id, event_name, json.dumps(list(targets)), Status.RUNNING.value,
+                    time.time(), json.dumps(options or {}), current_owner(), payload_version,
+                ),
+            )  # fmt: skip
+            db.executemany(
+                "INSERT INTO server_results (execution_id, server, status) VALUES (?, ?, ?)",
+                [(execution_id, server, Status.PENDING.value) for server in targets],
+            )
+
+    def update_server(self, execution_id: str, server: str, **fields: Any) -> None:
+        """Set some of a server's result fields (see ``SERVER_RESULT_FIELDS``)."""
+        unknown = set(fields) - set(SERVER_RESULT_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown server result field(s): {', '.join(sorted(unknown))}")
+        values = [
+            json.dumps(v) if k in JSON_FIELDS else str(v) if isinstance(v, Status) else v for k, v in fields.items()
+        ]
+        assignments = ", ".join(f"{name} = ?" for name in fields)
+        with self._transaction() as db:
+            db.execute(
+                f"UPDATE server_results SET {assignments} WHERE execution_id = ? AND server = ?",
+                (*values, execution_id, server),
+            )
+
+    def finish_execution(self, execution_id: str, status: Status, error: str | None = None) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE executions SET status = ?, finished_at = ?, error = ? WHERE id = ?",
+                (status.value, time.time(), error, execution_id),
+            )
+
+    def recover_interrupted(self) -> list[str]:
+        """Mark executions left running by a process that is gone as ``interrupted``."""
+        running = self._query("SELECT id, owner FROM executions WHERE status = ?", (Status.RUNNING.value,))
+        dead = [execution_id for execution_id, owner in running if not owner_alive(owner)]
+        unfinished = (Status.PENDING.value, Status.RUNNING.value)
+        with self._transaction() as db:
+            for execution_id in dead:
+                last_log = db.execute(
+                    "SELECT MAX(ts) FROM log_lines WHERE execution_id = ?", (execution_id,)
+                ).fetchone()
+                db.execute(
+                    "UPDATE executions SET status = ?, finished_at = ?, error = ? WHERE id = ?",
+                    (
+                        Status.INTERRUPTED.value, last_log[0], "the orchestrator process ended during the run",
+                        execution_id,
+                    ),
+                )  # fmt: skip
+                db.execute(
+                    "UPDATE server_results SET status = ? WHERE execution_id = ? AND status IN (?, ?)",
+                    (Status.INTERRUPTED.value, execution_id, *unfinished),
+                )
+        return dead
+
+    def execution_status(self, execution_id: str) -> Status:
+        rows = self._query("SELECT status FROM executions WHERE id = ?", (execution_id,))
+        if not rows:
+            raise KeyError(f"no execution {execution_id!r}")
+        return Status(rows[0][0])
+
+    def history(self, limit: int = 50) -> pd.DataFrame:
+        """Recent executions, newest first, with per-status server counts."""
+        frame = self._frame(
+            "SELECT x.id AS execution_id, x.event_name AS event, x.status, x.started_at, x.finished_at, "
+            "x.payload_version, x.targets, "
+            "SUM(r.status = 'success') AS servers_ok, COUNT(r.server) AS servers, x.error "
+            "FROM executions x LEFT JOIN server_results r ON r.execution_id = x.id "
+            "GROUP BY x.id ORDER BY x.started_at DESC LIMIT ?",
+            (limit,),
+        )
+        for column in ("started_at", "finished_at"):
+            frame[column] = pd.to_datetime(frame[column], unit="s", utc=True)
+        frame["duration_s"] = (frame["finished_at"] - frame["started_at"]).dt.total_seconds()
+        frame["targets"] = frame["targets"].map(lambda text: ",".join(json.loads(text)))
+        return frame
+
+    def server_results(self, execution_id: str) -> pd.DataFrame:
+        frame = self._frame(
+            "SELECT server, arch, status, exit_code, duration_s, deploy, attempts, error, outputs, variables, phases "
+            "FROM server_results WHERE execution_id = ? ORDER BY rowid",
+            (execution_id,),
+        )
+        for column in JSON_FIELDS:
+            frame[column] = frame[column].map(lambda text: json.loads(text) if isinstance(text, str) else None)
+        return frame
+
+    # -- logs
+
+    def append_logs(self, rows: Sequence[tuple[str, str, int, float, str, str]]) -> None:
+        """Insert log rows ``(execution_id, server, seq, ts, stream, line)`` in one transaction."""
+        if rows:
+            with self._transaction() as db:
+                db.executemany("INSERT INTO log_lines VALUES (?, ?, ?, ?, ?, ?)", rows)
+
+    def logs(self, execution_id: str, server: str | None = None) -> pd.DataFrame:
+        where, params = "execution_id = ?", [execution_id]
+        if server is not None:
+            where, params = where + " AND server = ?", [*params, server]
+        frame = self._frame(
+            f"SELECT server, seq, ts, stream, line FROM log_lines WHERE {where} ORDER BY server, seq", params
+        )
+        frame["ts"] = pd.to_datetime(frame["ts"], unit="s", utc=True)
+        return frame
+
+    # -- variables
+
+    def set_variable(self, scope: str, name: str, value: Any, updated_by: str | None = None) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO variables (scope, name, value, updated_at, updated_by) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (scope, name) DO UPDATE SET value = excluded.value, "
+                "updated_at = excluded.updated_at, updated_by = excluded.updated_by",
+                (scope, name, json.dumps(value), time.time(), updated_by),
+            )
+
+    def get_variables(self, scope: str) -> dict[str, Any]:
+        rows = self._query("SELECT name, value FROM variables WHERE scope = ? ORDER BY name", (scope,))
+        return {name: json.loads(value) for name, value in rows}
+
+    def variables(self, scope: str | None = None) -> pd.DataFrame:
+        where, params = ("WHERE scope = ?", (scope,)) if scope is not None else ("", ())
+        frame = self._frame(
+            f"SELECT scope, name, value, updated_at, updated_by FROM variables {where} ORDER BY scope, name", params
+        )
+        frame["value"] = frame["value"].map(json.loads)
+        frame["updated_at"] = pd.to_datetime(frame["updated_at"], unit="s", utc=True)
+        return frame
+
+
+class LogBuffer:
+    """Collects log rows and writes them in batches (never a transaction per line)."""
+
+    def __init__(self, store: Store, batch_size: int = 2000) -> None:
+        self._store = store
+        self._batch_size = batch_size
+        self._rows: list[tuple[str, str, int, float, str, str]] = []
+        self._lock = threading.Lock()
+
+    def add(self, execution_id: str, server: str, seq: int, ts: float, stream: str, line: str) -> None:
+        with self._lock:
+            self._rows.append((execution_id, server, seq, ts, stream, line))
+            full = len(self._rows) >= self._batch_size
+        if full:
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            rows, self._rows = self._rows, []
+        self._store.append_logs(rows)
