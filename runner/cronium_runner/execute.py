@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import select
 import selectors
 import shutil
@@ -31,6 +32,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 PIPE_DRAIN_S = 2.0  # how long to read pipes that outlive every process of the run
 PR_SET_CHILD_SUBREAPER = 36
 KILL_REPEAT_S = 0.2
+RUN_MARK_VARIABLE = "CRONIUM_RUN_MARK"  # in every process of a run's environment; see run_processes
 
 
 class OrchestratorGone(Exception):
@@ -209,17 +211,29 @@ def _process_table() -> dict[int, tuple[int, str]]:
     return table
 
 
-def _descendants(root: int) -> dict[int, str]:
-    """Live and zombie descendants of ``root``: pid -> state."""
-    children: dict[int, list[int]] = {}
+def _has_mark(pid: int, mark: bytes) -> bool:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as stream:
+            return mark in stream.read().split(b"\0")
+    except OSError:
+        return False
+
+
+def run_processes(root: int, mark: bytes) -> dict[int, str]:
+    """Processes of a run, pid -> state (zombies included): every descendant of ``root``, and
+    every process whose environment carries ``mark``. The mark finds processes that escaped
+    the tree (double fork plus ``setsid``) where the child-subreaper setting has no effect,
+    e.g. under qemu-user emulation."""
     table = _process_table()
+    children: dict[int, list[int]] = {}
     for pid, (ppid, _) in table.items():
         children.setdefault(ppid, []).append(pid)
     found: dict[int, str] = {}
     pending = list(children.get(root, []))
+    pending += [pid for pid in table if pid != root and pid not in found and _has_mark(pid, mark)]
     while pending:
         pid = pending.pop()
-        if pid not in found:
+        if pid not in found and pid in table:
             found[pid] = table[pid][1]
             pending.extend(children.get(pid, []))
     return found
@@ -247,7 +261,10 @@ class Supervisor:
         reporter: Reporter,
         control: ControlChannel | None,
     ) -> None:
-        self.argv, self.cwd, self.env = argv, cwd, env
+        self.argv, self.cwd = argv, cwd
+        mark = secrets.token_hex(8)
+        self.env = {**env, RUN_MARK_VARIABLE: mark}
+        self.mark = f"{RUN_MARK_VARIABLE}={mark}".encode()
         self.timeout, self.grace = timeout, grace
         self.reporter, self.control = reporter, control
         self.stop_reason: str | None = None
@@ -262,15 +279,15 @@ class Supervisor:
     def _signal_tree(self, signum: int) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, signum)
-        for pid, state in _descendants(os.getpid()).items():
+        for pid, state in run_processes(os.getpid(), self.mark).items():
             if state != "Z":
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signum)
 
     def _reap_orphans(self) -> bool:
-        """Reap zombie orphans; True while some descendant other than the script is alive."""
+        """Reap zombie orphans; True while some process of the run other than the script is alive."""
         alive = False
-        for pid, state in _descendants(os.getpid()).items():
+        for pid, state in run_processes(os.getpid(), self.mark).items():
             if pid == self.process.pid:
                 continue
             if state == "Z":

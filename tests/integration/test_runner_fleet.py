@@ -46,15 +46,15 @@ def artifact(name: str) -> Path:
 
 async def install_runner(server: Server, flavour: str, arch: str) -> list[str]:
     """Copy a runner build to the server by SFTP (the executor's cached deployment comes later)."""
+    name = f"cronium-runner-linux-{arch}.tar.gz" if flavour == "bundle" else "cronium-runner-zipapp.tar.gz"
     async with await connect(server) as connection:
         await connection.run(f"mkdir -p {REMOTE_DIR}", check=True)
-        if flavour == "bundle":
-            bundle = artifact(f"cronium-runner-linux-{arch}.tar.gz")
-            await asyncssh_put(connection, bundle, f"{REMOTE_DIR}/bundle.tar.gz")
-            await connection.run(f"cd {REMOTE_DIR} && tar xzf bundle.tar.gz && rm bundle.tar.gz", check=True)
-            return [f"{REMOTE_DIR}/cronium-runner/cronium-runner"]
-        await asyncssh_put(connection, artifact("cronium-runner.pyz"), f"{REMOTE_DIR}/cronium-runner.pyz")
-        return ["python3", f"{REMOTE_DIR}/cronium-runner.pyz"]
+        await asyncssh_put(connection, artifact(name), f"{REMOTE_DIR}/runner.tar.gz")
+        verify = f"cd {REMOTE_DIR} && tar xzf runner.tar.gz && rm runner.tar.gz && cd cronium-runner && sha256sum -c --quiet SHA256SUMS"
+        await connection.run(verify, check=True)
+    if flavour == "bundle":
+        return [f"{REMOTE_DIR}/cronium-runner/cronium-runner"]
+    return ["python3", f"{REMOTE_DIR}/cronium-runner/cronium-runner.pyz"]
 
 
 async def asyncssh_put(connection, local: Path, remote: str) -> None:
