@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncssh
-from cronium_runner.manifest import SCRIPT_TYPES, Manifest
-from cronium_runner.protocol import MESSAGE, STREAM_NAMES, FrameDecoder, LineSplitter
 
 from cronium_nb.model import Server
 from cronium_nb.payload import PayloadArchive, build_archive
+from cronium_runner.manifest import SCRIPT_TYPES, Manifest
+from cronium_runner.protocol import MESSAGE, STREAM_NAMES, FrameDecoder, LineSplitter
 
 LOCAL_RUNNER = [sys.executable, "-m", "cronium_runner"]
 

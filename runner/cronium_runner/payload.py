@@ -35,7 +35,9 @@ def private_dir(path: Path) -> Path:
     """Create ``path`` (and parents) mode 0700, and refuse it unless it is a real directory that
     we own and nobody else can write: another user, or a symlink, could redirect our files."""
     try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        missing = [p for p in (path, *path.parents) if not os.path.lexists(p)]
+        for directory in reversed(missing):  # parents too are created private, not with the umask
+            directory.mkdir(mode=0o700, exist_ok=True)
         info = os.lstat(path)
     except OSError as error:
         raise RunnerError(RunnerExit.WORKDIR, f"cannot create work root {path}: {error.strerror}") from None

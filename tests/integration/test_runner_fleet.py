@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cronium_runner.exitcodes import RunnerExit
 
 from cronium_nb import Fleet
 from cronium_nb.model import Server
+from cronium_runner.exitcodes import RunnerExit
 from tests.conftest import REPO_ROOT
 from tests.runner_harness import SshRun, connect, make_payload, run_over_ssh
 from tests.unit.test_runner_local import HELPER_EXPECTED_STDOUT, HELPER_SCRIPTS, dedent_shell
@@ -50,7 +50,10 @@ async def install_runner(server: Server, flavour: str, arch: str) -> list[str]:
     async with await connect(server) as connection:
         await connection.run(f"mkdir -p {REMOTE_DIR}", check=True)
         await asyncssh_put(connection, artifact(name), f"{REMOTE_DIR}/runner.tar.gz")
-        verify = f"cd {REMOTE_DIR} && tar xzf runner.tar.gz && rm runner.tar.gz && cd cronium-runner && sha256sum -c --quiet SHA256SUMS"
+        verify = (
+            f"cd {REMOTE_DIR} && tar xzf runner.tar.gz && rm runner.tar.gz "
+            "&& cd cronium-runner && sha256sum -c --quiet SHA256SUMS"
+        )
         await connection.run(verify, check=True)
     if flavour == "bundle":
         return [f"{REMOTE_DIR}/cronium-runner/cronium-runner"]

@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
+
 from cronium_runner.exitcodes import RunnerExit
 from cronium_runner.protocol import MAGIC, encode
-
 from tests.runner_harness import LOCAL_RUNNER, LocalRun, make_payload, run_local
 
 HELPER_SCRIPTS = {

@@ -1,0 +1,1 @@
+"""SSH transport: connection pool, host keys, runner deployment, one remote run."""

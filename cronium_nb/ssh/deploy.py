@@ -1,0 +1,244 @@
+"""Runner deployment: find out what a host is, pick the right build, keep it cached there.
+
+Remote layout (all 0700, owned by the login user, never through a symlink)::
+
+    ~/.cache/cronium/                 also the parent of the runner's work dirs (runs/)
+    ~/.cache/cronium/runner/<version>-<flavour>-<arch>-<sha>/cronium-runner/...  + SHA256SUMS
+
+A deployment is verified on the server with ``sha256sum -c`` and remembered here, per server,
+runner version and checksum, for 24 hours; within that time a run starts the runner directly
+(one channel, no extra round trip). A run whose runner turns out to be missing or broken
+invalidates the entry, and the executor deploys again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shlex
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncssh
+
+from cronium_nb.ssh.pool import PooledConnection, ServerKey
+from cronium_runner import __version__ as RUNNER_VERSION
+
+CACHE_VALIDITY_S = 24 * 3600.0
+DEFAULT_BACKOFF_S = (2.0, 4.0, 8.0)
+REMOTE_ROOT = '"$HOME/.cache/cronium"'  # expanded by the login shell; no user data goes in
+MACHINE_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
+SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+ZIPAPP_MIN_PYTHON = (3, 8)
+
+
+class DeployError(Exception):
+    """The runner could not be deployed (after retries, or for a reason retrying cannot fix)."""
+
+    def __init__(self, message: str, *, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+@dataclass(frozen=True)
+class HostInfo:
+    machine: str
+    python: tuple[int, int] | None
+
+    @property
+    def arch(self) -> str | None:
+        return MACHINE_ARCH.get(self.machine)
+
+
+@dataclass(frozen=True)
+class RunnerBuild:
+    """One deployable runner archive from ``runner/dist``."""
+
+    flavour: str  # "bundle" or "zipapp"
+    arch: str  # "amd64", "arm64" or "any"
+    path: Path
+    sha256: str
+
+    @property
+    def remote_name(self) -> str:
+        return f"{RUNNER_VERSION}-{self.flavour}-{self.arch}-{self.sha256[:16]}"
+
+    @property
+    def remote_dir(self) -> str:
+        return f"{REMOTE_ROOT}/runner/{self.remote_name}/cronium-runner"
+
+    def command(self, args: Sequence[str]) -> str:
+        """The shell command that starts this runner with ``args`` (all quoted)."""
+        quoted = " ".join(shlex.quote(a) for a in args)
+        if self.flavour == "bundle":
+            return f"exec {self.remote_dir}/cronium-runner {quoted}"
+        return f"exec python3 {self.remote_dir}/cronium-runner.pyz {quoted}"
+
+
+class RunnerBuilds:
+    """The runner builds available to deploy (``make runner`` puts them in ``runner/dist``)."""
+
+    def __init__(self, dist: Path) -> None:
+        self.dist = dist
+        self._builds: dict[tuple[str, str], RunnerBuild] = {}
+        candidates = [("bundle", arch, f"cronium-runner-linux-{arch}.tar.gz") for arch in ("amd64", "arm64")]
+        candidates.append(("zipapp", "any", "cronium-runner-zipapp.tar.gz"))
+        for flavour, arch, name in candidates:
+            path = dist / name
+            sums = dist / f"{name}.sha256"
+            if path.is_file() and sums.is_file():
+                self._builds[(flavour, arch)] = RunnerBuild(flavour, arch, path, sums.read_text().split()[0])
+        if not self._builds:
+            raise DeployError(f"no runner builds in {dist}: run `make runner`", retryable=False)
+
+    def choose(self, info: HostInfo) -> RunnerBuild:
+        """The standalone bundle for amd64/arm64, else the zipapp where python3 >= 3.8 exists."""
+        if info.arch and ("bundle", info.arch) in self._builds:
+            return self._builds[("bundle", info.arch)]
+        if info.python and info.python >= ZIPAPP_MIN_PYTHON and ("zipapp", "any") in self._builds:
+            return self._builds[("zipapp", "any")]
+        python = f"python3 {info.python[0]}.{info.python[1]}" if info.python else "no python3"
+        raise DeployError(
+            f"no runner for architecture {info.machine} ({python}): standalone bundles exist for "
+            f"amd64 and arm64; elsewhere the zipapp needs python3 >= 3.8",
+            retryable=False,
+        )
+
+
+PROBE = (
+    "uname -m; command -v python3 >/dev/null 2>&1 && "
+    "python3 -c 'import sys; print(\"%d.%d\" % sys.version_info[:2])' || echo none"
+)
+
+# Fixed scripts: the only interpolated value is a build's remote_name (checked by SAFE_NAME).
+_CHECK_PRIVATE = """
+check_private() {
+  if [ -L "$1" ] || [ ! -d "$1" ] || [ ! -O "$1" ] || [ "$(stat -c %a "$1")" != 700 ]; then
+    echo "unsafe directory $1: it must be a real directory owned by $(id -un) with mode 700" >&2
+    exit 3
+  fi
+}
+"""
+VERIFY_SCRIPT = (
+    "set -u\n" + _CHECK_PRIVATE + 'root="$HOME/.cache/cronium"\ndir="$root/runner/{name}"\n'
+    '[ -e "$dir" ] || [ -L "$dir" ] || exit 4\n'
+    'for d in "$root" "$root/runner" "$dir"; do check_private "$d"; done\n'
+    'cd "$dir/cronium-runner" && sha256sum -c --quiet --strict SHA256SUMS >/dev/null 2>&1 || exit 5\n'
+)
+INSTALL_SCRIPT = (
+    "set -u\numask 077\n" + _CHECK_PRIVATE + 'root="$HOME/.cache/cronium"\nrunner_root="$root/runner"\n'
+    'dir="$runner_root/{name}"\n'
+    'mkdir -p "$HOME/.cache" || exit 6\n'
+    'for d in "$root" "$runner_root"; do\n'
+    '  [ -e "$d" ] || [ -L "$d" ] || mkdir -m 700 "$d" || exit 6\n'
+    '  check_private "$d"\n'
+    "done\n"
+    'find "$runner_root" -maxdepth 1 -name ".partial-*" -mmin +10 -exec rm -rf {{}} + 2>/dev/null\n'
+    'tmp=$(mktemp -d "$runner_root/.partial-XXXXXX") || exit 6\n'
+    "trap 'rm -rf \"$tmp\"' EXIT\n"
+    'tar xzf - -C "$tmp" || exit 6\n'
+    '(cd "$tmp/cronium-runner" && sha256sum -c --quiet --strict SHA256SUMS >/dev/null) || exit 5\n'
+    'rm -rf "$dir" && mv "$tmp" "$dir" || exit 6\n'
+    "trap - EXIT\n"
+)
+VERIFY_MISSING, UNSAFE, MISMATCH, WRITE_FAILED = 4, 3, 5, 6
+
+
+def remote_script(template: str, build: RunnerBuild) -> str:
+    if not SAFE_NAME.match(build.remote_name):
+        raise DeployError(f"unexpected runner build name {build.remote_name!r}", retryable=False)
+    return "sh -c " + shlex.quote(template.format(name=build.remote_name))
+
+
+@dataclass
+class DeployOutcome:
+    build: RunnerBuild
+    state: str  # "cached" (known good here), "verified" (found intact on the server), "deployed"
+    attempts: int
+    bytes_sent: int = 0
+
+
+class Deployer:
+    """Deploys runner builds and remembers good deployments."""
+
+    def __init__(
+        self,
+        builds: RunnerBuilds,
+        *,
+        backoff: Sequence[float] = DEFAULT_BACKOFF_S,
+        attempts: int = 3,
+        validity_s: float = CACHE_VALIDITY_S,
+    ) -> None:
+        if attempts < 1:
+            raise ValueError("deploy attempts must be at least 1")
+        self.builds = builds
+        self.backoff = tuple(backoff)
+        self.attempts = attempts
+        self.validity_s = validity_s
+        self._verified: dict[tuple[ServerKey, str, str], float] = {}
+        self._locks: dict[ServerKey, asyncio.Lock] = {}
+
+    async def host_info(self, pooled: PooledConnection) -> HostInfo:
+        if pooled.info is None:
+            result = await pooled.connection.run(PROBE, check=False)
+            lines = str(result.stdout).split()
+            if result.exit_status != 0 or not lines:
+                raise DeployError(f"cannot probe the host: {str(result.stderr).strip() or result.exit_status}")
+            python = tuple(int(n) for n in lines[1].split(".")) if len(lines) > 1 and lines[1] != "none" else None
+            pooled.info = HostInfo(machine=lines[0], python=python)  # type: ignore[arg-type]
+        return pooled.info
+
+    def invalidate(self, key: ServerKey, build: RunnerBuild) -> None:
+        self._verified.pop((key, RUNNER_VERSION, build.sha256), None)
+
+    async def ensure(
+        self,
+        pooled: PooledConnection,
+        *,
+        force: bool = False,
+        on_attempt_failed: Callable[[int, str], Awaitable[None] | None] | None = None,
+    ) -> DeployOutcome:
+        """Make sure the right runner is on the server; deploy with retries when it is not."""
+        build = self.builds.choose(await self.host_info(pooled))
+        cache_key = (pooled.key, RUNNER_VERSION, build.sha256)
+        if not force and time.monotonic() - self._verified.get(cache_key, -1e18) < self.validity_s:
+            return DeployOutcome(build, "cached", 0)
+        lock = self._locks.setdefault(pooled.key, asyncio.Lock())
+        async with lock:  # one upload per server; the others wait and then find it verified
+            if not force and time.monotonic() - self._verified.get(cache_key, -1e18) < self.validity_s:
+                return DeployOutcome(build, "cached", 0)
+            if not force:
+                status = await self._run_script(pooled, remote_script(VERIFY_SCRIPT, build))
+                if status[0] == 0:
+                    self._verified[cache_key] = time.monotonic()
+                    return DeployOutcome(build, "verified", 0)
+                if status[0] == UNSAFE:
+                    raise DeployError(status[1], retryable=False)
+            data = build.path.read_bytes()
+            for attempt in range(1, self.attempts + 1):
+                code, message = await self._run_script(pooled, remote_script(INSTALL_SCRIPT, build), data)
+                if code == 0:
+                    self._verified[cache_key] = time.monotonic()
+                    return DeployOutcome(build, "deployed", attempt, len(data))
+                if code == UNSAFE:
+                    raise DeployError(message, retryable=False)
+                reason = message or ("checksum mismatch after upload" if code == MISMATCH else f"exit {code}")
+                if on_attempt_failed is not None:
+                    maybe = on_attempt_failed(attempt, reason)
+                    if maybe is not None:
+                        await maybe
+                if attempt == self.attempts:
+                    raise DeployError(f"deploying the runner failed {attempt} times; last: {reason}")
+                await asyncio.sleep(self.backoff[min(attempt - 1, len(self.backoff) - 1)])
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    async def _run_script(pooled: PooledConnection, command: str, stdin: bytes | None = None) -> tuple[int, str]:
+        try:
+            result = await pooled.connection.run(command, input=stdin, encoding=None, check=False)
+        except asyncssh.Error as error:
+            return -1, f"connection failed: {error.reason}"
+        message = result.stderr.decode(errors="replace").strip() if result.stderr else ""
+        return result.exit_status if result.exit_status is not None else -1, message

@@ -1,0 +1,172 @@
+"""A pool of asyncssh connections: reused per server, bounded, health-checked, kept alive.
+
+Each connection carries at most ``max_channels_per_connection`` sessions at once (sshd's
+MaxSessions); a server gets up to ``max_connections_per_server`` connections, the pool up to
+``max_connections``; at most ``max_handshakes_per_host`` handshakes run at once against one host
+(sshd drops connections beyond MaxStartups). Connections idle longer than ``idle_timeout`` are
+closed; a closed one is dropped at the next acquire and replaced transparently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+
+from cronium_nb.model import Server
+from cronium_nb.ssh.hostkeys import HostKeyError, connect_options, describe_host_key_failure
+from cronium_nb.ssh.options import SSHOptions
+
+
+class ConnectError(Exception):
+    """A server could not be reached or refused us; the message says why, for that server's row."""
+
+
+ServerKey = tuple[str, int, str, str | None, str | None]
+
+
+def server_key(server: Server) -> ServerKey:
+    return (server.host, server.port, server.user, server.key_path, server.known_hosts)
+
+
+@dataclass(eq=False)
+class PooledConnection:
+    connection: asyncssh.SSHClientConnection
+    key: ServerKey
+    channels: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+    info: Any = None  # what the deployer learned about the host, cached per connection
+
+    @property
+    def alive(self) -> bool:
+        return not self.connection.is_closed()
+
+
+class ConnectionPool:
+    def __init__(self, options: SSHOptions, accept_new_file: Path) -> None:
+        self.options = options
+        self.accept_new_file = accept_new_file
+        self._connections: dict[ServerKey, list[PooledConnection]] = {}
+        self._opening: dict[ServerKey, int] = {}
+        self._handshakes: dict[tuple[str, int], asyncio.Semaphore] = {}
+        self._changed = asyncio.Condition()
+        self._reaper: asyncio.Task | None = None
+        self.connects = 0
+
+    def _count(self) -> int:
+        return sum(len(c) for c in self._connections.values()) + sum(self._opening.values())
+
+    def _drop_dead(self, key: ServerKey) -> None:
+        self._connections[key] = [c for c in self._connections.get(key, []) if c.alive]
+
+    @contextlib.asynccontextmanager
+    async def lease(self, server: Server) -> AsyncIterator[PooledConnection]:
+        """A connection with one channel reserved for the caller."""
+        pooled = await self._acquire(server)
+        try:
+            yield pooled
+        finally:
+            async with self._changed:
+                pooled.channels -= 1
+                pooled.last_used = time.monotonic()
+                self._changed.notify_all()
+
+    async def _acquire(self, server: Server) -> PooledConnection:
+        key = server_key(server)
+        if self._reaper is None:
+            self._reaper = asyncio.get_running_loop().create_task(self._reap_idle())
+        while True:
+            async with self._changed:
+                self._drop_dead(key)
+                free = [c for c in self._connections[key] if c.channels < self.options.max_channels_per_connection]
+                if free:
+                    chosen = min(free, key=lambda c: c.channels)
+                    chosen.channels += 1
+                    return chosen
+                mine = len(self._connections[key]) + self._opening.get(key, 0)
+                if mine < self.options.max_connections_per_server and self._count() < self.options.max_connections:
+                    self._opening[key] = self._opening.get(key, 0) + 1
+                    break
+                await self._changed.wait()
+        try:
+            connection = await self._connect(server)
+        finally:
+            async with self._changed:
+                self._opening[key] -= 1
+                self._changed.notify_all()
+        pooled = PooledConnection(connection, key, channels=1)
+        async with self._changed:
+            self._connections.setdefault(key, []).append(pooled)
+        return pooled
+
+    async def _connect(self, server: Server) -> asyncssh.SSHClientConnection:
+        options = self.options
+        try:
+            host_key_args = connect_options(server, options.host_key_policy, self.accept_new_file)
+        except HostKeyError as error:
+            raise ConnectError(str(error)) from None
+        semaphore = self._handshakes.setdefault(
+            (server.host, server.port), asyncio.Semaphore(options.max_handshakes_per_host)
+        )
+        async with semaphore:
+            try:
+                connection = await asyncssh.connect(
+                    server.host,
+                    port=server.port,
+                    username=server.user,
+                    client_keys=[server.key_path] if server.key_path else (),
+                    agent_path=None,
+                    connect_timeout=options.connect_timeout,
+                    keepalive_interval=options.keepalive_interval,
+                    keepalive_count_max=options.keepalive_count_max,
+                    **host_key_args,
+                )
+            except asyncssh.HostKeyNotVerifiable as error:
+                raise ConnectError(describe_host_key_failure(server, options.host_key_policy, error)) from None
+            except asyncssh.PermissionDenied as error:
+                raise ConnectError(f"{server.address} refused our key ({error.reason})") from None
+            except asyncssh.Error as error:
+                raise ConnectError(f"SSH to {server.address} failed: {error.reason}") from None
+            except FileNotFoundError as error:  # a missing key file
+                raise ConnectError(f"cannot use key {server.key_path}: {error.strerror}") from None
+            except (OSError, asyncio.TimeoutError) as error:
+                reason = "timed out" if isinstance(error, asyncio.TimeoutError) else error.strerror or str(error)
+                raise ConnectError(f"cannot reach {server.address}: {reason}") from None
+        self.connects += 1
+        return connection
+
+    def discard(self, pooled: PooledConnection) -> None:
+        """Close a connection that misbehaved; the next lease opens a fresh one."""
+        pooled.connection.abort()
+
+    async def _reap_idle(self) -> None:
+        while True:
+            await asyncio.sleep(min(30.0, self.options.idle_timeout / 2))
+            now = time.monotonic()
+            async with self._changed:
+                for key, connections in self._connections.items():
+                    for pooled in connections:
+                        if pooled.channels == 0 and now - pooled.last_used > self.options.idle_timeout:
+                            pooled.connection.close()
+                    self._drop_dead(key)
+
+    def connection_count(self) -> int:
+        return sum(1 for group in self._connections.values() for c in group if c.alive)
+
+    async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+        for connections in self._connections.values():
+            for pooled in connections:
+                pooled.connection.close()
+        for connections in self._connections.values():
+            for pooled in connections:
+                with contextlib.suppress(Exception):
+                    await pooled.connection.wait_closed()
+        self._connections.clear()

@@ -1,0 +1,151 @@
+"""One run of the runner on one server, over one SSH channel.
+
+The channel's stdin carries the run context, then the payload, then control lines; its stdout
+carries the runner's frames (:mod:`cronium_runner.protocol`), read in 64 KiB chunks and split
+into lines here. A timeout or a cancel asks the runner to stop (it signals the script's whole
+process tree: SIGTERM, grace, SIGKILL); if the runner does not answer within the grace period
+plus a margin, the channel is closed, which ends the runner too (its stdin ends).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncssh
+
+from cronium_runner.protocol import MESSAGE, STREAM_NAMES, FrameDecoder, LineSplitter, ProtocolError
+
+READ_SIZE = 65536
+STOP_MARGIN_S = 5.0
+MAX_LINE = 1024 * 1024
+# The line handler gets (stream, text, ts); lines longer than MAX_LINE arrive in pieces.
+LineHandler = Callable[[str, str, float], None]
+
+
+class RunnerUnavailable(Exception):
+    """The runner did not start (missing, corrupt): deploy again and retry."""
+
+
+@dataclass
+class RunOutcome:
+    result: dict[str, Any] | None  # the runner's result message; None when it never came
+    exit_status: int | None
+    timed_out: bool = False
+    cancelled: bool = False
+    error: str | None = None
+    hello: dict[str, Any] | None = None
+    phases: dict[str, float] = field(default_factory=dict)
+
+
+class RemoteRun:
+    def __init__(
+        self,
+        connection: asyncssh.SSHClientConnection,
+        command: str,
+        context: dict[str, Any],
+        payload: bytes,
+        *,
+        timeout: float,
+        grace: float,
+        on_line: LineHandler,
+        on_message: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.connection, self.command = connection, command
+        self.context, self.payload = context, payload
+        self.timeout, self.grace = timeout, grace
+        self.on_line, self.on_message = on_line, on_message
+        self._decoder = FrameDecoder()
+        self._splitters = {kind: LineSplitter(MAX_LINE) for kind in STREAM_NAMES}
+        self._outcome = RunOutcome(result=None, exit_status=None)
+        self._started_at: float | None = None
+        self._stderr = bytearray()
+
+    async def run(self) -> RunOutcome:
+        begin = time.monotonic()
+        process = await self.connection.create_process(self.command, encoding=None)
+        try:
+            process.stdin.write(json.dumps({**self.context, "payload_size": len(self.payload)}).encode() + b"\n")
+            process.stdin.write(self.payload)
+            stderr_task = asyncio.ensure_future(self._drain_stderr(process))
+            reader = asyncio.ensure_future(self._read(process))
+            try:
+                await asyncio.wait_for(asyncio.shield(reader), self.timeout + STOP_MARGIN_S)
+            except asyncio.TimeoutError:
+                # The runner enforces the timeout itself; we get here only if it did not report.
+                self._outcome.timed_out = True
+                await self._stop(process, reader, "timeout")
+            except asyncio.CancelledError:
+                self._outcome.cancelled = True
+                _uncancel()
+                await self._stop(process, reader, "cancel")
+            await asyncio.wait([stderr_task], timeout=1.0)
+        finally:
+            process.close()
+        completed = process.exit_status
+        self._outcome.exit_status = completed
+        if self._outcome.hello is None and self._outcome.result is None and not self._outcome.cancelled:
+            detail = self._stderr.decode(errors="replace").strip()[-500:]
+            raise RunnerUnavailable(f"runner did not start (exit {completed}): {detail or 'no output'}")
+        end = time.monotonic()
+        started = self._started_at or end
+        self._outcome.phases = {"upload": started - begin, "run": end - started}
+        return self._outcome
+
+    async def _stop(self, process: asyncssh.SSHClientProcess, reader: asyncio.Future, reason: str) -> None:
+        with contextlib.suppress(Exception):
+            process.stdin.write(json.dumps({"op": "stop", "reason": reason}).encode() + b"\n")
+        try:
+            await asyncio.wait_for(asyncio.shield(reader), self.grace + STOP_MARGIN_S)
+        except (asyncio.TimeoutError, asyncio.CancelledError):
+            self._outcome.error = f"the server did not confirm the stop within {self.grace + STOP_MARGIN_S:.0f} s"
+            reader.cancel()
+            process.channel.abort()
+
+    async def _drain_stderr(self, process: asyncssh.SSHClientProcess) -> None:
+        while data := await process.stderr.read(READ_SIZE):
+            self._stderr += data[-4096:]
+            del self._stderr[:-4096]
+
+    async def _read(self, process: asyncssh.SSHClientProcess) -> None:
+        try:
+            while data := await process.stdout.read(READ_SIZE):
+                self._feed(data)
+        except ProtocolError as error:
+            self._outcome.error = f"corrupt runner output: {error}"
+            if self._outcome.hello is None:
+                return
+        for kind, splitter in self._splitters.items():
+            for line, _complete in splitter.flush():
+                self.on_line(STREAM_NAMES[kind], line.decode("utf-8", errors="backslashreplace"), time.time())
+        await process.wait_closed()
+
+    def _feed(self, data: bytes) -> None:
+        for frame in self._decoder.feed(data):
+            if frame.kind == MESSAGE:
+                message = frame.message()
+                kind = message.get("type")
+                if kind == "hello":
+                    self._outcome.hello = message
+                elif kind == "started":
+                    self._started_at = time.monotonic()
+                elif kind == "result":
+                    self._outcome.result = message
+                if self.on_message is not None:
+                    self.on_message(message)
+                continue
+            stream = STREAM_NAMES[frame.kind]
+            for line, _complete in self._splitters[frame.kind].feed(frame.payload):
+                self.on_line(stream, line.decode("utf-8", errors="backslashreplace"), frame.ts)
+
+
+def _uncancel() -> None:
+    """Let a task that caught its cancellation go on cleaning up (Python >= 3.11 counts them)."""
+    task = asyncio.current_task()
+    if task is not None and hasattr(task, "uncancel"):
+        task.uncancel()
