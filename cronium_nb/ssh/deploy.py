@@ -112,7 +112,7 @@ PROBE = (
     "python3 -c 'import sys; print(\"%d.%d\" % sys.version_info[:2])' || echo none"
 )
 
-# Fixed scripts: the only interpolated value is a build's remote_name (checked by SAFE_NAME).
+# Fixed scripts: the only value put in (for @NAME@) is a build's remote_name, checked by SAFE_NAME.
 _CHECK_PRIVATE = """
 check_private() {
   if [ -L "$1" ] || [ ! -d "$1" ] || [ ! -O "$1" ] || [ "$(stat -c %a "$1")" != 700 ]; then
@@ -122,20 +122,20 @@ check_private() {
 }
 """
 VERIFY_SCRIPT = (
-    "set -u\n" + _CHECK_PRIVATE + 'root="$HOME/.cache/cronium"\ndir="$root/runner/{name}"\n'
+    "set -u\n" + _CHECK_PRIVATE + 'root="$HOME/.cache/cronium"\ndir="$root/runner/@NAME@"\n'
     '[ -e "$dir" ] || [ -L "$dir" ] || exit 4\n'
     'for d in "$root" "$root/runner" "$dir"; do check_private "$d"; done\n'
     'cd "$dir/cronium-runner" && sha256sum -c --quiet --strict SHA256SUMS >/dev/null 2>&1 || exit 5\n'
 )
 INSTALL_SCRIPT = (
     "set -u\numask 077\n" + _CHECK_PRIVATE + 'root="$HOME/.cache/cronium"\nrunner_root="$root/runner"\n'
-    'dir="$runner_root/{name}"\n'
+    'dir="$runner_root/@NAME@"\n'
     'mkdir -p "$HOME/.cache" || exit 6\n'
     'for d in "$root" "$runner_root"; do\n'
     '  [ -e "$d" ] || [ -L "$d" ] || mkdir -m 700 "$d" || exit 6\n'
     '  check_private "$d"\n'
     "done\n"
-    'find "$runner_root" -maxdepth 1 -name ".partial-*" -mmin +10 -exec rm -rf {{}} + 2>/dev/null\n'
+    'find "$runner_root" -maxdepth 1 -name ".partial-*" -mmin +10 -exec rm -rf {} + 2>/dev/null\n'
     'tmp=$(mktemp -d "$runner_root/.partial-XXXXXX") || exit 6\n'
     "trap 'rm -rf \"$tmp\"' EXIT\n"
     'tar xzf - -C "$tmp" || exit 6\n'
@@ -149,7 +149,7 @@ VERIFY_MISSING, UNSAFE, MISMATCH, WRITE_FAILED = 4, 3, 5, 6
 def remote_script(template: str, build: RunnerBuild) -> str:
     if not SAFE_NAME.match(build.remote_name):
         raise DeployError(f"unexpected runner build name {build.remote_name!r}", retryable=False)
-    return "sh -c " + shlex.quote(template.format(name=build.remote_name))
+    return "sh -c " + shlex.quote(template.replace("@NAME@", build.remote_name))
 
 
 @dataclass

@@ -64,6 +64,7 @@ class RemoteRun:
         self._splitters = {kind: LineSplitter(MAX_LINE) for kind in STREAM_NAMES}
         self._outcome = RunOutcome(result=None, exit_status=None)
         self._started_at: float | None = None
+        self._result_at: float | None = None
         self._stderr = bytearray()
 
     async def run(self) -> RunOutcome:
@@ -94,7 +95,10 @@ class RemoteRun:
             raise RunnerUnavailable(f"runner did not start (exit {completed}): {detail or 'no output'}")
         end = time.monotonic()
         started = self._started_at or end
-        self._outcome.phases = {"upload": started - begin, "run": end - started}
+        reported = self._result_at or end
+        # upload: payload sent, verified, extracted; run: the script; cleanup: work dir removed,
+        # channel closed.
+        self._outcome.phases = {"upload": started - begin, "run": reported - started, "cleanup": end - reported}
         return self._outcome
 
     async def _stop(self, process: asyncssh.SSHClientProcess, reader: asyncio.Future, reason: str) -> None:
@@ -136,6 +140,7 @@ class RemoteRun:
                     self._started_at = time.monotonic()
                 elif kind == "result":
                     self._outcome.result = message
+                    self._result_at = time.monotonic()
                 if self.on_message is not None:
                     self.on_message(message)
                 continue

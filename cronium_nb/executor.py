@@ -1,0 +1,520 @@
+"""The executor: runs an event on many servers at once and gives back an ExecutionResult.
+
+All network work happens on one private event loop in a background thread, which owns the
+connection pool. The public API has sync and async twins::
+
+    ex = Executor(inventory=inv)
+    res = ex.run(event, servers="web")            # blocks; Ctrl-C cancels the remote work
+    job = ex.submit(event, servers="all")         # returns at once: job.cancel(), job.result()
+    res = await ex.run_async(event, servers=[...])
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import json
+import statistics
+import threading
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import Callable, Coroutine, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+import pandas as pd
+
+import cronium_runner
+from cronium_nb.config import state_dir as resolve_state_dir
+from cronium_nb.inventory import Inventory
+from cronium_nb.model import Event, EventError, Server, Status
+from cronium_nb.payload import PayloadService, PreparedPayload
+from cronium_nb.results import PHASES, ExecutionResult, ServerResult, overall_status
+from cronium_nb.ssh.deploy import DEFAULT_BACKOFF_S, Deployer, DeployError, RunnerBuilds
+from cronium_nb.ssh.options import SSHOptions
+from cronium_nb.ssh.pool import ConnectError, ConnectionPool
+from cronium_nb.ssh.remote_run import RemoteRun, RunnerUnavailable
+from cronium_nb.store import LogBuffer, Store
+
+DEFAULT_RUNNER_DIST = Path(cronium_runner.__file__).resolve().parent.parent / "dist"
+DEFAULT_CONCURRENCY = 32
+LOG_FLUSH_INTERVAL_S = 0.5
+REDACTED = "***"
+_UNSET: Any = object()
+
+
+@dataclass
+class Callbacks:
+    """Live notifications from the executor's thread (keep them quick; they run on its loop).
+
+    ``on_line(server, stream, text, ts)`` for each output line; ``on_status(result)`` when a
+    server's status or phase changes; ``on_deploy_failed(server, attempt, reason)``.
+    """
+
+    on_line: Callable[[str, str, str, float], None] | None = None
+    on_status: Callable[[ServerResult], None] | None = None
+    on_deploy_failed: Callable[[str, int, str], None] | None = None
+
+
+class Metrics:
+    """Counters and per-phase durations of one executor."""
+
+    def __init__(self, samples: int = 10_000) -> None:
+        self.executions: Counter[str] = Counter()
+        self.deployments: Counter[str] = Counter()
+        self.phases: dict[str, deque[float]] = {phase: deque(maxlen=samples) for phase in PHASES}
+        self.bytes_deployed = 0
+
+    def record_server(self, result: ServerResult) -> None:
+        for phase, seconds in result.phases.items():
+            self.phases[phase].append(seconds)
+
+    def frame(self) -> pd.DataFrame:
+        rows: list[tuple[str, float]] = [("executions.total", sum(self.executions.values()))]
+        rows += [(f"executions.{s.value}", self.executions[s.value]) for s in RESULT_STATUSES]
+        total = sum(self.deployments.values())
+        cached = self.deployments["cached"] + self.deployments["verified"]
+        rows += [
+            ("deployments.total", total),
+            ("deployments.success", self.deployments["deployed"]),
+            ("deployments.failed", self.deployments["failed"]),
+            ("deployments.cached", cached),
+            ("deployments.cache_hit_rate", cached / total if total else float("nan")),
+            ("deployments.bytes_sent", self.bytes_deployed),
+        ]
+        for phase, samples in self.phases.items():
+            values = sorted(samples)
+            rows.append((f"phase.{phase}.count", len(values)))
+            if values:
+                rows += [
+                    (f"phase.{phase}.mean_s", statistics.fmean(values)),
+                    (f"phase.{phase}.p50_s", statistics.median(values)),
+                    (f"phase.{phase}.max_s", values[-1]),
+                ]
+        return pd.DataFrame(rows, columns=["metric", "value"])
+
+
+RESULT_STATUSES = (Status.SUCCESS, Status.PARTIAL, Status.FAILED, Status.TIMEOUT, Status.CANCELLED)
+
+
+class _LoopThread:
+    """A private asyncio loop running in a daemon thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="cronium-executor", daemon=True)
+        self._thread.start()
+
+    def spawn(self, coroutine: Coroutine[Any, Any, Any]) -> tuple[asyncio.Task, concurrent.futures.Future]:
+        """Start ``coroutine`` as a task on the loop; its result also lands in a thread-safe future."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        holder: list[asyncio.Task] = []
+        started = threading.Event()
+
+        def start() -> None:
+            task = self.loop.create_task(coroutine)
+            holder.append(task)
+
+            def finished(done: asyncio.Task) -> None:
+                if done.cancelled():
+                    future.set_exception(concurrent.futures.CancelledError())
+                elif done.exception() is not None:
+                    future.set_exception(done.exception())
+                else:
+                    future.set_result(done.result())
+
+            task.add_done_callback(finished)
+            started.set()
+
+        self.loop.call_soon_threadsafe(start)
+        started.wait()
+        return holder[0], future
+
+    def call(self, coroutine: Coroutine[Any, Any, Any], timeout: float | None = None) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+
+class Job:
+    """A running execution: ``cancel()``, ``wait(timeout)``, ``result()``, ``done()``."""
+
+    def __init__(self, executor: Executor, execution_id: str, task: asyncio.Task, future: concurrent.futures.Future):
+        self.execution_id = execution_id
+        self.servers: dict[str, ServerResult] = {}
+        self._executor = executor
+        self._task = task
+        self._future = future
+
+    def cancel(self) -> None:
+        """Stop the remote work on every server (returns at once; ``result()`` waits for it)."""
+        self._executor._loop_thread.loop.call_soon_threadsafe(self._task.cancel)
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the execution ends; True when it has."""
+        concurrent.futures.wait([self._future], timeout=timeout)
+        return self._future.done()
+
+    def result(self, timeout: float | None = None) -> ExecutionResult:
+        return self._future.result(timeout)
+
+    @property
+    def status(self) -> Status:
+        if self._future.done() and self._future.exception() is None:
+            return self._future.result().status
+        return Status.RUNNING
+
+    def __repr__(self) -> str:
+        return f"<Job {self.execution_id} {self.status.value}>"
+
+
+@dataclass
+class _Execution:
+    """State of one execution while it runs (on the loop)."""
+
+    execution_id: str
+    event: Event
+    payload: PreparedPayload
+    input: Any
+    callbacks: Callbacks
+    log: LogBuffer
+    results: dict[str, ServerResult] = field(default_factory=dict)
+    seq: Counter[str] = field(default_factory=Counter)
+
+    def redact(self, text: str) -> str:
+        for secret in self.event.secrets.values():
+            if secret:
+                text = text.replace(secret, REDACTED)
+        return text
+
+    def line(self, server: str, stream: str, text: str, ts: float) -> None:
+        text = self.redact(text)
+        self.seq[server] += 1
+        self.log.add(self.execution_id, server, self.seq[server], ts, stream, text)
+        if self.callbacks.on_line is not None:
+            self.callbacks.on_line(server, stream, text, ts)
+
+    def status(self, result: ServerResult) -> None:
+        if self.callbacks.on_status is not None:
+            self.callbacks.on_status(result)
+
+
+class Executor:
+    """Runs events on servers over SSH. See the module docstring for the API.
+
+    ``deploy_attempts`` and ``deploy_backoff`` (seconds before each retry) govern runner
+    deployment; ``concurrency`` bounds servers worked on at once; ``continue_on_failure=False``
+    cancels the other servers at the first failure.
+    """
+
+    def __init__(
+        self,
+        inventory: Inventory | None = None,
+        *,
+        state_dir: str | Path | None = None,
+        ssh_options: SSHOptions | None = None,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        continue_on_failure: bool = True,
+        deploy_attempts: int = 3,
+        deploy_backoff: Iterable[float] = DEFAULT_BACKOFF_S,
+        runner_dist: str | Path | None = None,
+        variable_scope: str = "global",
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self.inventory = inventory or Inventory()
+        self.state_dir = resolve_state_dir(state_dir)
+        self.ssh_options = ssh_options or SSHOptions()
+        self.concurrency = concurrency
+        self.continue_on_failure = continue_on_failure
+        self.variable_scope = variable_scope
+        self.store = Store(self.state_dir)
+        self.payloads = PayloadService(self.store, self.state_dir)
+        builds = RunnerBuilds(Path(runner_dist) if runner_dist else DEFAULT_RUNNER_DIST)
+        self.deployer = Deployer(builds, backoff=tuple(deploy_backoff), attempts=deploy_attempts)
+        accept_new = self.ssh_options.accept_new_known_hosts or self.state_dir / "known_hosts"
+        self._metrics = Metrics()
+        self._loop_thread = _LoopThread()
+        self.pool: ConnectionPool = self._loop_thread.call(self._make_pool(accept_new))
+        self._closed = False
+
+    async def _make_pool(self, accept_new: Path) -> ConnectionPool:
+        return ConnectionPool(self.ssh_options, accept_new)
+
+    # -- public API
+
+    def submit(
+        self,
+        event: Event,
+        servers: str | Iterable[str] | Iterable[Server] | None = None,
+        *,
+        input: Any = _UNSET,
+        timeout: float | None = None,
+        continue_on_failure: bool | None = None,
+        callbacks: Callbacks | None = None,
+    ) -> Job:
+        """Start running ``event`` and return a :class:`Job` at once.
+
+        Everything is checked before anything is sent: unknown servers or groups, the event, the
+        input and the timeout raise here.
+        """
+        self._check_open()
+        event, targets, run_input = self._validate(event, servers, input, timeout)
+        execution_id = uuid.uuid4().hex[:12]
+        keep_going = self.continue_on_failure if continue_on_failure is None else continue_on_failure
+        coroutine = self._execute(execution_id, event, targets, run_input, keep_going, callbacks or Callbacks())
+        task, future = self._loop_thread.spawn(coroutine)
+        return Job(self, execution_id, task, future)
+
+    def run(self, event: Event, servers: Any = None, **options: Any) -> ExecutionResult:
+        """Run and wait. Ctrl-C (KeyboardInterrupt) cancels the remote work and returns the
+        cancelled result once every server has stopped; a second Ctrl-C stops waiting."""
+        job = self.submit(event, servers, **options)
+        try:
+            return job.result()
+        except KeyboardInterrupt:
+            job.cancel()
+            return job.result()
+
+    async def run_async(self, event: Event, servers: Any = None, **options: Any) -> ExecutionResult:
+        """The awaitable twin of :meth:`run`, usable from any event loop."""
+        job = self.submit(event, servers, **options)
+        try:
+            return await asyncio.wrap_future(job._future)
+        except asyncio.CancelledError:
+            job.cancel()
+            await asyncio.shield(asyncio.wrap_future(job._future))
+            raise
+
+    def metrics(self) -> pd.DataFrame:
+        return self._metrics.frame()
+
+    def history(self, limit: int = 50) -> pd.DataFrame:
+        return self.store.history(limit)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(Exception):
+            self._loop_thread.call(self.pool.close(), timeout=30)
+        self._loop_thread.stop()
+        self.store.close()
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- validation
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this executor is closed")
+
+    def _validate(self, event: Event, servers: Any, run_input: Any, timeout: float | None):
+        if not isinstance(event, Event):
+            raise TypeError(f"expected a cronium_nb.Event, got {type(event).__name__}")
+        if timeout is not None:
+            event = dataclasses.replace(event, timeout=timeout)  # re-validated
+        if run_input is _UNSET:
+            run_input = event.input
+        else:
+            try:
+                json.dumps(run_input, allow_nan=False)
+            except (TypeError, ValueError) as error:
+                raise EventError(f"input is not JSON-able: {error}") from None
+        if servers is not None and not isinstance(servers, str):
+            servers = list(servers)
+            if servers and all(isinstance(s, Server) for s in servers):
+                return event, servers, run_input
+        return event, self.inventory.select(servers), run_input
+
+    # -- one execution, on the loop
+
+    async def _execute(
+        self,
+        execution_id: str,
+        event: Event,
+        targets: list[Server],
+        run_input: Any,
+        keep_going: bool,
+        callbacks: Callbacks,
+    ) -> ExecutionResult:
+        payload = self.payloads.prepare(event)
+        self.store.start_execution(
+            execution_id,
+            event.name,
+            [s.name for s in targets],
+            event_id=payload.event_id,
+            payload_version=payload.version,
+            options={"timeout": event.timeout, "type": event.type, "continue_on_failure": keep_going},
+        )
+        state = _Execution(execution_id, event, payload, run_input, callbacks, LogBuffer(self.store))
+        for server in targets:
+            state.results[server.name] = ServerResult(server.name)
+        limit = asyncio.Semaphore(self.concurrency)
+        flusher = asyncio.ensure_future(self._flush_logs(state))
+        tasks = {asyncio.ensure_future(self._run_server(state, server, limit)): server.name for server in targets}
+        cancelled = False
+        try:
+            pending = set(tasks)
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                failed = any(task.result().status != Status.SUCCESS for task in done)
+                if failed and not keep_going and pending:
+                    for task in pending:
+                        task.cancel()
+        except asyncio.CancelledError:
+            cancelled = True
+            _uncancel()
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks)
+        finally:
+            flusher.cancel()
+            state.log.flush()
+        status = overall_status(list(state.results.values()), cancelled=cancelled)
+        self.store.finish_execution(execution_id, status)
+        self._metrics.executions[status.value] += 1
+        return ExecutionResult(execution_id, event.name, status, state.results, self.store)
+
+    async def _flush_logs(self, state: _Execution) -> None:
+        while True:
+            await asyncio.sleep(LOG_FLUSH_INTERVAL_S)
+            state.log.flush()
+
+    async def _run_server(self, state: _Execution, server: Server, limit: asyncio.Semaphore) -> ServerResult:
+        result = state.results[server.name]
+        started = time.monotonic()
+        try:
+            async with limit:
+                result.status = Status.RUNNING
+                state.status(result)
+                await self._connect_deploy_run(state, server, result)
+        except asyncio.CancelledError:
+            _uncancel()
+            result.status, result.error = Status.CANCELLED, result.error or "cancelled"
+        except (ConnectError, DeployError) as error:
+            result.status, result.error = Status.FAILED, str(error)
+        except (asyncssh.Error, OSError) as error:
+            reason = getattr(error, "reason", None) or str(error) or type(error).__name__
+            result.status, result.error = Status.FAILED, f"connection to {server.address} failed: {reason}"
+        except Exception as error:  # a bug here must not take the other servers down
+            result.status, result.error = Status.FAILED, f"internal error: {error!r}"
+        result.duration_s = time.monotonic() - started
+        self._metrics.record_server(result)
+        self.store.update_server(
+            state.execution_id,
+            server.name,
+            **{name: getattr(result, name) for name in ("arch", "status", "exit_code", "duration_s", "deploy")},
+            attempts=result.attempts,
+            error=result.error,
+            outputs=result.outputs,
+            variables=result.variables,
+            phases=result.phases,
+        )
+        state.status(result)
+        return result
+
+    async def _connect_deploy_run(self, state: _Execution, server: Server, result: ServerResult) -> None:
+        clock = time.monotonic()
+        async with self.pool.lease(server) as pooled:
+            result.phases["connect"] = time.monotonic() - clock
+            clock = time.monotonic()
+            info = await self.deployer.host_info(pooled)
+            result.arch = info.machine
+
+            def deploy_failed(attempt: int, reason: str) -> None:
+                if state.callbacks.on_deploy_failed is not None:
+                    state.callbacks.on_deploy_failed(server.name, attempt, reason)
+
+            async def deploy(force: bool) -> Any:
+                try:
+                    outcome = await self.deployer.ensure(pooled, force=force, on_attempt_failed=deploy_failed)
+                except DeployError:
+                    self._metrics.deployments["failed"] += 1
+                    raise
+                self._metrics.deployments[outcome.state] += 1
+                self._metrics.bytes_deployed += outcome.bytes_sent
+                result.deploy = outcome.state
+                result.attempts += outcome.attempts
+                return outcome
+
+            outcome = await deploy(force=False)
+            result.phases["deploy"] = time.monotonic() - clock
+            context = {
+                "execution_id": state.execution_id,
+                "server": server.name,
+                "input": state.input,
+                "variables": self.store.get_variables(self.variable_scope),
+                "env": dict(state.event.secrets),
+            }
+            args = ["run", "-", "--framed", "--sha256", state.payload.sha256]
+
+            def remote_run(build_command: str) -> RemoteRun:
+                return RemoteRun(
+                    pooled.connection,
+                    build_command,
+                    context,
+                    state.payload.data,
+                    timeout=state.event.timeout,
+                    grace=state.event.grace_period,
+                    on_line=lambda stream, text, ts: state.line(server.name, stream, text, ts),
+                )
+
+            try:
+                run = await remote_run(outcome.build.command(args)).run()
+            except RunnerUnavailable:
+                # Missing or broken on the server although we had it as good: deploy again, once.
+                self.deployer.invalidate(pooled.key, outcome.build)
+                clock = time.monotonic()
+                outcome = await deploy(force=True)
+                result.phases["deploy"] += time.monotonic() - clock
+                run = await remote_run(outcome.build.command(args)).run()
+            result.phases.update(run.phases)
+        self._apply_run(state, server, result, run)
+
+    def _apply_run(self, state: _Execution, server: Server, result: ServerResult, run: Any) -> None:
+        report = run.result
+        if run.cancelled:
+            result.status, result.error = Status.CANCELLED, run.error or "cancelled"
+        elif run.timed_out or (report and report.get("timed_out")):
+            result.status = Status.TIMEOUT
+            result.error = run.error or f"timed out after {state.event.timeout:g} s"
+        elif report is None:
+            result.status = Status.FAILED
+            result.error = run.error or "connection lost during the run (no result from the runner)"
+        elif report.get("runner_error"):
+            result.status, result.error = Status.FAILED, report["runner_error"]["message"]
+        else:
+            code = report.get("exit_code")
+            result.status = Status.SUCCESS if code == 0 else Status.FAILED
+            result.error = None if code == 0 else f"exit code {code}"
+        if report is not None:
+            result.exit_code = report.get("exit_code")
+            result.outputs = report.get("outputs")
+            result.variables = report.get("variables") or {}
+            for name, value in result.variables.items():
+                self.store.set_variable(
+                    self.variable_scope, name, value, updated_by=f"{state.execution_id}/{server.name}"
+                )
+
+
+def _uncancel() -> None:
+    task = asyncio.current_task()
+    if task is not None and hasattr(task, "uncancel"):
+        task.uncancel()

@@ -1,0 +1,120 @@
+"""What an execution gives back: one ServerResult per server and the ExecutionResult around them."""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from cronium_nb.model import Status
+
+if TYPE_CHECKING:
+    from cronium_nb.store import Store
+
+SUMMARY_COLUMNS = ("server", "arch", "status", "exit_code", "duration_s", "deploy", "attempts", "error")
+PHASES = ("connect", "deploy", "upload", "run", "cleanup")
+
+
+@dataclass
+class ServerResult:
+    server: str
+    status: Status = Status.PENDING
+    arch: str | None = None
+    exit_code: int | None = None
+    duration_s: float | None = None
+    deploy: str | None = None  # "cached", "verified" or "deployed"
+    attempts: int = 0  # deploy attempts made in this execution
+    error: str | None = None
+    outputs: Any = None
+    variables: dict[str, Any] = field(default_factory=dict)
+    phases: dict[str, float] = field(default_factory=dict)
+
+    def row(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in SUMMARY_COLUMNS} | {"status": self.status.value}
+
+
+def overall_status(results: list[ServerResult], *, cancelled: bool) -> Status:
+    """SUCCESS (all), PARTIAL (some), TIMEOUT (all that failed timed out), CANCELLED, FAILED."""
+    statuses = [r.status for r in results]
+    if statuses and all(s == Status.SUCCESS for s in statuses):
+        return Status.SUCCESS
+    if cancelled:
+        return Status.CANCELLED
+    if any(s == Status.SUCCESS for s in statuses):
+        return Status.PARTIAL
+    if statuses and all(s == Status.TIMEOUT for s in statuses):
+        return Status.TIMEOUT
+    return Status.FAILED
+
+
+class ExecutionResult:
+    """The result of running one event on some servers.
+
+    ``status``, ``summary`` (a DataFrame, one row per server), ``logs`` (a DataFrame read from
+    the store), ``outputs`` and ``variables`` (dicts by server), ``result["web1"]``.
+    """
+
+    def __init__(
+        self,
+        execution_id: str,
+        event_name: str,
+        status: Status,
+        servers: dict[str, ServerResult],
+        store: Store,
+        *,
+        error: str | None = None,
+    ) -> None:
+        self.execution_id = execution_id
+        self.event_name = event_name
+        self.status = status
+        self.servers = servers
+        self.error = error
+        self._store = store
+
+    def __getitem__(self, server: str) -> ServerResult:
+        try:
+            return self.servers[server]
+        except KeyError:
+            raise KeyError(f"no server {server!r} in this execution; it ran on {', '.join(self.servers)}") from None
+
+    def __iter__(self):
+        return iter(self.servers.values())
+
+    def __len__(self) -> int:
+        return len(self.servers)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == Status.SUCCESS
+
+    @property
+    def summary(self) -> pd.DataFrame:
+        return pd.DataFrame([r.row() for r in self.servers.values()], columns=list(SUMMARY_COLUMNS))
+
+    @property
+    def logs(self) -> pd.DataFrame:
+        return self._store.logs(self.execution_id)
+
+    @property
+    def outputs(self) -> dict[str, Any]:
+        return {name: r.outputs for name, r in self.servers.items()}
+
+    @property
+    def variables(self) -> dict[str, dict[str, Any]]:
+        return {name: r.variables for name, r in self.servers.items()}
+
+    @property
+    def phases(self) -> pd.DataFrame:
+        """Seconds per phase (connect, deploy, upload, run, cleanup), one row per server."""
+        rows = [{"server": name, **{p: r.phases.get(p) for p in PHASES}} for name, r in self.servers.items()]
+        return pd.DataFrame(rows, columns=["server", *PHASES])
+
+    def __repr__(self) -> str:
+        counts = pd.Series([r.status.value for r in self.servers.values()]).value_counts().to_dict()
+        return f"<ExecutionResult {self.event_name!r} {self.status.value} {counts} id={self.execution_id}>"
+
+    def _repr_html_(self) -> str:
+        title = html.escape(f"{self.event_name} — {self.status.value} — execution {self.execution_id}")
+        return f"<div><strong>{title}</strong>{self.summary._repr_html_()}</div>"
