@@ -206,7 +206,8 @@ class _Execution:
         if self.callbacks.on_line is not None:
             self.callbacks.on_line(server, stream, text, ts)
 
-    def status(self, result: ServerResult) -> None:
+    def status(self, result: ServerResult, phase: str | None = None) -> None:
+        result.phase = phase
         if self.callbacks.on_status is not None:
             self.callbacks.on_status(result)
 
@@ -403,7 +404,7 @@ class Executor:
         try:
             async with limit:
                 result.status = Status.RUNNING
-                state.status(result)
+                state.status(result, "connect")
                 await self._connect_deploy_run(state, server, result)
         except asyncio.CancelledError:
             _uncancel()
@@ -435,6 +436,7 @@ class Executor:
         async with self.pool.lease(server) as pooled:
             result.phases["connect"] = time.monotonic() - clock
             clock = time.monotonic()
+            state.status(result, "deploy")
             info = await self.deployer.host_info(pooled)
             result.arch = info.machine
 
@@ -476,6 +478,7 @@ class Executor:
                     on_line=lambda stream, text, ts: state.line(server.name, stream, text, ts),
                 )
 
+            state.status(result, "run")
             try:
                 run = await remote_run(outcome.build.command(args)).run()
             except RunnerUnavailable:
