@@ -14,6 +14,7 @@ invalidates the entry, and the executor deploys again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import shlex
 import time
@@ -236,8 +237,16 @@ class Deployer:
 
     @staticmethod
     async def _run_script(pooled: PooledConnection, command: str, stdin: bytes | None = None) -> tuple[int, str]:
+        """Exit status and stderr of a remote script; the script may exit before reading stdin."""
         try:
-            result = await pooled.connection.run(command, input=stdin, encoding=None, check=False)
+            process = await pooled.connection.create_process(command, encoding=None)
+            if stdin:
+                with contextlib.suppress(asyncssh.Error, OSError):
+                    process.stdin.write(stdin)
+                    process.stdin.write_eof()
+            else:
+                process.stdin.write_eof()
+            result = await process.wait(check=False)
         except asyncssh.Error as error:
             return -1, f"connection failed: {error.reason}"
         message = result.stderr.decode(errors="replace").strip() if result.stderr else ""

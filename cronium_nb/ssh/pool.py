@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -136,7 +137,10 @@ class ConnectionPool:
             except FileNotFoundError as error:  # a missing key file
                 raise ConnectError(f"cannot use key {server.key_path}: {error.strerror}") from None
             except (OSError, asyncio.TimeoutError) as error:
-                reason = "timed out" if isinstance(error, asyncio.TimeoutError) else error.strerror or str(error)
+                if isinstance(error, asyncio.TimeoutError):
+                    reason = f"no answer within {options.connect_timeout:g} s"
+                else:  # asyncio's "Connect call failed" hides the errno's text
+                    reason = os.strerror(error.errno) if error.errno else str(error)
                 raise ConnectError(f"cannot reach {server.address}: {reason}") from None
         self.connects += 1
         return connection

@@ -153,7 +153,7 @@ def test_deploy_that_keeps_failing_reports_three_attempts(cronium_fleet_factory,
     finally:
         fleet.exec(name, "rm -f ~/.cache")
     assert result.status == Status.FAILED
-    assert result[name].attempts == 0 or "failed 3 times" in result[name].error
+    assert result[name].attempts == 0  # no attempt succeeded; the error counts them
     assert "deploying the runner failed 3 times" in result[name].error
 
 
