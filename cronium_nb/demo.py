@@ -1,38 +1,49 @@
-"""``make demo``: bring up a local amd64 + arm64 fleet, reach every server over SSH, take it down."""
+"""``make demo``: a real run on a local amd64 + arm64 fleet, printing the result DataFrames."""
 
 from __future__ import annotations
 
-import asyncio
+import tempfile
 
-import asyncssh
 import pandas as pd
 
-from cronium_nb.fleet import Fleet
-from cronium_nb.model import Server
+from cronium_nb import Event, Executor, Fleet
 
-
-async def _uname(server: Server) -> dict[str, object]:
-    async with asyncssh.connect(
-        server.host,
-        port=server.port,
-        username=server.user,
-        client_keys=[server.key_path],
-        known_hosts=server.known_hosts,
-    ) as connection:
-        result = await connection.run("uname -m", check=True)
-    return {"server": server.name, "port": server.port, "uname -m": str(result.stdout).strip()}
-
-
-async def _gather(servers: list[Server]) -> list[dict[str, object]]:
-    return await asyncio.gather(*(_uname(server) for server in servers))
+SCRIPT = """\
+echo "hello from $(hostname), $(uname -m)"
+echo "input n = $(cronium.input n)"
+cronium.output "{\\"machine\\": \\"$(uname -m)\\", \\"square\\": $(( $(cronium.input n) * $(cronium.input n) ))}"
+cronium.setVariable last_machine "$(uname -m)"
+"""
 
 
 def main() -> None:
+    pd.set_option("display.width", 160)
+    pd.set_option("display.max_columns", 20)
     print("starting a fleet: 1 x linux/amd64, 1 x linux/arm64 (emulated) ...", flush=True)
-    with Fleet.up(amd64=1, arm64=1) as fleet:
-        rows = asyncio.run(_gather(fleet.servers))
-        print(pd.DataFrame(rows).to_string(index=False))
-    print("fleet removed")
+    with (
+        Fleet.up(amd64=1, arm64=1) as fleet,
+        tempfile.TemporaryDirectory() as state,
+        Executor(fleet.inventory, state_dir=state) as executor,
+    ):
+        event = Event(name="demo", script=SCRIPT, type="bash", timeout=120, input={"n": 7})
+        first = executor.run(event, servers="all")
+        second = executor.run(event, servers="all", input={"n": 12})
+        print(f"\n{first!r}\n{second!r}\n")
+        print("summary (first run deploys the runner, the second uses the cache):")
+        print(first.summary.to_string(index=False))
+        print(second.summary.to_string(index=False))
+        print("\nlogs of the second run:")
+        print(second.logs.to_string(index=False))
+        print("\noutputs:", second.outputs)
+        print("variables:", second.variables)
+        print("\nphases of the second run (seconds):")
+        print(second.phases.to_string(index=False))
+        print("\nmetrics:")
+        print(executor.metrics().to_string(index=False))
+        print("\nhistory:")
+        history = executor.history()[["execution_id", "event", "status", "servers_ok", "servers"]]
+        print(history.to_string(index=False))
+    print("\nfleet removed")
 
 
 if __name__ == "__main__":

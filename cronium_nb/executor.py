@@ -96,7 +96,8 @@ class Metrics:
                     (f"phase.{phase}.p50_s", statistics.median(values)),
                     (f"phase.{phase}.max_s", values[-1]),
                 ]
-        return pd.DataFrame(rows, columns=["metric", "value"])
+        # object dtype keeps counts as integers next to the float durations
+        return pd.DataFrame({"metric": [m for m, _ in rows], "value": pd.Series([v for _, v in rows], dtype=object)})
 
 
 RESULT_STATUSES = (Status.SUCCESS, Status.PARTIAL, Status.FAILED, Status.TIMEOUT, Status.CANCELLED)
