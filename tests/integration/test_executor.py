@@ -407,3 +407,29 @@ def test_secrets_are_redacted_and_never_on_the_command_line(cronium_fleet: Fleet
     assert all(secret not in snapshot for snapshot in seen)
     payload_files = list((executor.state_dir / "storage" / "payloads").rglob("*.tar.gz"))
     assert payload_files and all(secret.encode() not in p.read_bytes() for p in payload_files)
+
+
+def test_accept_new_records_a_first_key_and_refuses_a_changed_one(
+    cronium_fleet: Fleet, executor_factory, tmp_path: Path
+) -> None:
+    real = cronium_fleet.servers[0]
+    unknown = Server(
+        name="fresh", host=real.host, port=real.port, key_path=real.key_path, known_hosts=str(tmp_path / "none")
+    )
+    inventory = cn.Inventory([unknown])
+    strict = executor_factory(inventory).run(Event(name="strict", script="true"))
+    assert strict.status == Status.FAILED and "no known_hosts file" in strict["fresh"].error
+    recorded = tmp_path / "recorded_known_hosts"
+    options = SSHOptions(host_key_policy="accept-new", accept_new_known_hosts=recorded)
+    first = executor_factory(inventory, ssh_options=options).run(Event(name="tofu", script="true"))
+    assert first.ok, first.summary.to_string()
+    assert recorded.read_text().startswith(f"[127.0.0.1]:{real.port} ssh-ed25519 ")
+    other_key = asyncssh.generate_private_key("ssh-ed25519").export_public_key("openssh").decode()
+    recorded.write_text(f"[127.0.0.1]:{real.port} {other_key}")
+    changed = executor_factory(inventory, ssh_options=options).run(Event(name="tofu", script="true"))
+    assert changed.status == Status.FAILED and "does not match" in changed["fresh"].error
+    with pytest.warns(UserWarning, match="host key checking is off"):
+        unchecked = executor_factory(inventory, ssh_options=SSHOptions(host_key_policy="off")).run(
+            Event(name="off", script="true")
+        )
+    assert unchecked.ok
