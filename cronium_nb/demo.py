@@ -1,49 +1,20 @@
-"""``make demo``: a real run on a local amd64 + arm64 fleet, printing the result DataFrames."""
+"""``make demo``: execute notebooks/01-quickstart.ipynb headless — a real run on a local
+amd64 + arm64 fleet — and print what its cells printed, the result DataFrames among them."""
 
 from __future__ import annotations
 
-import tempfile
+import sys
 
-import pandas as pd
-
-from cronium_nb import Event, Executor, Fleet
-
-SCRIPT = """\
-echo "hello from $(hostname), $(uname -m)"
-echo "input n = $(cronium.input n)"
-cronium.output "{\\"machine\\": \\"$(uname -m)\\", \\"square\\": $(( $(cronium.input n) * $(cronium.input n) ))}"
-cronium.setVariable last_machine "$(uname -m)"
-"""
+from cronium_nb.notebooks import NOTEBOOKS, execute, text_outputs
 
 
 def main() -> None:
-    pd.set_option("display.width", 160)
-    pd.set_option("display.max_columns", 20)
-    print("starting a fleet: 1 x linux/amd64, 1 x linux/arm64 (emulated) ...", flush=True)
-    with (
-        Fleet.up(amd64=1, arm64=1) as fleet,
-        tempfile.TemporaryDirectory() as state,
-        Executor(fleet.inventory, state_dir=state) as executor,
-    ):
-        event = Event(name="demo", script=SCRIPT, type="bash", timeout=120, input={"n": 7})
-        first = executor.run(event, servers="all")
-        second = executor.run(event, servers="all", input={"n": 12})
-        print(f"\n{first!r}\n{second!r}\n")
-        print("summary (first run deploys the runner, the second uses the cache):")
-        print(first.summary.to_string(index=False))
-        print(second.summary.to_string(index=False))
-        print("\nlogs of the second run:")
-        print(second.logs.to_string(index=False))
-        print("\noutputs:", second.outputs)
-        print("variables:", second.variables)
-        print("\nphases of the second run (seconds):")
-        print(second.phases.to_string(index=False))
-        print("\nmetrics:")
-        print(executor.metrics().to_string(index=False))
-        print("\nhistory:")
-        history = executor.history()[["execution_id", "event", "status", "servers_ok", "servers"]]
-        print(history.to_string(index=False))
-    print("\nfleet removed")
+    path = NOTEBOOKS / "01-quickstart.ipynb"
+    print(f"executing {path.name} (starts 1 x linux/amd64 and 1 x linux/arm64 sshd container) ...", flush=True)
+    notebook = execute(path)
+    for text in text_outputs(notebook):
+        print(text.rstrip("\n"), end="\n\n")
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":
