@@ -151,7 +151,6 @@ class Job:
 
     def __init__(self, executor: Executor, execution_id: str, task: asyncio.Task, future: concurrent.futures.Future):
         self.execution_id = execution_id
-        self.servers: dict[str, ServerResult] = {}
         self._executor = executor
         self._task = task
         self._future = future

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import sqlite3
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -96,7 +97,13 @@ class ExecutionResult:
 
     @property
     def logs(self) -> pd.DataFrame:
-        return self._store.logs(self.execution_id)
+        try:
+            return self._store.logs(self.execution_id)
+        except sqlite3.ProgrammingError:  # the executor was closed: read the same file again
+            from cronium_nb.store import Store
+
+            with Store(self._store.path.parent) as store:
+                return store.logs(self.execution_id)
 
     @property
     def outputs(self) -> dict[str, Any]:

@@ -151,14 +151,15 @@ def run_local(archive: PayloadArchive, **kwargs: Any) -> RunReport:
 # --- over SSH ---------------------------------------------------------------------------------
 
 
-async def connect(server: Server) -> asyncssh.SSHClientConnection:
+async def connect(server: Server, *, connect_timeout: float = 60) -> asyncssh.SSHClientConnection:
+    """A strict-host-key connection to a fleet server (tests only; the executor has its pool)."""
     return await asyncssh.connect(
         server.host,
         port=server.port,
         username=server.user,
         client_keys=[server.key_path],
         known_hosts=server.known_hosts,
-        connect_timeout=60,
+        connect_timeout=connect_timeout,
     )
 
 

@@ -52,6 +52,14 @@ def wait_for(condition, timeout: float = 30.0, interval: float = 0.1) -> bool:
     return condition()
 
 
+def submit_and_wait_for_output(executor: Executor, event: Event) -> cn.Job:
+    """Start a job and return once its script has printed something (so it is surely running)."""
+    running = threading.Event()
+    job = executor.submit(event, callbacks=Callbacks(on_line=lambda *_: running.set()))
+    assert running.wait(60), "the script never printed"
+    return job
+
+
 def test_first_run_deploys_then_the_cache_is_used(cronium_fleet: Fleet, executor_factory) -> None:
     executor = executor_factory(cronium_fleet.inventory)
     event = Event(name="uname", script='uname -m; cronium.output "$(uname -m)"')
@@ -316,12 +324,7 @@ def test_paused_server_is_noticed_within_the_keepalive_bound(cronium_fleet_facto
     name = fleet.names[0]
     options = SSHOptions(keepalive_interval=1, keepalive_count_max=3)
     executor = executor_factory(fleet.inventory, ssh_options=options)
-    running = threading.Event()
-    job = executor.submit(
-        Event(name="paused", script="echo running; sleep 5005"),
-        callbacks=Callbacks(on_line=lambda *_: running.set()),
-    )
-    assert running.wait(60)
+    job = submit_and_wait_for_output(executor, Event(name="paused", script="echo running; sleep 5005"))
     fleet.pause(name)
     try:
         paused_at = time.monotonic()
@@ -339,12 +342,7 @@ def test_killing_sshd_mid_run_fails_that_server_cleanly(cronium_fleet_factory, e
     fleet = cronium_fleet_factory(amd64=1, arm64=0, name_prefix="killsshd-")
     name = fleet.names[0]
     executor = executor_factory(fleet.inventory)
-    running = threading.Event()
-    job = executor.submit(
-        Event(name="sshd-dies", script="echo running; sleep 5006"),
-        callbacks=Callbacks(on_line=lambda *_: running.set()),
-    )
-    assert running.wait(60)
+    job = submit_and_wait_for_output(executor, Event(name="sshd-dies", script="echo running; sleep 5006"))
     fleet.kill_sshd(name)
     try:
         result = job.result(timeout=60)

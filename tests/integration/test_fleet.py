@@ -18,20 +18,14 @@ import pytest
 from cronium_nb import Fleet
 from cronium_nb.fleet import FLEET_LABEL
 from cronium_nb.model import Server
+from tests.runner_harness import connect
 
 pytestmark = pytest.mark.fleet
 EXPECTED_MACHINE = {"amd64": "x86_64", "arm64": "aarch64"}
 
 
 async def ssh_run(server: Server, command: str, *, connect_timeout: float = 30) -> asyncssh.SSHCompletedProcess:
-    async with asyncssh.connect(
-        server.host,
-        port=server.port,
-        username=server.user,
-        client_keys=[server.key_path],
-        known_hosts=server.known_hosts,
-        connect_timeout=connect_timeout,
-    ) as connection:
+    async with await connect(server, connect_timeout=connect_timeout) as connection:
         return await connection.run(command)
 
 

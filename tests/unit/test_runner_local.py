@@ -19,23 +19,17 @@ from cronium_runner.exitcodes import RunnerExit
 from cronium_runner.protocol import MAGIC, encode
 from tests.runner_harness import LOCAL_RUNNER, LocalRun, make_payload, run_local
 
+SHELL_HELPER_SCRIPT = """
+        echo "n=$(cronium.input n) all=$(cronium.input)"
+        cronium.output '{"sum": 3}'
+        cronium.setVariable greeting "hello world"
+        echo '[1, 2]' | cronium.setVariable list -
+        echo "got=$(cronium.getVariable greeting) missing=$(cronium.getVariable nope)"
+        echo "event=$(cronium.event name) server=$(cronium.event server)"
+    """
 HELPER_SCRIPTS = {
-    "bash": """
-        echo "n=$(cronium.input n) all=$(cronium.input)"
-        cronium.output '{"sum": 3}'
-        cronium.setVariable greeting "hello world"
-        echo '[1, 2]' | cronium.setVariable list -
-        echo "got=$(cronium.getVariable greeting) missing=$(cronium.getVariable nope)"
-        echo "event=$(cronium.event name) server=$(cronium.event server)"
-    """,
-    "sh": """
-        echo "n=$(cronium.input n) all=$(cronium.input)"
-        cronium.output '{"sum": 3}'
-        cronium.setVariable greeting "hello world"
-        echo '[1, 2]' | cronium.setVariable list -
-        echo "got=$(cronium.getVariable greeting) missing=$(cronium.getVariable nope)"
-        echo "event=$(cronium.event name) server=$(cronium.event server)"
-    """,
+    "bash": SHELL_HELPER_SCRIPT,
+    "sh": SHELL_HELPER_SCRIPT,  # the helpers are plain commands: the same script works in both
     "python": """
 import json
 print(f"n={cronium.input('n')} all={json.dumps(cronium.input(), separators=(',', ':'))}")
