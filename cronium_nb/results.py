@@ -5,14 +5,12 @@ from __future__ import annotations
 import html
 import sqlite3
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
 
 from cronium_nb.model import Status
-
-if TYPE_CHECKING:
-    from cronium_nb.store import Store
+from cronium_nb.store import Store
 
 SUMMARY_COLUMNS = ("server", "arch", "status", "exit_code", "duration_s", "deploy", "attempts", "error")
 PHASES = ("connect", "deploy", "upload", "run", "cleanup")
@@ -100,8 +98,6 @@ class ExecutionResult:
         try:
             return self._store.logs(self.execution_id)
         except sqlite3.ProgrammingError:  # the executor was closed: read the same file again
-            from cronium_nb.store import Store
-
             with Store(self._store.path.parent) as store:
                 return store.logs(self.execution_id)
 
