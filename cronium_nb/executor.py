@@ -35,6 +35,7 @@ from cronium_nb.inventory import Inventory
 from cronium_nb.model import Event, EventError, Server, Status
 from cronium_nb.payload import PayloadService, PreparedPayload
 from cronium_nb.results import PHASES, ExecutionResult, ServerResult, overall_status
+from cronium_nb.runtime_api import ApiRun, RuntimeService
 from cronium_nb.ssh.deploy import DEFAULT_BACKOFF_S, Deployer, DeployError, RunnerBuilds
 from cronium_nb.ssh.options import SSHOptions
 from cronium_nb.ssh.pool import ConnectError, ConnectionPool
@@ -53,12 +54,14 @@ class Callbacks:
     """Live notifications from the executor's thread (keep them quick; they run on its loop).
 
     ``on_line(server, stream, text, ts)`` for each output line; ``on_status(result)`` when a
-    server's status or phase changes; ``on_deploy_failed(server, attempt, reason)``.
+    server's status or phase changes; ``on_deploy_failed(server, attempt, reason)``;
+    ``on_variable(server, name, value)`` when a script sets a variable in API mode.
     """
 
     on_line: Callable[[str, str, str, float], None] | None = None
     on_status: Callable[[ServerResult], None] | None = None
     on_deploy_failed: Callable[[str, int, str], None] | None = None
+    on_variable: Callable[[str, str, Any], None] | None = None  # API mode: (server, name, value), live
 
 
 class Metrics:
@@ -190,6 +193,7 @@ class _Execution:
     input: Any
     callbacks: Callbacks
     log: LogBuffer
+    api: bool
     results: dict[str, ServerResult] = field(default_factory=dict)
     seq: Counter[str] = field(default_factory=Counter)
 
@@ -247,6 +251,7 @@ class Executor:
         self.deployer = Deployer(builds, backoff=tuple(deploy_backoff), attempts=deploy_attempts)
         accept_new = self.ssh_options.accept_new_known_hosts or self.state_dir / "known_hosts"
         self._metrics = Metrics()
+        self._runtime = RuntimeService()
         self._loop_thread = _LoopThread()
         self.pool: ConnectionPool = self._loop_thread.call(self._make_pool(accept_new))
         self._closed = False
@@ -265,17 +270,20 @@ class Executor:
         timeout: float | None = None,
         continue_on_failure: bool | None = None,
         callbacks: Callbacks | None = None,
+        api: bool = False,
     ) -> Job:
         """Start running ``event`` and return a :class:`Job` at once.
 
         Everything is checked before anything is sent: unknown servers or groups, the event, the
-        input and the timeout raise here.
+        input and the timeout raise here. ``api=True`` gives the script's helpers a live line to
+        this process (variables set on the server are seen here at once, see ``on_variable``);
+        where the SSH tunnel cannot be opened the run falls back to bundled mode and says so.
         """
         self._check_open()
         event, targets, run_input = self._validate(event, servers, input, timeout)
         execution_id = uuid.uuid4().hex[:12]
         keep_going = self.continue_on_failure if continue_on_failure is None else continue_on_failure
-        coroutine = self._execute(execution_id, event, targets, run_input, keep_going, callbacks or Callbacks())
+        coroutine = self._execute(execution_id, event, targets, run_input, keep_going, callbacks or Callbacks(), api)
         task, future = self._loop_thread.spawn(coroutine)
         return Job(self, execution_id, task, future)
 
@@ -311,6 +319,8 @@ class Executor:
         self._closed = True
         with contextlib.suppress(Exception):
             self._loop_thread.call(self.pool.close(), timeout=30)
+        with contextlib.suppress(Exception):
+            self._loop_thread.call(self._runtime.close(), timeout=10)
         self._loop_thread.stop()
         self.store.close()
 
@@ -354,6 +364,7 @@ class Executor:
         run_input: Any,
         keep_going: bool,
         callbacks: Callbacks,
+        api: bool,
     ) -> ExecutionResult:
         payload = self.payloads.prepare(event)
         self.store.start_execution(
@@ -362,9 +373,9 @@ class Executor:
             [s.name for s in targets],
             event_id=payload.event_id,
             payload_version=payload.version,
-            options={"timeout": event.timeout, "type": event.type, "continue_on_failure": keep_going},
+            options={"timeout": event.timeout, "type": event.type, "continue_on_failure": keep_going, "api": api},
         )
-        state = _Execution(execution_id, event, payload, run_input, callbacks, LogBuffer(self.store))
+        state = _Execution(execution_id, event, payload, run_input, callbacks, LogBuffer(self.store), api)
         for server in targets:
             state.results[server.name] = ServerResult(server.name)
         limit = asyncio.Semaphore(self.concurrency)
@@ -458,13 +469,15 @@ class Executor:
 
             outcome = await deploy(force=False)
             result.phases["deploy"] = time.monotonic() - clock
+            variables = self.store.get_variables(self.variable_scope)
             context = {
                 "execution_id": state.execution_id,
                 "server": server.name,
                 "input": state.input,
-                "variables": self.store.get_variables(self.variable_scope),
+                "variables": variables,
                 "env": dict(state.event.secrets),
             }
+            api_run = await self._open_api(state, server, pooled, result, context, variables)
             args = ["run", "-", "--framed", "--sha256", state.payload.sha256]
 
             def remote_run(build_command: str) -> RemoteRun:
@@ -480,16 +493,70 @@ class Executor:
 
             state.status(result, "run")
             try:
-                run = await remote_run(outcome.build.command(args)).run()
-            except RunnerUnavailable:
-                # Missing or broken on the server although we had it as good: deploy again, once.
-                self.deployer.invalidate(pooled.key, outcome.build)
-                clock = time.monotonic()
-                outcome = await deploy(force=True)
-                result.phases["deploy"] += time.monotonic() - clock
-                run = await remote_run(outcome.build.command(args)).run()
+                try:
+                    run = await remote_run(outcome.build.command(args)).run()
+                except RunnerUnavailable:
+                    # Missing or broken on the server although we had it as good: deploy again, once.
+                    self.deployer.invalidate(pooled.key, outcome.build)
+                    clock = time.monotonic()
+                    outcome = await deploy(force=True)
+                    result.phases["deploy"] += time.monotonic() - clock
+                    run = await remote_run(outcome.build.command(args)).run()
+            finally:
+                if api_run is not None:
+                    self._runtime.unregister(state.execution_id, server.name)
             result.phases.update(run.phases)
         self._apply_run(state, server, result, run)
+        if api_run is not None and run.result is not None:
+            if api_run.output_set:
+                result.outputs = api_run.output
+            result.variables = dict(api_run.variables)
+
+    async def _open_api(
+        self,
+        state: _Execution,
+        server: Server,
+        pooled: Any,
+        result: ServerResult,
+        context: dict[str, Any],
+        variables: dict[str, Any],
+    ) -> ApiRun | None:
+        """API mode: make sure the runtime service and this connection's tunnel are up, register
+        the run and put its endpoint and token into the context; else fall back to bundled."""
+        if not state.api:
+            result.helpers = "bundled"
+            return None
+        port = await self._runtime.start()
+        async with pooled.tunnel_lock:
+            if pooled.tunnel is None:
+                try:
+                    listener = await pooled.connection.forward_remote_port("127.0.0.1", 0, "127.0.0.1", port)
+                    pooled.tunnel = listener.get_port()
+                except (asyncssh.Error, OSError) as error:
+                    pooled.tunnel = getattr(error, "reason", None) or str(error) or type(error).__name__
+        if isinstance(pooled.tunnel, str):
+            result.helpers = f"bundled (API unavailable: the server refused the tunnel: {pooled.tunnel})"
+            return None
+
+        def variable_set(name: str, value: Any) -> None:
+            updated_by = f"{state.execution_id}/{server.name}"
+            self.store.set_variable(self.variable_scope, name, value, updated_by=updated_by)
+            if state.callbacks.on_variable is not None:
+                state.callbacks.on_variable(server.name, name, value)
+
+        event = {"name": state.event.name, "type": state.event.type, "timeout": state.event.timeout}
+        api_run = ApiRun(
+            state.execution_id,
+            server.name,
+            {**event, "execution_id": state.execution_id, "server": server.name},
+            state.input,
+            dict(variables),
+            on_variable=variable_set,
+        )
+        token = self._runtime.register(api_run, state.event.timeout)
+        context["api"] = {"url": f"http://127.0.0.1:{pooled.tunnel}", "token": token}
+        result.helpers = "api"
+        return api_run
 
     def _apply_run(self, state: _Execution, server: Server, result: ServerResult, run: Any) -> None:
         report = run.result

@@ -30,6 +30,7 @@ class ServerResult:
     variables: dict[str, Any] = field(default_factory=dict)
     phases: dict[str, float] = field(default_factory=dict)
     phase: str | None = None  # while it runs: connect, deploy, run; None once finished
+    helpers: str | None = None  # "bundled", "api", or "bundled (API unavailable: why)"
 
     def row(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in SUMMARY_COLUMNS} | {"status": self.status.value}

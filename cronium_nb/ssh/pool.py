@@ -43,6 +43,8 @@ class PooledConnection:
     channels: int = 0
     last_used: float = field(default_factory=time.monotonic)
     info: Any = None  # what the deployer learned about the host, cached per connection
+    tunnel: int | str | None = None  # API mode: the remote forward's port, or why it failed
+    tunnel_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def alive(self) -> bool:

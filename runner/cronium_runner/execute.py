@@ -25,7 +25,12 @@ from typing import Any
 from cronium_runner import helpers, payload, protocol
 from cronium_runner.exitcodes import RunnerError, RunnerExit
 from cronium_runner.manifest import Manifest, ManifestError, validate_env
-from cronium_runner.resources.cronium import OUTPUT_FILE, VARIABLES_FILE
+from cronium_runner.resources.cronium import (
+    API_TOKEN_FILE_VARIABLE,
+    API_URL_VARIABLE,
+    OUTPUT_FILE,
+    VARIABLES_FILE,
+)
 
 READ_SIZE = 65536
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -128,6 +133,7 @@ class RunContext:
     input: Any = _UNSET  # _UNSET: use the manifest's input
     variables: dict[str, Any] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)  # secret values: never in the manifest
+    api: dict[str, str] | None = None  # API mode: {"url": ..., "token": ...}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunContext:
@@ -146,6 +152,12 @@ class RunContext:
         except ManifestError as error:
             raise RunnerError(RunnerExit.USAGE, f"run context: {error}") from None
         context.env = env
+        api = data.get("api")
+        if api is not None and not (
+            isinstance(api, dict) and isinstance(api.get("url"), str) and isinstance(api.get("token"), str)
+        ):
+            raise RunnerError(RunnerExit.USAGE, "run context 'api' needs a url and a token")
+        context.api = api
         return context
 
 
@@ -441,6 +453,13 @@ def _script_env(manifest: Manifest, context: RunContext, workdir: Path, bin_dir:
     env.update(manifest.env)
     env.update(context.env)
     env.setdefault("PYTHONUNBUFFERED", "1")  # so that Python scripts' output streams live
+    if context.api is not None:
+        # The token stays in a 0600 file: never in the environment that `ps e` would show.
+        token_file = workdir / helpers.HELPER_DIR / "api-token"
+        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as stream:
+            stream.write(context.api["token"])
+        env.update({API_URL_VARIABLE: context.api["url"], API_TOKEN_FILE_VARIABLE: str(token_file)})
     env.update(
         {
             "CRONIUM_DIR": str(workdir),

@@ -62,14 +62,17 @@ def interpreter_argv(script_type: str, interpreter: str, workdir: Path, entrypoi
     return [interpreter, entrypoint]
 
 
-def _print_value(value: Any) -> None:
-    """Strings print as themselves (handy in shell), everything else as JSON."""
-    print(value if isinstance(value, str) else json.dumps(value, separators=(",", ":")))
+def _print_value(value: Any, as_json: bool = False) -> None:
+    """Strings print as themselves (handy in shell), everything else as JSON; ``--json``: all JSON."""
+    print(value if isinstance(value, str) and not as_json else json.dumps(value, separators=(",", ":")))
 
 
 def run_helper(verb: str, args: list[str]) -> int:
     """``cronium-runner helper VERB ARGS``: the shell helpers. Returns the exit code."""
     helpers = Cronium()
+    as_json = bool(args) and args[0] == "--json"  # for the Node helpers in API mode
+    if as_json:
+        args = args[1:]
     usage = {
         "input": (0, 1, "cronium.input [KEY]"),
         "output": (1, 1, "cronium.output VALUE|-"),
@@ -90,16 +93,16 @@ def run_helper(verb: str, args: list[str]) -> int:
 
     try:
         if verb == "input":
-            _print_value(helpers.input(*args))
+            _print_value(helpers.input(*args), as_json)
         elif verb == "output":
             helpers.output(value_argument(args[0]))
         elif verb == "getVariable":
-            _print_value(helpers.getVariable(args[0]))
+            _print_value(helpers.getVariable(args[0]), as_json)
         elif verb == "setVariable":
             helpers.setVariable(args[0], value_argument(args[1]))
         else:
-            _print_value(helpers.event(*args))
-    except (RuntimeError, ValueError, OSError) as error:
+            _print_value(helpers.event(*args), as_json)
+    except (RuntimeError, ValueError, OSError) as error:  # urllib's errors are OSErrors
         print(f"{text.split()[0]}: {error}", file=sys.stderr)
         return 1
     return 0

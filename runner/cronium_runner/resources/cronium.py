@@ -3,7 +3,9 @@
 Scripts get it with no import (``cronium.input()``, ``cronium.output(x)``,
 ``cronium.getVariable(name)``, ``cronium.setVariable(name, value)``, ``cronium.event()`` and
 snake_case aliases). Bundled mode keeps everything in JSON files in ``$CRONIUM_DIR``:
-input.json, output.json, variables.json, event.json.
+input.json, output.json, variables.json, event.json. API mode (``$CRONIUM_API_URL`` and a token
+in the file ``$CRONIUM_API_TOKEN_FILE``) asks the orchestrator's runtime service instead, through
+the SSH tunnel, so that variables set here are seen there at once.
 
 This file is copied next to the script on the server and must run on any python3 >= 3.8 with
 the standard library only.
@@ -12,11 +14,34 @@ the standard library only.
 import fcntl
 import json
 import os
+import urllib.parse
+import urllib.request
 
 INPUT_FILE = "input.json"
 OUTPUT_FILE = "output.json"
 VARIABLES_FILE = "variables.json"
 EVENT_FILE = "event.json"
+API_URL_VARIABLE = "CRONIUM_API_URL"
+API_TOKEN_FILE_VARIABLE = "CRONIUM_API_TOKEN_FILE"
+_NO_BODY = object()
+
+
+class _Api:
+    """The orchestrator's runtime service (stdlib HTTP; proxies ignored, it is on loopback)."""
+
+    def __init__(self, url, token_file, execution_id):
+        with open(token_file, encoding="utf-8") as stream:
+            self._token = stream.read().strip()
+        self._base = f"{url.rstrip('/')}/v1/executions/{urllib.parse.quote(execution_id, safe='')}/"
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def call(self, method, path, body=_NO_BODY):
+        data = None if body is _NO_BODY else json.dumps(body).encode()
+        request = urllib.request.Request(self._base + path, data=data, method=method)
+        request.add_header("Authorization", "Bearer " + self._token)
+        request.add_header("Content-Type", "application/json")
+        with self._opener.open(request, timeout=60) as response:
+            return json.loads(response.read() or b"null")
 
 
 def parse_value(text):
@@ -32,6 +57,18 @@ class Cronium:
 
     def __init__(self, directory=None):
         self._directory = directory
+        self._api_client = None
+
+    @property
+    def _api(self):
+        """The API client in API mode, else None."""
+        if self._api_client is None and os.environ.get(API_URL_VARIABLE):
+            self._api_client = _Api(
+                os.environ[API_URL_VARIABLE],
+                os.environ[API_TOKEN_FILE_VARIABLE],
+                os.environ.get("CRONIUM_EXECUTION_ID", ""),
+            )
+        return self._api_client
 
     @property
     def directory(self):
@@ -58,7 +95,7 @@ class Cronium:
 
     def input(self, key=None):
         """The run's input (``None`` when there is none), or one key of it."""
-        data = self._read(INPUT_FILE)
+        data = self._api.call("GET", "input") if self._api else self._read(INPUT_FILE)
         if key is None:
             return data
         return data.get(key) if isinstance(data, dict) else None
@@ -66,10 +103,15 @@ class Cronium:
     def output(self, value):
         """Set the run's output value (anything JSON-able)."""
         json.dumps(value)  # refuse what cannot be reported, here, where the script can see it
-        self._write(OUTPUT_FILE, value)
+        if self._api:
+            self._api.call("PUT", "output", value)
+        else:
+            self._write(OUTPUT_FILE, value)
 
     def getVariable(self, name):
         """A variable's value, ``None`` when unset."""
+        if self._api:
+            return self._api.call("GET", "variables/" + urllib.parse.quote(name, safe=""))
         return self._read(VARIABLES_FILE, {}).get(name)
 
     def setVariable(self, name, value):
@@ -77,6 +119,9 @@ class Cronium:
         if not isinstance(name, str) or not name:
             raise ValueError("variable name must be a non-empty string")
         json.dumps(value)
+        if self._api:
+            self._api.call("PUT", "variables/" + urllib.parse.quote(name, safe=""), value)
+            return
         with open(self._path(VARIABLES_FILE + ".lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             variables = self._read(VARIABLES_FILE, {})
@@ -85,7 +130,7 @@ class Cronium:
 
     def event(self, field=None):
         """The event context (name, type, execution_id, server, ...), or one field of it."""
-        data = self._read(EVENT_FILE, {})
+        data = self._api.call("GET", "event") if self._api else self._read(EVENT_FILE, {})
         return data if field is None else data.get(field)
 
     get_variable = getVariable
