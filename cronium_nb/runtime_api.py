@@ -39,6 +39,9 @@ class ApiRun:
     output_set: bool = False
 
 
+RUN_KEY = web.RequestKey("run", ApiRun)
+
+
 class RuntimeService:
     """The HTTP runtime API of one executor."""
 
@@ -118,7 +121,7 @@ class RuntimeService:
         run = self._runs.get((claims["exec"], claims["srv"]))
         if claims["exec"] != execution_id or run is None:
             raise web.HTTPForbidden(text="token is not for this execution")
-        request["run"] = run
+        request[RUN_KEY] = run
         return await handler(request)
 
     # -- endpoints
@@ -131,21 +134,21 @@ class RuntimeService:
             raise web.HTTPBadRequest(text="body must be JSON") from None
 
     async def _get_input(self, request: web.Request) -> web.Response:
-        return web.json_response(request["run"].input)
+        return web.json_response(request[RUN_KEY].input)
 
     async def _put_output(self, request: web.Request) -> web.Response:
-        run: ApiRun = request["run"]
+        run: ApiRun = request[RUN_KEY]
         run.output, run.output_set = await self._body(request), True
         return web.json_response({"ok": True})
 
     async def _get_event(self, request: web.Request) -> web.Response:
-        return web.json_response(request["run"].event)
+        return web.json_response(request[RUN_KEY].event)
 
     async def _get_variable(self, request: web.Request) -> web.Response:
-        return web.json_response(request["run"].variables.get(request.match_info["name"]))
+        return web.json_response(request[RUN_KEY].variables.get(request.match_info["name"]))
 
     async def _put_variable(self, request: web.Request) -> web.Response:
-        run: ApiRun = request["run"]
+        run: ApiRun = request[RUN_KEY]
         name = request.match_info["name"]
         value = await self._body(request)
         run.variables[name] = value

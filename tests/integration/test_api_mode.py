@@ -106,7 +106,8 @@ def test_wrong_expired_and_foreign_tokens_are_refused(executor: Executor) -> Non
     expired = service.token_for_test({"exec": "exec-a", "srv": "srv", "iat": now - 100, "exp": now - 10})
     assert call(port, "exec-a", expired) == 401
     assert call(port, "exec-b", token_a) == 403  # a good token, for another execution
-    alien = jwt.encode({"exec": "exec-a", "srv": "srv", "exp": now + 60}, "another secret", algorithm="HS256")
+    other_secret = "another secret, long enough for HS256 keys"
+    alien = jwt.encode({"exec": "exec-a", "srv": "srv", "exp": now + 60}, other_secret, algorithm="HS256")
     assert call(port, "exec-a", alien) == 401
     service.unregister("exec-a", "srv")
     assert call(port, "exec-a", token_a) == 403  # the run is over

@@ -14,8 +14,6 @@ the standard library only.
 import fcntl
 import json
 import os
-import urllib.parse
-import urllib.request
 
 INPUT_FILE = "input.json"
 OUTPUT_FILE = "output.json"
@@ -26,18 +24,27 @@ API_TOKEN_FILE_VARIABLE = "CRONIUM_API_TOKEN_FILE"
 _NO_BODY = object()
 
 
+def _quote(text):
+    import urllib.parse
+
+    return urllib.parse.quote(text, safe="")
+
+
 class _Api:
     """The orchestrator's runtime service (stdlib HTTP; proxies ignored, it is on loopback)."""
 
     def __init__(self, url, token_file, execution_id):
+        import urllib.request  # here: bundled mode, and the runner's own start-up, never need it
+
         with open(token_file, encoding="utf-8") as stream:
             self._token = stream.read().strip()
-        self._base = f"{url.rstrip('/')}/v1/executions/{urllib.parse.quote(execution_id, safe='')}/"
+        self._base = f"{url.rstrip('/')}/v1/executions/{_quote(execution_id)}/"
+        self._request = urllib.request.Request
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
     def call(self, method, path, body=_NO_BODY):
         data = None if body is _NO_BODY else json.dumps(body).encode()
-        request = urllib.request.Request(self._base + path, data=data, method=method)
+        request = self._request(self._base + path, data=data, method=method)
         request.add_header("Authorization", "Bearer " + self._token)
         request.add_header("Content-Type", "application/json")
         with self._opener.open(request, timeout=60) as response:
@@ -111,7 +118,7 @@ class Cronium:
     def getVariable(self, name):
         """A variable's value, ``None`` when unset."""
         if self._api:
-            return self._api.call("GET", "variables/" + urllib.parse.quote(name, safe=""))
+            return self._api.call("GET", "variables/" + _quote(name))
         return self._read(VARIABLES_FILE, {}).get(name)
 
     def setVariable(self, name, value):
@@ -120,7 +127,7 @@ class Cronium:
             raise ValueError("variable name must be a non-empty string")
         json.dumps(value)
         if self._api:
-            self._api.call("PUT", "variables/" + urllib.parse.quote(name, safe=""), value)
+            self._api.call("PUT", "variables/" + _quote(name), value)
             return
         with open(self._path(VARIABLES_FILE + ".lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
