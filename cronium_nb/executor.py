@@ -532,7 +532,7 @@ class Executor:
                 try:
                     listener = await pooled.connection.forward_remote_port("127.0.0.1", 0, "127.0.0.1", port)
                     pooled.tunnel = listener.get_port()
-                except (asyncssh.Error, OSError) as error:
+                except (asyncssh.ChannelListenError, asyncssh.Error, OSError) as error:
                     pooled.tunnel = getattr(error, "reason", None) or str(error) or type(error).__name__
         if isinstance(pooled.tunnel, str):
             result.helpers = f"bundled (API unavailable: the server refused the tunnel: {pooled.tunnel})"
