@@ -8,12 +8,18 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
+from cronium_nb.notebook.live import DISPLAY_ENV
+
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
 
 def execute(path: str | os.PathLike[str], *, timeout: float = 600) -> nbformat.NotebookNode:
-    """Run every cell of a notebook in a fresh kernel; raises on the first failing cell."""
+    """Run every cell of a notebook in a fresh kernel; raises on the first failing cell.
+
+    No widget frontend watches a headless run, so live views print prefixed lines instead.
+    """
     notebook = nbformat.read(path, as_version=4)
+    os.environ[DISPLAY_ENV] = "text"  # inherited by the kernel
     client = NotebookClient(
         notebook, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(Path(path).parent)}}
     )

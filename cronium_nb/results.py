@@ -116,6 +116,29 @@ class ExecutionResult:
         rows = [{"server": name, **{p: r.phases.get(p) for p in PHASES}} for name, r in self.servers.items()]
         return pd.DataFrame(rows, columns=["server", *PHASES])
 
+    def plot_timeline(self, ax: Any = None) -> Any:
+        """A per-server timeline of the phases (connect, deploy, upload, run, cleanup), with
+        matplotlib; returns the Axes."""
+        import matplotlib.pyplot as plt
+
+        if ax is None:
+            _figure, ax = plt.subplots(figsize=(9, 0.6 * len(self.servers) + 1.2))
+        colours = dict(zip(PHASES, ("#8c959f", "#bf8700", "#0969da", "#1a7f37", "#6e7781"), strict=True))
+        for row, result in enumerate(self.servers.values()):
+            start = 0.0
+            for phase in PHASES:
+                seconds = result.phases.get(phase)
+                if seconds:
+                    ax.barh(row, seconds, left=start, color=colours[phase], label=phase if row == 0 else None)
+                    start += seconds
+        ax.set_yticks(range(len(self.servers)), labels=list(self.servers))
+        ax.invert_yaxis()
+        ax.set_xlabel("seconds")
+        ax.set_title(f"{self.event_name} — {self.status.value}")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="lower right", fontsize="small")
+        return ax
+
     def __repr__(self) -> str:
         counts = pd.Series([r.status.value for r in self.servers.values()]).value_counts().to_dict()
         return f"<ExecutionResult {self.event_name!r} {self.status.value} {counts} id={self.execution_id}>"

@@ -1,0 +1,288 @@
+"""Live views of a running execution: widget panels in a notebook, prefixed lines elsewhere.
+
+Executor callbacks arrive on the executor's thread; they only put events on a queue. Whoever
+owns the view drains the queue: the cell's own thread while ``%%cronium`` blocks (so that a
+kernel interrupt lands there), or a small pump thread for ``--bg`` runs.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import queue
+import threading
+import time
+from collections import deque
+from typing import Any
+
+from cronium_nb.executor import Callbacks, Job
+from cronium_nb.model import Status
+from cronium_nb.results import ExecutionResult, ServerResult
+
+DISPLAY_ENV = "CRONIUM_DISPLAY"  # "text" forces prefixed lines (set for headless execution)
+PANEL_LINES = 200  # lines kept per server panel
+STATUS_COLOURS = {
+    Status.PENDING: "#888",
+    Status.RUNNING: "#1f6feb",
+    Status.SUCCESS: "#1a7f37",
+    Status.FAILED: "#cf222e",
+    Status.TIMEOUT: "#bc4c00",
+    Status.CANCELLED: "#6e7781",
+    Status.PARTIAL: "#9a6700",
+    Status.INTERRUPTED: "#6e7781",
+}
+
+
+def line_html(stream: str, text: str) -> str:
+    """One output line for an HTML panel; stderr in red."""
+    shown = html.escape(text)
+    return f'<span style="color:#cf222e">{shown}</span>' if stream == "stderr" else shown
+
+
+def widgets_wanted() -> bool:
+    """True inside a Jupyter kernel, unless CRONIUM_DISPLAY=text (headless runs set it)."""
+    if os.environ.get(DISPLAY_ENV, "").lower() == "text":
+        return False
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
+
+
+class EventQueue:
+    """Executor callbacks -> a thread-safe queue of (kind, ...) tuples."""
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue[tuple[Any, ...]] = queue.Queue()
+
+    def callbacks(self) -> Callbacks:
+        put = self.queue.put
+        return Callbacks(
+            on_line=lambda server, stream, text, ts: put(("line", server, stream, text)),
+            on_status=lambda result: put(("status", result.server, result.status, result.phase, result.exit_code)),
+            on_deploy_failed=lambda server, attempt, reason: put(
+                ("line", server, "stderr", f"[deploy attempt {attempt} failed: {reason}]")
+            ),
+            on_variable=lambda server, name, value: put(("variable", server, name, value)),
+        )
+
+    def drain(self, view: LiveView, wait: float = 0.1) -> None:
+        try:
+            event = self.queue.get(timeout=wait)
+        except queue.Empty:
+            view.tick()
+            return
+        events = [event]
+        while True:
+            try:
+                events.append(self.queue.get_nowait())
+            except queue.Empty:
+                break
+        for kind, *rest in events:
+            getattr(view, kind)(*rest)
+        view.tick()
+
+
+class LiveView:
+    """What a running execution looks like; subclasses draw it."""
+
+    def __init__(self, servers: list[str], title: str) -> None:
+        self.servers = servers
+        self.title = title
+        self.started = time.monotonic()
+        self.status = {name: Status.PENDING for name in servers}
+        self.phase: dict[str, str | None] = {name: None for name in servers}
+        self.exit_code: dict[str, int | None] = {name: None for name in servers}
+        self.finished_at: dict[str, float] = {}
+        self.variables: dict[str, dict[str, Any]] = {name: {} for name in servers}
+
+    def line(self, server: str, stream: str, text: str) -> None:
+        raise NotImplementedError
+
+    def status(self, server: str, status: Status, phase: str | None, exit_code: int | None) -> None:
+        self.status[server], self.phase[server], self.exit_code[server] = status, phase, exit_code
+        if status.finished:
+            self.finished_at.setdefault(server, time.monotonic())
+
+    def variable(self, server: str, name: str, value: Any) -> None:
+        self.variables[server][name] = value
+
+    def tick(self) -> None:
+        """Called between events (about 10 times a second): refresh clocks."""
+
+    def note(self, text: str) -> None:
+        raise NotImplementedError
+
+    def finish(self, result: ExecutionResult) -> None:
+        for server, server_result in result.servers.items():
+            self.status[server] = server_result.status
+            self.exit_code[server] = server_result.exit_code
+
+    def elapsed(self, server: str) -> float:
+        return self.finished_at.get(server, time.monotonic()) - self.started
+
+    def done_count(self) -> int:
+        return sum(1 for status in self.status.values() if status.finished)
+
+
+class TextView(LiveView):
+    """Prefixed lines (``[amd64-1] ...``) for terminals and headless runs."""
+
+    def __init__(self, servers: list[str], title: str) -> None:
+        super().__init__(servers, title)
+        print(f"[cronium] {title} on {', '.join(servers)}", flush=True)
+
+    def line(self, server: str, stream: str, text: str) -> None:
+        marker = "!" if stream == "stderr" else ""
+        print(f"[{server}]{marker} {text}", flush=True)
+
+    def status(self, server: str, status: Status, phase: str | None, exit_code: int | None) -> None:
+        before = self.status[server]
+        super().status(server, status, phase, exit_code)
+        if status.finished and not before.finished:
+            code = "" if exit_code is None else f", exit {exit_code}"
+            print(f"[{server}] {status.value} in {self.elapsed(server):.1f} s{code}", flush=True)
+
+    def variable(self, server: str, name: str, value: Any) -> None:
+        super().variable(server, name, value)
+        print(f"[{server}] variable {name} = {value!r}", flush=True)
+
+    def note(self, text: str) -> None:
+        print(f"[cronium] {text}", flush=True)
+
+    def finish(self, result: ExecutionResult) -> None:
+        super().finish(result)
+        print(f"[cronium] {result.event_name}: {result.status.value}", flush=True)
+        print(result.summary.to_string(index=False), flush=True)
+
+
+class WidgetView(LiveView):
+    """One panel per server (status badge, elapsed time, output, exit code) and a progress bar."""
+
+    def __init__(self, servers: list[str], title: str, job: Job | None = None) -> None:
+        super().__init__(servers, title)
+        import ipywidgets as widgets
+
+        self._lock = threading.Lock()
+        self._lines = {name: deque(maxlen=PANEL_LINES) for name in servers}
+        self._dirty: set[str] = set(servers)
+        self.header = widgets.HTML()
+        self.progress = widgets.IntProgress(value=0, min=0, max=len(servers), description="servers")
+        self.badges = {name: widgets.HTML() for name in servers}
+        self.outputs = {
+            name: widgets.HTML(layout=widgets.Layout(max_height="240px", overflow="auto")) for name in servers
+        }
+        panels = [
+            widgets.VBox(
+                [self.badges[name], self.outputs[name]], layout=widgets.Layout(border="1px solid #ddd", padding="4px")
+            )
+            for name in servers
+        ]
+        self.cancel_button = widgets.Button(description="Cancel", button_style="danger", icon="stop")
+        if job is not None:
+            self.cancel_button.on_click(lambda _button: job.cancel())
+        else:
+            self.cancel_button.layout.display = "none"
+        self.widget = widgets.VBox([widgets.HBox([self.header, self.progress, self.cancel_button]), *panels])
+        self.tick()
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.widget)
+
+    def line(self, server: str, stream: str, text: str) -> None:
+        with self._lock:
+            self._lines[server].append(line_html(stream, text))
+            self._dirty.add(server)
+
+    def status(self, server: str, status: Status, phase: str | None, exit_code: int | None) -> None:
+        super().status(server, status, phase, exit_code)
+        self._dirty.add(server)
+
+    def variable(self, server: str, name: str, value: Any) -> None:
+        super().variable(server, name, value)
+        self._dirty.add(server)
+
+    def note(self, text: str) -> None:
+        self.header.value = f"<b>{html.escape(self.title)}</b> — {html.escape(text)}"
+
+    def tick(self) -> None:
+        with self._lock:
+            dirty, self._dirty = self._dirty, set()
+            for server in self.servers:  # clocks move on every tick
+                self.badges[server].value = self._badge(server)
+            for server in dirty:
+                self.outputs[server].value = (
+                    '<pre style="margin:0;font-size:12px">' + "\n".join(self._lines[server]) + "</pre>"
+                )
+        self.progress.value = self.done_count()
+        if not self.header.value:
+            self.note("running")
+
+    def _badge(self, server: str) -> str:
+        status = self.status[server]
+        colour = STATUS_COLOURS.get(status, "#888")
+        label = status.value if not (status == Status.RUNNING and self.phase[server]) else f"{self.phase[server]}…"
+        code = "" if self.exit_code[server] is None else f" · exit {self.exit_code[server]}"
+        variables = ""
+        if self.variables[server]:
+            shown = ", ".join(f"{k}={v!r}" for k, v in self.variables[server].items())
+            variables = f" · <code>{html.escape(shown)}</code>"
+        return (
+            f'<b>{html.escape(server)}</b> <span style="background:{colour};color:white;border-radius:4px;'
+            f'padding:0 6px">{html.escape(label)}</span> {self.elapsed(server):.1f} s{code}{variables}'
+        )
+
+    def finish(self, result: ExecutionResult) -> None:
+        super().finish(result)
+        self._dirty.update(self.servers)
+        self.tick()
+        self.note(result.status.value)
+        self.cancel_button.disabled = True
+
+
+def make_view(servers: list[str], title: str, job: Job | None = None) -> LiveView:
+    return WidgetView(servers, title, job) if widgets_wanted() else TextView(servers, title)
+
+
+class BackgroundRun:
+    """The handle ``%%cronium --bg`` returns: ``cancel()``, ``wait(timeout)``, ``result()``."""
+
+    def __init__(self, job: Job, view: LiveView, events: EventQueue) -> None:
+        self.job = job
+        self.view = view
+        self._events = events
+        self._pump = threading.Thread(target=self._run, name=f"cronium-view-{job.execution_id}", daemon=True)
+        self._pump.start()
+
+    def _run(self) -> None:
+        while not self.job.done():
+            self._events.drain(self.view)
+        self._events.drain(self.view, wait=0)
+        self.view.finish(self.job.result())
+
+    def cancel(self) -> None:
+        self.view.note("cancelling…")
+        self.job.cancel()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.job.wait(timeout)
+
+    def result(self, timeout: float | None = None) -> ExecutionResult:
+        result = self.job.result(timeout)
+        self._pump.join(timeout=5)
+        return result
+
+    @property
+    def status(self) -> Status:
+        return self.job.status
+
+    def __repr__(self) -> str:
+        return f"<cronium background run {self.job.execution_id}: {self.job.status.value}; .cancel(), .result()>"
+
+
+def server_status_rows(results: dict[str, ServerResult]) -> list[dict[str, Any]]:
+    return [result.row() for result in results.values()]
