@@ -60,12 +60,12 @@ class EventQueue:
     def callbacks(self) -> Callbacks:
         put = self.queue.put
         return Callbacks(
-            on_line=lambda server, stream, text, ts: put(("line", server, stream, text)),
-            on_status=lambda result: put(("status", result.server, result.status, result.phase, result.exit_code)),
+            on_line=lambda server, stream, text, ts: put(("on_line", server, stream, text)),
+            on_status=lambda result: put(("on_status", result.server, result.status, result.phase, result.exit_code)),
             on_deploy_failed=lambda server, attempt, reason: put(
-                ("line", server, "stderr", f"[deploy attempt {attempt} failed: {reason}]")
+                ("on_line", server, "stderr", f"[deploy attempt {attempt} failed: {reason}]")
             ),
-            on_variable=lambda server, name, value: put(("variable", server, name, value)),
+            on_variable=lambda server, name, value: put(("on_variable", server, name, value)),
         )
 
     def drain(self, view: LiveView, wait: float = 0.1) -> None:
@@ -92,21 +92,21 @@ class LiveView:
         self.servers = servers
         self.title = title
         self.started = time.monotonic()
-        self.status = {name: Status.PENDING for name in servers}
-        self.phase: dict[str, str | None] = {name: None for name in servers}
-        self.exit_code: dict[str, int | None] = {name: None for name in servers}
+        self.statuses = {name: Status.PENDING for name in servers}
+        self.phases: dict[str, str | None] = {name: None for name in servers}
+        self.exit_codes: dict[str, int | None] = {name: None for name in servers}
         self.finished_at: dict[str, float] = {}
         self.variables: dict[str, dict[str, Any]] = {name: {} for name in servers}
 
-    def line(self, server: str, stream: str, text: str) -> None:
+    def on_line(self, server: str, stream: str, text: str) -> None:
         raise NotImplementedError
 
-    def status(self, server: str, status: Status, phase: str | None, exit_code: int | None) -> None:
-        self.status[server], self.phase[server], self.exit_code[server] = status, phase, exit_code
+    def on_status(self, server: str, status: Status, phase: str | None, exit_code: int | None) -> None:
+        self.statuses[server], self.phases[server], self.exit_codes[server] = status, phase, exit_code
         if status.finished:
             self.finished_at.setdefault(server, time.monotonic())
 
-    def variable(self, server: str, name: str, value: Any) -> None:
+    def on_variable(self, server: str, name: str, value: Any) -> None:
         self.variables[server][name] = value
 
     def tick(self) -> None:
@@ -117,14 +117,14 @@ class LiveView:
 
     def finish(self, result: ExecutionResult) -> None:
         for server, server_result in result.servers.items():
-            self.status[server] = server_result.status
-            self.exit_code[server] = server_result.exit_code
+            self.statuses[server] = server_result.status
+            self.exit_codes[server] = server_result.exit_code
 
     def elapsed(self, server: str) -> float:
         return self.finished_at.get(server, time.monotonic()) - self.started
 
     def done_count(self) -> int:
-        return sum(1 for status in self.status.values() if status.finished)
+        return sum(1 for status in self.statuses.values() if status.finished)
 
 
 class TextView(LiveView):
@@ -134,19 +134,19 @@ class TextView(LiveView):
         super().__init__(servers, title)
         print(f"[cronium] {title} on {', '.join(servers)}", flush=True)
 
-    def line(self, server: str, stream: str, text: str) -> None:
+    def on_line(self, server: str, stream: str, text: str) -> None:
         marker = "!" if stream == "stderr" else ""
         print(f"[{server}]{marker} {text}", flush=True)
 
-    def status(self, server: str, status: Status, phase: str | None, exit_code: int | None) -> None:
-        before = self.status[server]
-        super().status(server, status, phase, exit_code)
+    def on_status(self, server: str, status: Status, phase: str | None, exit_code: int | None) -> None:
+        before = self.statuses[server]
+        super().on_status(server, status, phase, exit_code)
         if status.finished and not before.finished:
             code = "" if exit_code is None else f", exit {exit_code}"
             print(f"[{server}] {status.value} in {self.elapsed(server):.1f} s{code}", flush=True)
 
-    def variable(self, server: str, name: str, value: Any) -> None:
-        super().variable(server, name, value)
+    def on_variable(self, server: str, name: str, value: Any) -> None:
+        super().on_variable(server, name, value)
         print(f"[{server}] variable {name} = {value!r}", flush=True)
 
     def note(self, text: str) -> None:
@@ -193,17 +193,17 @@ class WidgetView(LiveView):
 
         display(self.widget)
 
-    def line(self, server: str, stream: str, text: str) -> None:
+    def on_line(self, server: str, stream: str, text: str) -> None:
         with self._lock:
             self._lines[server].append(line_html(stream, text))
             self._dirty.add(server)
 
-    def status(self, server: str, status: Status, phase: str | None, exit_code: int | None) -> None:
-        super().status(server, status, phase, exit_code)
+    def on_status(self, server: str, status: Status, phase: str | None, exit_code: int | None) -> None:
+        super().on_status(server, status, phase, exit_code)
         self._dirty.add(server)
 
-    def variable(self, server: str, name: str, value: Any) -> None:
-        super().variable(server, name, value)
+    def on_variable(self, server: str, name: str, value: Any) -> None:
+        super().on_variable(server, name, value)
         self._dirty.add(server)
 
     def note(self, text: str) -> None:
@@ -223,10 +223,10 @@ class WidgetView(LiveView):
             self.note("running")
 
     def _badge(self, server: str) -> str:
-        status = self.status[server]
+        status = self.statuses[server]
         colour = STATUS_COLOURS.get(status, "#888")
-        label = status.value if not (status == Status.RUNNING and self.phase[server]) else f"{self.phase[server]}…"
-        code = "" if self.exit_code[server] is None else f" · exit {self.exit_code[server]}"
+        label = status.value if not (status == Status.RUNNING and self.phases[server]) else f"{self.phases[server]}…"
+        code = "" if self.exit_codes[server] is None else f" · exit {self.exit_codes[server]}"
         variables = ""
         if self.variables[server]:
             shown = ", ".join(f"{k}={v!r}" for k, v in self.variables[server].items())

@@ -77,8 +77,11 @@ class CroniumMagics(Magics):
             except (TypeError, ValueError) as error:
                 raise UsageError(f"--input-from {args.input_var}: not JSON-able: {error}") from None
         if args.input_json is not None:
+            text = args.input_json
+            if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+                text = text[1:-1]  # IPython's argument splitting keeps the quotes
             try:
-                run_input = json.loads(args.input_json)
+                run_input = json.loads(text)
             except ValueError as error:
                 raise UsageError(f"--input is not valid JSON: {error}") from None
         name = args.name or f"cell-{hashlib.sha256(cell.encode()).hexdigest()[:8]}"
