@@ -71,8 +71,11 @@ class RemoteRun:
         begin = time.monotonic()
         process = await self.connection.create_process(self.command, encoding=None)
         try:
-            process.stdin.write(json.dumps({**self.context, "payload_size": len(self.payload)}).encode() + b"\n")
-            process.stdin.write(self.payload)
+            # A runner that is missing or broken exits before reading: the write then fails, and
+            # the missing hello below says what happened.
+            with contextlib.suppress(asyncssh.Error, OSError):
+                process.stdin.write(json.dumps({**self.context, "payload_size": len(self.payload)}).encode() + b"\n")
+                process.stdin.write(self.payload)
             stderr_task = asyncio.ensure_future(self._drain_stderr(process))
             reader = asyncio.ensure_future(self._read(process))
             try:
