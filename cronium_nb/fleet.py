@@ -14,6 +14,7 @@ every server before the first connection: strict host-key checking, no trust on 
 
 from __future__ import annotations
 
+import atexit
 import io
 import os
 import shutil
@@ -150,6 +151,7 @@ class Fleet:
         except BaseException:
             fleet.down()
             raise
+        atexit.register(fleet.down)  # a process that ends normally (a kernel shut down) cleans up
         return fleet
 
     def _start(
@@ -229,6 +231,7 @@ class Fleet:
 
     def down(self) -> None:
         """Remove every container of the fleet and its key files. Safe to call twice."""
+        atexit.unregister(self.down)
         for container in self._client.containers.list(all=True, filters={"label": f"{FLEET_LABEL}={self.fleet_id}"}):
             container.remove(force=True, v=True)
         self._members.clear()

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Make this machine able to run the sshd test fleet: a Docker daemon that answers,
-# arm64 emulation through qemu-user binfmt, and mmdebstrap for the image builds.
+# arm64 emulation through qemu-user binfmt, mmdebstrap for the image builds, and Chromium for
+# the browser test.
 # Idempotent: every step checks first and does nothing when already done.
 set -euo pipefail
 
@@ -53,6 +54,12 @@ ensure_mmdebstrap() {
     command -v mmdebstrap >/dev/null || apt_install mmdebstrap
 }
 
+# The browser test drives Debian's Chromium with Playwright (browser downloads are impossible here).
+ensure_chromium() {
+    command -v chromium >/dev/null || apt_install chromium
+}
+
 ensure_docker
 ensure_binfmt
 ensure_mmdebstrap
+ensure_chromium

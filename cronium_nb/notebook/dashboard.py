@@ -62,6 +62,7 @@ class Dashboard:
         tables = widgets.Accordion(
             children=[self.status_table, self.variables_table, self.metrics_table, self.history_table],
             titles=("status", "variables", "metrics", "history"),
+            selected_index=0,
         )
         self.widget = widgets.VBox(
             [

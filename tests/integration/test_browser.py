@@ -1,0 +1,106 @@
+"""The dashboard in a real browser: JupyterLab on loopback, notebooks/05-dashboard.ipynb opened
+in headless Chromium (Debian's, driven by Playwright), all cells run, the dashboard's Run button
+clicked, every server's output found on the page, and a screenshot kept."""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import sync_playwright
+
+from cronium_nb import Fleet
+from cronium_nb.notebooks import NOTEBOOKS
+from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.fleet
+ARTIFACTS = REPO_ROOT / "test-artifacts"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+EXPECTED = ["dashboard says hi from amd64-1 (x86_64)", "dashboard says hi from arm64-1 (aarch64)"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def jupyterlab(tmp_path: Path):
+    workdir = tmp_path / "lab"
+    workdir.mkdir()
+    shutil.copy(NOTEBOOKS / "05-dashboard.ipynb", workdir)
+    port, token = free_port(), secrets.token_hex(16)
+    log = (tmp_path / "jupyterlab.log").open("w")
+    server = subprocess.Popen(
+        [
+            sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root",
+            "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}", f"--IdentityProvider.token={token}",
+            f"--ServerApp.root_dir={workdir}", "--LabApp.news_url=", "--ServerApp.open_browser=False",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**__import__("os").environ, "CRONIUM_HOME": str(tmp_path / "cronium-home")},
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    deadline = time.monotonic() + 60
+    while True:  # poll until the server answers
+        try:
+            opener.open(f"{base}/api/status?token={token}", timeout=2).close()
+            break
+        except OSError:
+            assert server.poll() is None, (tmp_path / "jupyterlab.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "JupyterLab did not start"
+            time.sleep(0.2)
+    yield base, token
+    server.terminate()
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+    log.close()
+    Fleet.cleanup_stale()  # the notebook's fleet, should its kernel not have ended cleanly
+
+
+def test_dashboard_runs_from_a_click_in_a_real_browser(jupyterlab) -> None:
+    base, token = jupyterlab
+    ARTIFACTS.mkdir(exist_ok=True)
+    screenshot = ARTIFACTS / "dashboard.png"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1400, "height": 1800})
+        page.set_default_timeout(120_000)
+        page.goto(f"{base}/lab/tree/05-dashboard.ipynb?token={token}")
+        page.locator(".jp-Notebook").first.wait_for()
+        page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first.wait_for()
+        page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+        page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+        run_button = page.locator("button.jupyter-button", has_text="Run").first
+        run_button.wait_for()
+        page.wait_for_function(
+            "() => Array.from(document.querySelectorAll('button.jupyter-button'))"
+            ".some(b => b.textContent.trim() === 'Run' && !b.disabled)"
+        )
+        run_button.click()
+        page.wait_for_function(
+            "expected => expected.every(text => document.body.textContent.includes(text))", arg=EXPECTED
+        )
+        page.wait_for_function("() => document.body.textContent.includes('success (execution')")
+        page.screenshot(path=str(screenshot), full_page=True)
+        text = page.locator("body").text_content() or ""
+        browser.close()
+    for expected in EXPECTED:
+        assert expected in text
+    assert screenshot.stat().st_size > 10_000
