@@ -70,9 +70,10 @@ def test_variables_are_seen_live_while_the_script_runs(cronium_fleet: Fleet, exe
         assert result[name].variables["progress"] == 2
 
 
-def test_two_concurrent_api_jobs_on_one_server(cronium_fleet: Fleet, executor: Executor) -> None:
-    target = cronium_fleet.names[0]
-    event = Event(name="twins", script='sleep 1; cronium.output "$(cronium.input who)"')
+@pytest.mark.parametrize("arch", ["amd64", "arm64"])
+def test_two_concurrent_api_jobs_on_one_server(cronium_fleet: Fleet, executor: Executor, arch: str) -> None:
+    target = f"{arch}-1"
+    event = Event(name="twins", script="sleep 1; cronium.output \"$(cronium.input who)\"")
     jobs = [executor.submit(event, servers=[target], input={"who": who}, api=True) for who in ("left", "right")]
     results = [job.result(timeout=120) for job in jobs]
     assert [r[target].outputs for r in results] == ["left", "right"]
@@ -113,8 +114,9 @@ def test_wrong_expired_and_foreign_tokens_are_refused(executor: Executor) -> Non
     assert call(port, "exec-a", token_a) == 403  # the run is over
 
 
-def test_the_token_is_not_in_the_process_list(cronium_fleet: Fleet, executor: Executor) -> None:
-    target = cronium_fleet.names[0]
+@pytest.mark.parametrize("arch", ["amd64", "arm64"])
+def test_the_token_is_not_in_the_process_list(cronium_fleet: Fleet, executor: Executor, arch: str) -> None:
+    target = f"{arch}-1"
     tokens: list[str] = []
     original = executor._runtime.register
 
