@@ -10,20 +10,20 @@ from cronium_nb.ssh.options import SSHOptions
 __version__ = "0.1.0"
 
 
-def load_ipython_extension(ipython):
+def load_ipython_extension(ipython: object) -> None:
     """``%load_ext cronium_nb``: register the magics."""
     from cronium_nb.notebook.magics import load_ipython_extension as load
 
     load(ipython)
 
 
-def unload_ipython_extension(ipython):
+def unload_ipython_extension(ipython: object) -> None:
     from cronium_nb.notebook.magics import unload_ipython_extension as unload
 
     unload(ipython)
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
     if name == "Dashboard":  # the widget layer loads only when asked for
         from cronium_nb.notebook.dashboard import Dashboard
 

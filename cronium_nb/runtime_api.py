@@ -69,7 +69,7 @@ class RuntimeService:
             await runner.setup()
             site = web.TCPSite(runner, "127.0.0.1", 0)
             await site.start()
-            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            self.port = runner.addresses[0][1]
             self._runner = runner
         assert self.port is not None
         return self.port

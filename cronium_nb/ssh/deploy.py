@@ -187,8 +187,11 @@ class Deployer:
             lines = str(result.stdout).split()
             if result.exit_status != 0 or not lines:
                 raise DeployError(f"cannot probe the host: {str(result.stderr).strip() or result.exit_status}")
-            python = tuple(int(n) for n in lines[1].split(".")) if len(lines) > 1 and lines[1] != "none" else None
-            pooled.info = HostInfo(machine=lines[0], python=python)  # type: ignore[arg-type]
+            python = None
+            if len(lines) > 1 and lines[1] != "none":
+                major, minor = lines[1].split(".")[:2]
+                python = (int(major), int(minor))
+            pooled.info = HostInfo(machine=lines[0], python=python)
         return pooled.info
 
     def invalidate(self, key: ServerKey, build: RunnerBuild) -> None:
