@@ -40,6 +40,8 @@ class Server:
             value = getattr(self, text_field)
             if not isinstance(value, str) or not value.strip():
                 raise ValueError(f"server {text_field} must be a non-empty string, got {value!r}")
+            if "\0" in value:  # it reaches the script's environment, where NUL cannot be
+                raise ValueError(f"server {text_field} must not contain NUL bytes, got {value!r}")
         if isinstance(self.port, bool) or not isinstance(self.port, int):
             raise ValueError(f"server {self.name!r}: port must be an integer, got {self.port!r}")
         if not MIN_PORT <= self.port <= MAX_PORT:
@@ -85,6 +87,8 @@ class Event:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
             raise EventError(f"event name must be a non-empty string, got {self.name!r}")
+        if "\0" in self.name:  # it reaches the script's environment (CRONIUM_EVENT), where NUL cannot be
+            raise EventError(f"event name must not contain NUL bytes, got {self.name!r}")
         if self.type not in SCRIPT_TYPES:
             raise EventError(f"unknown script type {self.type!r}; expected one of {', '.join(SCRIPT_TYPES)}")
         if not isinstance(self.script, str) or not self.script.strip():

@@ -73,7 +73,7 @@ def test_variables_are_seen_live_while_the_script_runs(cronium_fleet: Fleet, exe
 @pytest.mark.parametrize("arch", ["amd64", "arm64"])
 def test_two_concurrent_api_jobs_on_one_server(cronium_fleet: Fleet, executor: Executor, arch: str) -> None:
     target = f"{arch}-1"
-    event = Event(name="twins", script="sleep 1; cronium.output \"$(cronium.input who)\"")
+    event = Event(name="twins", script='sleep 1; cronium.output "$(cronium.input who)"')
     jobs = [executor.submit(event, servers=[target], input={"who": who}, api=True) for who in ("left", "right")]
     results = [job.result(timeout=120) for job in jobs]
     assert [r[target].outputs for r in results] == ["left", "right"]
