@@ -74,6 +74,26 @@ def jupyterlab(tmp_path: Path):
     Fleet.cleanup_stale()  # the notebook's fleet, should its kernel not have ended cleanly
 
 
+def drive_dashboard(page, base: str, token: str, screenshot: Path) -> str:
+    """Open the notebook, run all its cells, click the dashboard's Run; returns the page text."""
+    page.goto(f"{base}/lab/tree/05-dashboard.ipynb?token={token}")
+    page.locator(".jp-Notebook").first.wait_for()
+    page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first.wait_for()
+    page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+    page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+    run_button = page.locator("button.jupyter-button", has_text="Run").first
+    run_button.wait_for()
+    page.wait_for_function(
+        "() => Array.from(document.querySelectorAll('button.jupyter-button'))"
+        ".some(b => b.textContent.trim() === 'Run' && !b.disabled)"
+    )
+    run_button.click()
+    page.wait_for_function("expected => expected.every(text => document.body.textContent.includes(text))", arg=EXPECTED)
+    page.wait_for_function("() => document.body.textContent.includes('success (execution')")
+    page.screenshot(path=str(screenshot), full_page=True)
+    return page.locator("body").text_content() or ""
+
+
 def test_dashboard_runs_from_a_click_in_a_real_browser(jupyterlab) -> None:
     base, token = jupyterlab
     ARTIFACTS.mkdir(exist_ok=True)
@@ -82,25 +102,13 @@ def test_dashboard_runs_from_a_click_in_a_real_browser(jupyterlab) -> None:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         page = browser.new_page(viewport={"width": 1400, "height": 1800})
         page.set_default_timeout(120_000)
-        page.goto(f"{base}/lab/tree/05-dashboard.ipynb?token={token}")
-        page.locator(".jp-Notebook").first.wait_for()
-        page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first.wait_for()
-        page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
-        page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
-        run_button = page.locator("button.jupyter-button", has_text="Run").first
-        run_button.wait_for()
-        page.wait_for_function(
-            "() => Array.from(document.querySelectorAll('button.jupyter-button'))"
-            ".some(b => b.textContent.trim() === 'Run' && !b.disabled)"
-        )
-        run_button.click()
-        page.wait_for_function(
-            "expected => expected.every(text => document.body.textContent.includes(text))", arg=EXPECTED
-        )
-        page.wait_for_function("() => document.body.textContent.includes('success (execution')")
-        page.screenshot(path=str(screenshot), full_page=True)
-        text = page.locator("body").text_content() or ""
-        browser.close()
+        try:
+            text = drive_dashboard(page, base, token, screenshot)
+        except Exception:
+            page.screenshot(path=str(ARTIFACTS / "dashboard-failure.png"), full_page=True)
+            raise
+        finally:
+            browser.close()
     for expected in EXPECTED:
         assert expected in text
     assert screenshot.stat().st_size > 10_000
