@@ -82,6 +82,13 @@ def drive_dashboard(page, base: str, token: str, screenshot: Path) -> str:
     page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
     page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
     run_button = page.locator("button.jupyter-button", has_text="Run").first
+    # JupyterLab sometimes asks which kernel to start (with the notebook's own preselected).
+    accept_kernel = page.locator(".jp-Dialog .jp-mod-accept").first
+    for _ in range(3):
+        page.locator("button.jupyter-button:has-text('Run'), .jp-Dialog .jp-mod-accept").first.wait_for()
+        if not accept_kernel.is_visible():
+            break
+        accept_kernel.click()
     run_button.wait_for()
     page.wait_for_function(
         "() => Array.from(document.querySelectorAll('button.jupyter-button'))"
