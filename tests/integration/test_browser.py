@@ -4,6 +4,7 @@ clicked, every server's output found on the page, and a screenshot kept."""
 
 from __future__ import annotations
 
+import json
 import secrets
 import shutil
 import socket
@@ -64,6 +65,15 @@ def jupyterlab(tmp_path: Path):
             assert server.poll() is None, (tmp_path / "jupyterlab.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "JupyterLab did not start"
             time.sleep(0.2)
+    # A kernel session made beforehand: JupyterLab attaches the notebook to it instead of
+    # sometimes asking which kernel to start.
+    session = urllib.request.Request(
+        f"{base}/api/sessions?token={token}",
+        data=json.dumps({"path": "05-dashboard.ipynb", "type": "notebook", "kernel": {"name": "python3"}}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    opener.open(session, timeout=60).close()
     yield base, token
     server.terminate()
     try:
@@ -82,13 +92,6 @@ def drive_dashboard(page, base: str, token: str, screenshot: Path) -> str:
     page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
     page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
     run_button = page.locator("button.jupyter-button", has_text="Run").first
-    # JupyterLab sometimes asks which kernel to start (with the notebook's own preselected).
-    accept_kernel = page.locator(".jp-Dialog .jp-mod-accept").first
-    for _ in range(3):
-        page.locator("button.jupyter-button:has-text('Run'), .jp-Dialog .jp-mod-accept").first.wait_for()
-        if not accept_kernel.is_visible():
-            break
-        accept_kernel.click()
     run_button.wait_for()
     page.wait_for_function(
         "() => Array.from(document.querySelectorAll('button.jupyter-button'))"
