@@ -42,6 +42,10 @@ def jupyterlab(tmp_path: Path):
     workdir = tmp_path / "lab"
     workdir.mkdir()
     shutil.copy(NOTEBOOKS / "05-dashboard.ipynb", workdir)
+    settings = tmp_path / "lab-settings"
+    tracker = settings / "@jupyterlab" / "notebook-extension" / "tracker.jupyterlab-settings"
+    tracker.parent.mkdir(parents=True)
+    tracker.write_text(json.dumps({"autoStartDefaultKernel": True}))
     port, token = free_port(), secrets.token_hex(16)
     log = (tmp_path / "jupyterlab.log").open("w")
     server = subprocess.Popen(
@@ -49,6 +53,7 @@ def jupyterlab(tmp_path: Path):
             sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root",
             "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}", f"--IdentityProvider.token={token}",
             f"--ServerApp.root_dir={workdir}", "--LabApp.news_url=", "--ServerApp.open_browser=False",
+            f"--LabApp.user_settings_dir={settings}", f"--LabApp.workspaces_dir={tmp_path / 'workspaces'}",
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -89,9 +94,18 @@ def drive_dashboard(page, base: str, token: str, screenshot: Path) -> str:
     page.goto(f"{base}/lab/tree/05-dashboard.ipynb?token={token}")
     page.locator(".jp-Notebook").first.wait_for()
     page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first.wait_for()
-    page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
-    page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
     run_button = page.locator("button.jupyter-button", has_text="Run").first
+    accept_kernel = page.locator(".jp-Dialog .jp-mod-accept").first
+    for _attempt in range(3):
+        page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+        page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+        page.locator("button.jupyter-button:has-text('Run'), .jp-Dialog .jp-mod-accept").first.wait_for()
+        if not accept_kernel.is_visible():
+            break
+        # JupyterLab may still ask which kernel to use (its own choice preselected): accept and run again.
+        accept_kernel.click()
+        accept_kernel.wait_for(state="hidden")
+        page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first.wait_for()
     run_button.wait_for()
     page.wait_for_function(
         "() => Array.from(document.querySelectorAll('button.jupyter-button'))"
