@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from playwright.sync_api import sync_playwright
 
 from cronium_nb import Fleet
@@ -96,16 +97,20 @@ def drive_dashboard(page, base: str, token: str, screenshot: Path) -> str:
     page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first.wait_for()
     run_button = page.locator("button.jupyter-button", has_text="Run").first
     accept_kernel = page.locator(".jp-Dialog .jp-mod-accept").first
-    for _attempt in range(3):
+    first_prompt = page.locator(".jp-CodeCell .jp-InputPrompt").first
+    for _attempt in range(4):
         page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
         page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
-        page.locator("button.jupyter-button:has-text('Run'), .jp-Dialog .jp-mod-accept").first.wait_for()
-        if not accept_kernel.is_visible():
+        try:  # JupyterLab can drop a run request while it attaches the kernel: then ask again
+            page.wait_for_function(
+                "prompt => /\\[(\\*|\\d+)\\]/.test(prompt.textContent)",
+                arg=first_prompt.element_handle(),
+                timeout=20_000,
+            )
             break
-        # JupyterLab may still ask which kernel to use (its own choice preselected): accept and run again.
-        accept_kernel.click()
-        accept_kernel.wait_for(state="hidden")
-        page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first.wait_for()
+        except PlaywrightTimeout:
+            if accept_kernel.is_visible():  # it asked which kernel (its own choice preselected)
+                accept_kernel.click()
     run_button.wait_for()
     page.wait_for_function(
         "() => Array.from(document.querySelectorAll('button.jupyter-button'))"
