@@ -40,7 +40,7 @@ from cronium_nb.ssh.deploy import DEFAULT_BACKOFF_S, Deployer, DeployError, Runn
 from cronium_nb.ssh.options import SSHOptions
 from cronium_nb.ssh.pool import ConnectError, ConnectionPool
 from cronium_nb.ssh.remote_run import RemoteRun, RunnerUnavailable
-from cronium_nb.store import LogBuffer, Store
+from cronium_nb.store import SERVER_RESULT_FIELDS, LogBuffer, Store
 
 DEFAULT_RUNNER_DIST = Path(cronium_runner.__file__).resolve().parent.parent / "dist"
 DEFAULT_CONCURRENCY = 32
@@ -430,14 +430,7 @@ class Executor:
         result.duration_s = time.monotonic() - started
         self._metrics.record_server(result)
         self.store.update_server(
-            state.execution_id,
-            server.name,
-            **{name: getattr(result, name) for name in ("arch", "status", "exit_code", "duration_s", "deploy")},
-            attempts=result.attempts,
-            error=result.error,
-            outputs=result.outputs,
-            variables=result.variables,
-            phases=result.phases,
+            state.execution_id, server.name, **{name: getattr(result, name) for name in SERVER_RESULT_FIELDS}
         )
         state.status(result)
         return result

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -136,6 +137,23 @@ class LocalRun:
         if not self.process.stdin.closed:
             self.process.stdin.close()
         return self.builder.finish(self.process.wait(timeout))
+
+
+def grandchildren_script(base: int) -> str:
+    """A script that leaves three sleepers behind (a child, a grandchild, a setsid escapee),
+    printing their pids; the sleep times ``base + 1..3`` make them easy to find in ``ps``."""
+    return (
+        f'sleep {base + 1} & echo "pid $!"\n'
+        f'( sleep {base + 2} & echo "pid $!" ; wait ) &\n'
+        f"setsid sh -c 'sleep {base + 3} & echo \"pid $!\"; wait' &\n"
+        "echo ready\nwait\n"
+    )
+
+
+def processes_matching(fleet: Any, name: str, pattern: str) -> list[str]:
+    """Lines of ``ps`` on a fleet server that match ``pattern`` (``ps`` itself excluded)."""
+    output = fleet.exec(name, "ps -eo pid,stat,args").output
+    return [line for line in output.splitlines() if re.search(pattern, line) and "ps -eo" not in line]
 
 
 def has_result(report: RunReport) -> bool:

@@ -4,7 +4,6 @@ cancellation that leave nothing running, dead links, concurrency."""
 from __future__ import annotations
 
 import asyncio
-import re
 import shutil
 import threading
 import time
@@ -17,6 +16,7 @@ import cronium_nb as cn
 from cronium_nb import Event, Executor, Fleet, SSHOptions, Status
 from cronium_nb.executor import DEFAULT_RUNNER_DIST, Callbacks
 from cronium_nb.model import Server
+from tests.runner_harness import processes_matching
 
 pytestmark = pytest.mark.fleet
 FAST_BACKOFF = (0.2, 0.2, 0.2)
@@ -35,11 +35,6 @@ def executor_factory(tmp_path: Path):
     yield make
     for executor in made:
         executor.close()
-
-
-def leftovers(fleet: Fleet, name: str, pattern: str) -> list[str]:
-    output = fleet.exec(name, "ps -eo pid,stat,args").output
-    return [line for line in output.splitlines() if re.search(pattern, line) and "ps -eo" not in line]
 
 
 def wait_for(condition, timeout: float = 30.0, interval: float = 0.1) -> bool:
@@ -205,7 +200,7 @@ def test_stop_at_first_failure(cronium_fleet_factory, executor_factory) -> None:
     assert {result[n].status for n in fleet.names[1:]} == {Status.CANCELLED}
     assert result.status == Status.FAILED
     for name in fleet.names:
-        assert wait_for(lambda n=name: not leftovers(fleet, n, r"sleep 5001"))
+        assert wait_for(lambda n=name: not processes_matching(fleet, n, r"sleep 5001"))
 
 
 def test_unreachable_server_and_wrong_host_key_fail_only_themselves(
@@ -266,7 +261,7 @@ def test_timeout_stops_everything(cronium_fleet: Fleet, executor_factory) -> Non
     assert set(result.summary["status"]) == {"timeout"}
     assert elapsed < 3 + 2 + 15  # a hang would be the bug
     for name in cronium_fleet.names:
-        assert leftovers(cronium_fleet, name, r"sleep 500[23]|while true") == []
+        assert processes_matching(cronium_fleet, name, r"sleep 500[23]|while true") == []
     assert executor.metrics().set_index("metric")["value"]["executions.timeout"] == 1
 
 
@@ -293,7 +288,7 @@ def test_cancel_during_the_run(cronium_fleet: Fleet, executor_factory) -> None:
     assert result.status == Status.CANCELLED
     assert set(result.summary["status"]) == {"cancelled"}
     for name in cronium_fleet.names:
-        assert leftovers(cronium_fleet, name, r"sleep 5004") == []
+        assert processes_matching(cronium_fleet, name, r"sleep 5004") == []
     assert executor.history().iloc[0]["status"] == "cancelled"
 
 
@@ -314,7 +309,7 @@ def test_cancel_during_the_deploy(cronium_fleet_factory, executor_factory) -> No
     assert result.status == Status.CANCELLED
     assert result[name].status == Status.CANCELLED
     assert result.logs.empty
-    assert wait_for(lambda: not leftovers(fleet, name, r"tar xzf|sha256sum|cronium-runner"))
+    assert wait_for(lambda: not processes_matching(fleet, name, r"tar xzf|sha256sum|cronium-runner"))
     partial = fleet.exec(name, "ls -A ~/.cache/cronium/runner 2>/dev/null | grep -c partial || true")
     assert wait_for(lambda: partial.output.strip() == "0")
 
@@ -335,7 +330,7 @@ def test_paused_server_is_noticed_within_the_keepalive_bound(cronium_fleet_facto
     assert result[name].status == Status.FAILED
     assert "connection" in result[name].error.lower()
     assert noticed < 3 * 1 + 10  # keepalive bound plus margin: a hang is the bug
-    assert wait_for(lambda: not leftovers(fleet, name, r"sleep 5005"), timeout=30)
+    assert wait_for(lambda: not processes_matching(fleet, name, r"sleep 5005"), timeout=30)
 
 
 def test_killing_sshd_mid_run_fails_that_server_cleanly(cronium_fleet_factory, executor_factory) -> None:
@@ -348,7 +343,7 @@ def test_killing_sshd_mid_run_fails_that_server_cleanly(cronium_fleet_factory, e
         result = job.result(timeout=60)
         assert result[name].status == Status.FAILED
         assert "connection" in result[name].error.lower()
-        assert wait_for(lambda: not leftovers(fleet, name, r"sleep 5006|cronium-runner"), timeout=30)
+        assert wait_for(lambda: not processes_matching(fleet, name, r"sleep 5006|cronium-runner"), timeout=30)
     finally:
         fleet.restart(name)
     assert executor.run(Event(name="after-restart", script="echo back")).ok

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from cronium_nb import Fleet
 from cronium_nb.model import Server
 from cronium_runner.exitcodes import RunnerExit
 from tests.conftest import REPO_ROOT
-from tests.runner_harness import SshRun, connect, make_payload, run_over_ssh
+from tests.runner_harness import SshRun, connect, grandchildren_script, make_payload, processes_matching, run_over_ssh
 from tests.unit.test_runner_local import HELPER_EXPECTED_STDOUT, HELPER_SCRIPTS, dedent_shell
 
 pytestmark = pytest.mark.fleet
@@ -144,17 +143,10 @@ def test_python_script_on_bare_server_names_the_missing_interpreter(targets: Tar
 
 
 def remote_processes(target: Target, pattern: str) -> list[str]:
-    output = target.fleet.exec(target.name, "ps -eo pid,stat,args").output
-    return [line for line in output.splitlines() if re.search(pattern, line) and "ps -eo" not in line]
+    return processes_matching(target.fleet, target.name, pattern)
 
 
-GRANDCHILDREN = """
-sleep 4001 & echo "pid $!"
-( sleep 4002 & echo "pid $!" ; wait ) &
-setsid sh -c 'sleep 4003 & echo "pid $!"; wait' &
-echo ready
-wait
-"""
+GRANDCHILDREN = grandchildren_script(4000)
 TRAPPED = "trap 'echo got TERM' TERM\necho ready\nwhile true; do sleep 0.05; done\n"
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from cronium_runner.exitcodes import RunnerExit
 from cronium_runner.protocol import MAGIC, encode
-from tests.runner_harness import LOCAL_RUNNER, LocalRun, make_payload, run_local
+from tests.runner_harness import LOCAL_RUNNER, LocalRun, grandchildren_script, make_payload, run_local
 
 SHELL_HELPER_SCRIPT = """
         echo "n=$(cronium.input n) all=$(cronium.input)"
@@ -234,13 +234,7 @@ def pids_alive(pids: list[int]) -> list[int]:
     return alive
 
 
-GRANDCHILDREN = """
-sleep 3001 & echo "pid $!"
-( sleep 3002 & echo "pid $!" ; wait )  &
-setsid sh -c 'sleep 3003 & echo "pid $!"; wait' &
-echo ready
-wait
-"""
+GRANDCHILDREN = grandchildren_script(3000)
 
 
 def started_pids(report) -> list[int]:
