@@ -122,13 +122,15 @@ class Fleet:
         *,
         user: str = "root",
         sshd_options: Mapping[str, str] | None = None,
+        tmpfs: Mapping[str, str] | None = None,
         name_prefix: str = "",
         ready_timeout: float = READY_TIMEOUT_S,
     ) -> Fleet:
         """Start ``amd64`` + ``arm64`` servers of one image variant and wait until sshd answers.
 
         Servers are named ``<prefix><arch>-<n>``. ``sshd_options`` are passed to sshd as
-        ``-o KEY=VALUE`` (e.g. ``{"AllowTcpForwarding": "no"}``).
+        ``-o KEY=VALUE`` (e.g. ``{"AllowTcpForwarding": "no"}``). ``tmpfs`` mounts small
+        filesystems (path -> options, e.g. ``{"/root/.cache": "size=1m"}``) to fill disks in tests.
         """
         if variant not in VARIANTS:
             raise ValueError(f"unknown fleet variant {variant!r}; expected one of {', '.join(VARIANTS)}")
@@ -147,7 +149,7 @@ class Fleet:
         fleet_id = uuid.uuid4().hex[:8]
         fleet = cls(client, fleet_id, Path(tempfile.mkdtemp(prefix=f"cronium-fleet-{fleet_id}-")))
         try:
-            fleet._start(counts, variant, user, dict(sshd_options or {}), name_prefix, ready_timeout)
+            fleet._start(counts, variant, user, dict(sshd_options or {}), dict(tmpfs or {}), name_prefix, ready_timeout)
         except BaseException:
             fleet.down()
             raise
@@ -160,6 +162,7 @@ class Fleet:
         variant: str,
         user: str,
         sshd_options: dict[str, str],
+        tmpfs: dict[str, str],
         prefix: str,
         ready_timeout: float,
     ) -> None:
@@ -184,7 +187,7 @@ class Fleet:
                         *home_files,
                     ]
                 )
-                container, port = self._start_container(name, arch, variant, command, files)
+                container, port = self._start_container(name, arch, variant, command, files, tmpfs)
                 server = Server(
                     name=name,
                     host="127.0.0.1",
@@ -200,7 +203,9 @@ class Fleet:
         with ThreadPoolExecutor(max_workers=max(1, len(self._members))) as pool:
             list(pool.map(lambda name: self.wait_ready(name, ready_timeout), self._members))
 
-    def _start_container(self, name: str, arch: str, variant: str, command: list[str], files: bytes):
+    def _start_container(
+        self, name: str, arch: str, variant: str, command: list[str], files: bytes, tmpfs: dict[str, str]
+    ):
         """Create the container, copy ``files`` (a tar) into it, start it; returns it and its port."""
         labels = {FLEET_LABEL: self.fleet_id, OWNER_LABEL: _owner_id(), "cronium.fleet.server": name}
         for _attempt in range(10):
@@ -213,6 +218,7 @@ class Fleet:
                     hostname=name,
                     labels=labels,
                     ports={"22/tcp": ("127.0.0.1", port)},
+                    tmpfs=tmpfs,
                     detach=True,
                 )
                 container.put_archive("/", files)

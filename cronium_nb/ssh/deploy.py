@@ -6,9 +6,11 @@ Remote layout (all 0700, owned by the login user, never through a symlink)::
     ~/.cache/cronium/runner/<version>-<flavour>-<arch>-<sha>/cronium-runner/...  + SHA256SUMS
 
 A deployment is verified on the server with ``sha256sum -c`` and remembered here, per server,
-runner version and checksum, for 24 hours; within that time a run starts the runner directly
-(one channel, no extra round trip). A run whose runner turns out to be missing or broken
-invalidates the entry, and the executor deploys again.
+runner version and checksum, for 24 hours and for as long as the connection that verified it
+lasts (a new connection — after a reconnect, a restarted server — verifies again, one round
+trip); within that, a run starts the runner directly (one channel, no extra round trip). A run
+whose runner turns out to be missing or broken invalidates the entry, and the executor deploys
+again.
 """
 
 from __future__ import annotations
@@ -178,7 +180,8 @@ class Deployer:
         self.backoff = tuple(backoff)
         self.attempts = attempts
         self.validity_s = validity_s
-        self._verified: dict[tuple[ServerKey, str, str], float] = {}
+        # (server, runner version, checksum) -> (when verified, the connection it was verified on)
+        self._verified: dict[tuple[ServerKey, str, str], tuple[float, int]] = {}
         self._locks: dict[ServerKey, asyncio.Lock] = {}
 
     async def host_info(self, pooled: PooledConnection) -> HostInfo:
@@ -194,6 +197,10 @@ class Deployer:
             pooled.info = HostInfo(machine=lines[0], python=python)
         return pooled.info
 
+    def _still_valid(self, cache_key: tuple[ServerKey, str, str], pooled: PooledConnection) -> bool:
+        verified_at, connection = self._verified.get(cache_key, (-1e18, 0))
+        return connection == pooled.serial and time.monotonic() - verified_at < self.validity_s
+
     def invalidate(self, key: ServerKey, build: RunnerBuild) -> None:
         self._verified.pop((key, RUNNER_VERSION, build.sha256), None)
 
@@ -207,16 +214,16 @@ class Deployer:
         """Make sure the right runner is on the server; deploy with retries when it is not."""
         build = self.builds.choose(await self.host_info(pooled))
         cache_key = (pooled.key, RUNNER_VERSION, build.sha256)
-        if not force and time.monotonic() - self._verified.get(cache_key, -1e18) < self.validity_s:
+        if not force and self._still_valid(cache_key, pooled):
             return DeployOutcome(build, "cached", 0)
         lock = self._locks.setdefault(pooled.key, asyncio.Lock())
         async with lock:  # one upload per server; the others wait and then find it verified
-            if not force and time.monotonic() - self._verified.get(cache_key, -1e18) < self.validity_s:
+            if not force and self._still_valid(cache_key, pooled):
                 return DeployOutcome(build, "cached", 0)
             if not force:
                 status = await self._run_script(pooled, remote_script(VERIFY_SCRIPT, build))
                 if status[0] == 0:
-                    self._verified[cache_key] = time.monotonic()
+                    self._verified[cache_key] = (time.monotonic(), pooled.serial)
                     return DeployOutcome(build, "verified", 0)
                 if status[0] == UNSAFE:
                     raise DeployError(status[1], retryable=False)
@@ -224,7 +231,7 @@ class Deployer:
             for attempt in range(1, self.attempts + 1):
                 code, message = await self._run_script(pooled, remote_script(INSTALL_SCRIPT, build), data)
                 if code == 0:
-                    self._verified[cache_key] = time.monotonic()
+                    self._verified[cache_key] = (time.monotonic(), pooled.serial)
                     return DeployOutcome(build, "deployed", attempt, len(data))
                 if code == UNSAFE:
                     raise DeployError(message, retryable=False)

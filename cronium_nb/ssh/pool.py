@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import time
 from collections.abc import AsyncIterator
@@ -30,6 +31,7 @@ class ConnectError(Exception):
 
 
 ServerKey = tuple[str, int, str, str | None, str | None]
+_serials = itertools.count(1)
 
 
 def server_key(server: Server) -> ServerKey:
@@ -45,6 +47,7 @@ class PooledConnection:
     info: Any = None  # what the deployer learned about the host, cached per connection
     tunnel: int | str | None = None  # API mode: the remote forward's port, or why it failed
     tunnel_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    serial: int = field(default_factory=lambda: next(_serials))  # unlike id(), never reused
 
     @property
     def alive(self) -> bool:

@@ -89,6 +89,7 @@ class RemoteRun:
                 _uncancel()
                 await self._stop(process, reader, "cancel")
             await asyncio.wait([stderr_task], timeout=1.0)
+            stderr_task.cancel()
         finally:
             process.close()
         completed = process.exit_status
@@ -115,9 +116,11 @@ class RemoteRun:
             process.channel.abort()
 
     async def _drain_stderr(self, process: asyncssh.SSHClientProcess) -> None:
-        while data := await process.stderr.read(READ_SIZE):
-            self._stderr += data[-4096:]
-            del self._stderr[:-4096]
+        """Keep the last 4 KiB of the channel's stderr (a shell's "not found", a crash)."""
+        with contextlib.suppress(asyncssh.Error, OSError):  # a lost connection is the reader's news
+            while data := await process.stderr.read(READ_SIZE):
+                self._stderr += data[-4096:]
+                del self._stderr[:-4096]
 
     async def _read(self, process: asyncssh.SSHClientProcess) -> None:
         try:
