@@ -240,14 +240,31 @@ class socket_closed_port:
         pass
 
 
-def test_wrong_client_key_is_a_clear_failure(cronium_fleet: Fleet, executor_factory, tmp_path: Path) -> None:
-    real = cronium_fleet.servers[0]
+def test_wrong_client_key_and_changed_host_key_on_both_architectures(
+    cronium_fleet: Fleet, executor_factory, tmp_path: Path
+) -> None:
     stranger = tmp_path / "id_stranger"
     asyncssh.generate_private_key("ssh-ed25519").write_private_key(str(stranger))
-    server = Server(name="nokey", host=real.host, port=real.port, key_path=str(stranger), known_hosts=real.known_hosts)
-    result = executor_factory(cn.Inventory([server])).run(Event(name="auth", script="true"))
+    changed = tmp_path / "changed_known_hosts"
+    lines = []
+    servers = []
+    for real in cronium_fleet.servers:
+        other_key = asyncssh.generate_private_key("ssh-ed25519").export_public_key("openssh").decode()
+        lines.append(f"[127.0.0.1]:{real.port} {other_key}")
+        servers.append(
+            Server(name=f"nokey-{real.name}", host=real.host, port=real.port, key_path=str(stranger),
+                   known_hosts=real.known_hosts)
+        )  # fmt: skip
+        servers.append(
+            Server(name=f"newkey-{real.name}", host=real.host, port=real.port, key_path=real.key_path,
+                   known_hosts=str(changed))
+        )  # fmt: skip
+    changed.write_text("".join(lines))
+    result = executor_factory(cn.Inventory(servers)).run(Event(name="auth", script="true"))
     assert result.status == Status.FAILED
-    assert "refused our key" in result["nokey"].error
+    for real in cronium_fleet.servers:
+        assert "refused our key" in result[f"nokey-{real.name}"].error
+        assert "does not match" in result[f"newkey-{real.name}"].error
 
 
 def test_timeout_stops_everything(cronium_fleet: Fleet, executor_factory) -> None:
@@ -314,8 +331,9 @@ def test_cancel_during_the_deploy(cronium_fleet_factory, executor_factory) -> No
     assert wait_for(lambda: partial.output.strip() == "0")
 
 
-def test_paused_server_is_noticed_within_the_keepalive_bound(cronium_fleet_factory, executor_factory) -> None:
-    fleet = cronium_fleet_factory(amd64=1, arm64=0, name_prefix="pause-")
+@pytest.mark.parametrize("arch", ["amd64", "arm64"])
+def test_paused_server_is_noticed_within_the_keepalive_bound(cronium_fleet_factory, executor_factory, arch) -> None:
+    fleet = cronium_fleet_factory(amd64=int(arch == "amd64"), arm64=int(arch == "arm64"), name_prefix="pause-")
     name = fleet.names[0]
     options = SSHOptions(keepalive_interval=1, keepalive_count_max=3)
     executor = executor_factory(fleet.inventory, ssh_options=options)
