@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install host fixtures runner test unit demo lint format clean clean-fleets
+.PHONY: install host fixtures runner test unit demo soak lint format clean clean-fleets
 
 install: $(INSTALLED)
 
@@ -38,6 +38,11 @@ unit: install
 
 demo: fixtures runner
 	$(BIN)/python -m cronium_nb.demo
+
+# A bounded (10 minutes by default) run with random faults; not part of `make test`.
+SOAK_ARGS ?=
+soak: fixtures runner
+	$(BIN)/python -m tests.soak $(SOAK_ARGS)
 
 lint: install
 	$(BIN)/ruff check .
