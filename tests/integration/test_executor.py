@@ -174,6 +174,19 @@ def test_unsafe_cache_dir_is_refused(cronium_fleet_factory, executor_factory) ->
     assert "unsafe directory" in result[name].error and "mode 700" in result[name].error
 
 
+def test_cache_dir_owned_by_another_user_is_refused(cronium_fleet_factory, executor_factory) -> None:
+    fleet = cronium_fleet_factory(amd64=1, arm64=0, user="cronium", name_prefix="unsafe-")
+    name = fleet.names[0]
+    cache = "/home/cronium/.cache/cronium"
+    fleet.exec(name, f"rm -rf {cache}; mkdir -p {cache} && chown intruder {cache} && chmod 700 {cache}")
+    try:
+        result = executor_factory(fleet.inventory).run(Event(name="intruded", script="true"))
+    finally:
+        fleet.exec(name, "rm -rf /home/cronium/.cache/cronium")
+    assert result.status == Status.FAILED
+    assert "unsafe directory" in result[name].error and "owned by cronium" in result[name].error
+
+
 def test_partial_when_one_of_three_fails(cronium_fleet_factory, executor_factory) -> None:
     fleet = cronium_fleet_factory(amd64=2, arm64=1, name_prefix="three-")
     failing = fleet.names[1]

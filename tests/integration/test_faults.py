@@ -97,8 +97,11 @@ def test_killing_sshd_mid_run(single, tmp_path: Path) -> None:
         assert executor.run(Event(name="after-sshd", script="echo back")).ok
 
 
-def test_disk_full_during_deploy(cronium_fleet_factory, tmp_path: Path) -> None:
-    fleet = cronium_fleet_factory(amd64=1, arm64=0, tmpfs={"/root/.cache": "size=1m"}, name_prefix="diskfull-")
+@pytest.mark.parametrize("arch", ARCHES)
+def test_disk_full_during_deploy(cronium_fleet_factory, tmp_path: Path, arch: str) -> None:
+    fleet = cronium_fleet_factory(
+        amd64=int(arch == "amd64"), arm64=int(arch == "arm64"), tmpfs={"/root/.cache": "size=1m"}, name_prefix="full-"
+    )
     name = fleet.names[0]
     with Executor(fleet.inventory, state_dir=tmp_path / "state", deploy_backoff=(0.1, 0.1)) as executor:
         result = executor.run(Event(name="no-space", script="true"))

@@ -59,6 +59,15 @@ def test_hostile_values_arrive_verbatim_and_run_nothing(cronium_fleet: Fleet, tm
         assert "No such file" in listing and listing.strip().endswith("0"), listing
 
 
+def test_secrets_stay_out_of_reprs_and_errors() -> None:
+    secret = "s3cr3t-in-repr"
+    event = Event(name="quiet", script="true", secrets={"TOKEN": secret})
+    assert secret not in repr(event) and secret not in str(event)
+    with pytest.raises(cn.EventError) as caught:
+        Event(name="quiet", script="true", secrets={"TOKEN": secret + "\0"})
+    assert secret not in str(caught.value)
+
+
 def test_nul_bytes_are_refused_before_anything_runs(cronium_fleet: Fleet) -> None:
     with pytest.raises(cn.EventError, match="must not contain NUL"):
         Event(name="bad\0name", script="true")
