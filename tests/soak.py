@@ -27,8 +27,10 @@ from tests.runner_harness import processes_matching
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 FAULTS = ("none", "cancel", "kill_sshd", "pause", "delete_runner")
-SCRIPT = "echo soak on $(hostname); sleep 4; echo done"  # `sleep 4` is the job's marker below
-MARKER = r"sleep 4$|cronium-runner run"
+SCRIPT = "echo soak on $(hostname); sleep 10; echo done"  # `sleep 10` is the job's marker below
+MARKER = r"sleep 10$|cronium-runner run"
+KEEPALIVE = SSHOptions(keepalive_interval=1, keepalive_count_max=3)  # a dead link is noticed in ~3-4 s
+PAUSE_S = 8.0  # beyond that bound with room to spare, also for emulated arm64 under load
 
 
 def rss_mb() -> float:
@@ -52,10 +54,13 @@ def one_round(fleet: Fleet, executor: Executor, rng: random.Random, fault: str) 
     victim = rng.choice(fleet.names)
     if fault == "delete_runner":
         fleet.exec(victim, "rm -rf ~/.cache/cronium/runner")
-    started = threading.Event()
-    job = executor.submit(
-        Event(name="soak", script=SCRIPT, timeout=60), callbacks=Callbacks(on_line=lambda *_: started.set())
-    )
+    started = threading.Event()  # the victim's script is running: the fault lands mid-run there
+
+    def on_line(server: str, *_: object) -> None:
+        if server == victim:
+            started.set()
+
+    job = executor.submit(Event(name="soak", script=SCRIPT, timeout=60), callbacks=Callbacks(on_line=on_line))
     problems: list[str] = []
     if not started.wait(90):
         problems.append("no output within 90 s")
@@ -65,7 +70,7 @@ def one_round(fleet: Fleet, executor: Executor, rng: random.Random, fault: str) 
         fleet.kill_sshd(victim)
     elif fault == "pause":
         fleet.pause(victim)
-        time.sleep(5)  # the fault itself: a server frozen past the 3 s keepalive bound
+        time.sleep(PAUSE_S)  # the fault itself: a server frozen well past the keepalive bound
         fleet.unpause(victim)
     result = job.result(timeout=180)
     if fault == "kill_sshd":
@@ -110,12 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     faults: Counter[str] = Counter()
     problems: list[str] = []
     memory: list[tuple[float, float]] = []
-    options = SSHOptions(keepalive_interval=1, keepalive_count_max=3)
     began = time.monotonic()
     with (
         Fleet.up(amd64=2, arm64=1) as fleet,
         tempfile.TemporaryDirectory() as state,
-        Executor(fleet.inventory, state_dir=state, ssh_options=options, deploy_backoff=(0.5, 1.0)) as executor,
+        Executor(fleet.inventory, state_dir=state, ssh_options=KEEPALIVE, deploy_backoff=(0.5, 1.0)) as executor,
     ):
         while time.monotonic() - began < args.duration:
             fault = rng.choice(FAULTS)
