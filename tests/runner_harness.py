@@ -9,12 +9,15 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import asyncssh
 
+import cronium_nb
 from cronium_nb.model import Server
 from cronium_nb.payload import PayloadArchive, build_archive
 from cronium_runner.manifest import SCRIPT_TYPES, Manifest
@@ -154,6 +157,24 @@ def processes_matching(fleet: Any, name: str, pattern: str) -> list[str]:
     """Lines of ``ps`` on a fleet server that match ``pattern`` (``ps`` itself excluded)."""
     output = fleet.exec(name, "ps -eo pid,stat,args").output
     return [line for line in output.splitlines() if re.search(pattern, line) and "ps -eo" not in line]
+
+
+def wait_for(condition, timeout: float = 30.0, interval: float = 0.1) -> bool:
+    """Poll a condition (a bounded wait; the test fails if it never holds)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval)
+    return condition()
+
+
+def submit_and_wait_for_output(executor: Any, event: Any) -> Any:
+    """Start a job and return once its script has printed something (so it is surely running)."""
+    running = threading.Event()
+    job = executor.submit(event, callbacks=cronium_nb.Callbacks(on_line=lambda *_: running.set()))
+    assert running.wait(60), "the script never printed"
+    return job
 
 
 def has_result(report: RunReport) -> bool:

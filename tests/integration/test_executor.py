@@ -16,7 +16,7 @@ import cronium_nb as cn
 from cronium_nb import Event, Executor, Fleet, SSHOptions, Status
 from cronium_nb.executor import DEFAULT_RUNNER_DIST, Callbacks
 from cronium_nb.model import Server
-from tests.runner_harness import processes_matching
+from tests.runner_harness import processes_matching, submit_and_wait_for_output, wait_for
 
 pytestmark = pytest.mark.fleet
 FAST_BACKOFF = (0.2, 0.2, 0.2)
@@ -35,24 +35,6 @@ def executor_factory(tmp_path: Path):
     yield make
     for executor in made:
         executor.close()
-
-
-def wait_for(condition, timeout: float = 30.0, interval: float = 0.1) -> bool:
-    """Poll a condition (a bounded wait; the test fails if it never holds)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(interval)
-    return condition()
-
-
-def submit_and_wait_for_output(executor: Executor, event: Event) -> cn.Job:
-    """Start a job and return once its script has printed something (so it is surely running)."""
-    running = threading.Event()
-    job = executor.submit(event, callbacks=Callbacks(on_line=lambda *_: running.set()))
-    assert running.wait(60), "the script never printed"
-    return job
 
 
 def test_first_run_deploys_then_the_cache_is_used(cronium_fleet: Fleet, executor_factory) -> None:

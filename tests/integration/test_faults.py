@@ -14,8 +14,7 @@ import yaml
 
 from cronium_nb import Callbacks, Event, Executor, SSHOptions, Status
 from cronium_nb.store import Store
-from tests.integration.test_executor import submit_and_wait_for_output, wait_for
-from tests.runner_harness import processes_matching
+from tests.runner_harness import processes_matching, submit_and_wait_for_output, wait_for
 
 pytestmark = pytest.mark.fleet
 ARCHES = ["amd64", "arm64"]
