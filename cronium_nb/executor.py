@@ -39,7 +39,7 @@ from cronium_nb.runtime_api import ApiRun, RuntimeService
 from cronium_nb.ssh.deploy import DEFAULT_BACKOFF_S, Deployer, DeployError, RunnerBuilds
 from cronium_nb.ssh.options import SSHOptions
 from cronium_nb.ssh.pool import ConnectError, ConnectionPool
-from cronium_nb.ssh.remote_run import RemoteRun, RunnerUnavailable
+from cronium_nb.ssh.remote_run import RemoteRun, RunnerUnavailable, RunOutcome, uncancel
 from cronium_nb.store import SERVER_RESULT_FIELDS, LogBuffer, Store
 
 DEFAULT_RUNNER_DIST = Path(cronium_runner.__file__).resolve().parent.parent / "dist"
@@ -392,7 +392,7 @@ class Executor:
                         task.cancel()
         except asyncio.CancelledError:
             cancelled = True
-            _uncancel()
+            uncancel()
             for task in tasks:
                 task.cancel()
             await asyncio.wait(tasks)
@@ -418,7 +418,7 @@ class Executor:
                 state.status(result, "connect")
                 await self._connect_deploy_run(state, server, result)
         except asyncio.CancelledError:
-            _uncancel()
+            uncancel()
             result.status, result.error = Status.CANCELLED, result.error or "cancelled"
         except (ConnectError, DeployError) as error:
             result.status, result.error = Status.FAILED, str(error)
@@ -499,7 +499,7 @@ class Executor:
                 if api_run is not None:
                     self._runtime.unregister(state.execution_id, server.name)
             result.phases.update(run.phases)
-        self._apply_run(state, server, result, run)
+        self._apply_run(state, server, result, run, seeded=variables)
         if api_run is not None and run.result is not None:
             if api_run.output_set:
                 result.outputs = api_run.output
@@ -551,7 +551,9 @@ class Executor:
         result.helpers = "api"
         return api_run
 
-    def _apply_run(self, state: _Execution, server: Server, result: ServerResult, run: Any) -> None:
+    def _apply_run(
+        self, state: _Execution, server: Server, result: ServerResult, run: RunOutcome, seeded: dict[str, Any]
+    ) -> None:
         report = run.result
         if run.cancelled:
             result.status, result.error = Status.CANCELLED, run.error or "cancelled"
@@ -571,13 +573,10 @@ class Executor:
             result.exit_code = report.get("exit_code")
             result.outputs = report.get("outputs")
             result.variables = report.get("variables") or {}
+            # Only what this run changed: rewriting the values it was given could undo what a
+            # concurrent run set meanwhile (API mode stores its changes live, as they happen).
             for name, value in result.variables.items():
-                self.store.set_variable(
-                    self.variable_scope, name, value, updated_by=f"{state.execution_id}/{server.name}"
-                )
-
-
-def _uncancel() -> None:
-    task = asyncio.current_task()
-    if task is not None and hasattr(task, "uncancel"):
-        task.uncancel()
+                if name not in seeded or seeded[name] != value:
+                    self.store.set_variable(
+                        self.variable_scope, name, value, updated_by=f"{state.execution_id}/{server.name}"
+                    )

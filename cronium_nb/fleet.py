@@ -34,6 +34,7 @@ import docker.errors
 
 from cronium_nb.inventory import Inventory
 from cronium_nb.model import Server
+from cronium_nb.store import current_owner, owner_alive
 
 IMAGE_REPOSITORY = "cronium-sshd"
 ARCHES = ("amd64", "arm64")
@@ -41,7 +42,7 @@ VARIANTS = ("full", "bare")
 # Users created in every image (name -> uid); the fleet's key is authorized for root and these.
 FIXTURE_USERS = {"cronium": 1000, "intruder": 1001}
 FLEET_LABEL = "cronium.fleet"
-OWNER_LABEL = "cronium.fleet.owner"  # "<hostname>:<pid>" of the process that started the fleet
+OWNER_LABEL = "cronium.fleet.owner"  # the starting process, as cronium_nb.store.current_owner() names it
 HOST_KEY_PATH = "etc/ssh/ssh_host_ed25519_key"
 READY_TIMEOUT_S = 120.0  # emulated arm64 sshd can take several seconds to answer
 
@@ -91,10 +92,6 @@ def _tar(files: Sequence[tuple[str, bytes | None, int, int]]) -> bytes:
                 info.size = len(content)
                 archive.addfile(info, io.BytesIO(content))
     return buffer.getvalue()
-
-
-def _owner_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 class Fleet:
@@ -207,7 +204,7 @@ class Fleet:
         self, name: str, arch: str, variant: str, command: list[str], files: bytes, tmpfs: dict[str, str]
     ):
         """Create the container, copy ``files`` (a tar) into it, start it; returns it and its port."""
-        labels = {FLEET_LABEL: self.fleet_id, OWNER_LABEL: _owner_id(), "cronium.fleet.server": name}
+        labels = {FLEET_LABEL: self.fleet_id, OWNER_LABEL: current_owner(), "cronium.fleet.server": name}
         for _attempt in range(10):
             port = _free_loopback_port()
             try:
@@ -253,11 +250,9 @@ class Fleet:
     def cleanup_stale(client: docker.DockerClient | None = None) -> int:
         """Remove fleet containers whose starting process is gone; returns how many."""
         client = client or docker.from_env()
-        hostname = socket.gethostname()
         removed = 0
         for container in client.containers.list(all=True, filters={"label": FLEET_LABEL}):
-            owner_host, _, pid = container.labels.get(OWNER_LABEL, ":").rpartition(":")
-            if owner_host == hostname and pid.isdigit() and _process_alive(int(pid)):
+            if owner_alive(container.labels.get(OWNER_LABEL, "")):
                 continue
             container.remove(force=True, v=True)
             removed += 1
@@ -341,13 +336,3 @@ class Fleet:
                 raise FleetError(f"{name}: container exited before sshd was ready:\n{logs}")
             time.sleep(0.1)
         raise FleetError(f"{name}: sshd on port {server.port} not ready after {timeout:.0f} s ({last_error})")
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -86,7 +86,7 @@ class RemoteRun:
                 await self._stop(process, reader, "timeout")
             except asyncio.CancelledError:
                 self._outcome.cancelled = True
-                _uncancel()
+                uncancel()
                 await self._stop(process, reader, "cancel")
             await asyncio.wait([stderr_task], timeout=1.0)
             stderr_task.cancel()
@@ -155,7 +155,7 @@ class RemoteRun:
                 self.on_line(stream, line.decode("utf-8", errors="backslashreplace"), frame.ts)
 
 
-def _uncancel() -> None:
+def uncancel() -> None:
     """Let a task that caught its cancellation go on cleaning up (Python >= 3.11 counts them)."""
     task = asyncio.current_task()
     if task is not None and hasattr(task, "uncancel"):

@@ -439,3 +439,13 @@ def test_accept_new_records_a_first_key_and_refuses_a_changed_one(
             Event(name="off", script="true")
         )
     assert unchecked.ok
+
+
+def test_only_variables_a_run_changed_are_written_back(cronium_fleet: Fleet, executor_factory) -> None:
+    executor = executor_factory(cronium_fleet.inventory)
+    executor.store.set_variable("global", "untouched", 1, updated_by="the notebook")
+    result = executor.run(Event(name="vars", script="cronium.setVariable touched 2"), servers="amd64")
+    assert result.ok and result["amd64-1"].variables == {"untouched": 1, "touched": 2}
+    frame = executor.store.variables("global").set_index("name")
+    assert frame.loc["untouched", "updated_by"] == "the notebook"  # a given value is not rewritten
+    assert frame.loc["touched", "updated_by"] == f"{result.execution_id}/amd64-1"
