@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install host fixtures runner test unit demo soak lint format clean clean-fleets
+.PHONY: install host fixtures runner test unit demo soak bench lint format clean clean-fleets
 
 install: $(INSTALLED)
 
@@ -43,6 +43,13 @@ demo: fixtures runner
 SOAK_ARGS ?=
 soak: fixtures runner
 	$(BIN)/python -m tests.soak $(SOAK_ARGS)
+
+# cronium_nb against parallel-ssh, Fabric and Ansible on one local fleet; writes
+# benchmarks/RESULTS.md, benchmarks/results/ (CSV, plots). Not part of `make test`.
+BENCH_ARGS ?=
+bench: fixtures runner
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

@@ -1,0 +1,290 @@
+"""cronium_nb against its peers, on one local fleet, in one run: ``make bench``.
+
+B1 warm single-server latency, B2 fan-out, B3 cold deployment, B4 streaming, B5 where the time
+goes. Every sample is checked (all servers answered, every line arrived); the medians, the
+machine, the tool versions and the command go to ``benchmarks/RESULTS.md``, the raw samples to
+``benchmarks/results/samples.csv`` and the plots to ``benchmarks/results/*.png``.
+
+Usage: python benchmarks/bench.py [--quick] [--only B1,B2,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import asyncssh
+
+from cronium_nb import Event, Executor, Fleet, Server
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peers import AnsibleAdHoc, FabricGroup, ParallelSsh
+from report import Report
+
+HERE = Path(__file__).resolve().parent
+RUNNER_DIST = HERE.parent / "runner" / "dist"
+FANOUT_COMMAND = "hostname; uptime"
+FANOUT_EXPECT = "load average"
+STREAM_LINES = 2_000_000
+STREAM_LINE = "0" * 99  # + newline: 100 bytes a line, 200 MB in all
+STREAM_COMMAND = f"yes {STREAM_LINE} | head -n {STREAM_LINES}"
+
+
+@dataclass
+class Plan:
+    """How many samples each benchmark takes (``--quick`` for a smoke run)."""
+
+    latency_runs: int = 30
+    fanout_sizes: Sequence[int] = (1, 5, 10, 20)
+    fanout_runs: int = 10
+    ansible_runs: int = 5
+    deploy_sizes: Sequence[int] = (1, 10, 20)
+    deploy_runs: int = 3
+    stream_runs: int = 3
+    only: set[str] = field(default_factory=lambda: {"B1", "B2", "B3", "B4", "B5"})
+
+    @classmethod
+    def quick(cls) -> Plan:
+        return cls(latency_runs=5, fanout_sizes=(1, 5), fanout_runs=2, ansible_runs=1, deploy_sizes=(1,),
+                   deploy_runs=1, stream_runs=1)  # fmt: skip
+
+
+def timed(action: Callable[[], object], runs: int) -> list[float]:
+    samples = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        action()
+        samples.append(time.perf_counter() - started)
+    return samples
+
+
+def check(result, servers: Sequence[Server]) -> None:
+    """An execution that did not succeed everywhere is a bug, not a sample."""
+    if not result.ok or len(result) != len(servers):
+        raise RuntimeError(f"execution failed:\n{result.summary().to_string()}")
+
+
+# --- B1 ---------------------------------------------------------------------------------------
+
+
+async def _asyncssh_floor(server: Server, runs: int) -> list[float]:
+    async with asyncssh.connect(
+        server.host, port=server.port, username=server.user,
+        client_keys=[server.key_path], known_hosts=server.known_hosts,
+    ) as connection:  # fmt: skip
+        samples = []
+        for _ in range(runs):
+            started = time.perf_counter()
+            result = await connection.run("true")
+            samples.append(time.perf_counter() - started)
+            assert result.exit_status == 0
+        return samples
+
+
+def bench_latency(report: Report, fleet: Fleet, state: Path, plan: Plan) -> None:
+    server = fleet.servers[0]
+    event = Event(name="bench-true", script="true", type="sh")
+    report.add(
+        "B1", "asyncssh run('true'), open connection", 1, asyncio.run(_asyncssh_floor(server, plan.latency_runs))
+    )
+    with Executor(fleet.inventory, state_dir=state) as executor:
+        check(executor.run(event, [server]), [server])  # deployed, connection pooled
+        samples = timed(lambda: check(executor.run(event, [server]), [server]), plan.latency_runs)
+        report.add("B1", "cronium_nb warm", 1, samples)
+        report.phases("B1 warm, 1 server", executor)
+    pssh = ParallelSsh([server])
+    pssh.run("true", "", new_client=False)
+    report.add("B1", "parallel-ssh, client reused", 1, timed(lambda: pssh.run("true", "", new_client=False),
+                                                               plan.latency_runs))  # fmt: skip
+    pssh.close()
+
+
+# --- B2 ---------------------------------------------------------------------------------------
+
+
+def bench_fanout(report: Report, fleet: Fleet, state: Path, plan: Plan) -> None:
+    event = Event(name="bench-fanout", script=FANOUT_COMMAND, type="sh")
+    for n in plan.fanout_sizes:
+        servers = fleet.servers[:n]
+        with Executor(fleet.inventory, state_dir=state) as executor:  # runner deployed everywhere
+            check(executor.run(event, servers), servers)
+
+        def cold() -> None:
+            with Executor(fleet.inventory, state_dir=state) as executor:
+                check(executor.run(event, servers), servers)
+                if n == max(plan.fanout_sizes):
+                    report.phases(f"B2 cold connections, {n} servers", executor, keep_last=True)
+
+        report.add("B2", "cronium_nb, cold connections", n, timed(cold, plan.fanout_runs))
+        with Executor(fleet.inventory, state_dir=state) as executor:
+            check(executor.run(event, servers), servers)
+            report.add("B2", "cronium_nb, warm connections", n,
+                       timed(lambda: check(executor.run(event, servers), servers), plan.fanout_runs))  # fmt: skip
+            if n == max(plan.fanout_sizes):
+                report.phases(f"B2 warm connections, {n} servers", executor)
+        for tool in (ParallelSsh(servers), FabricGroup(servers)):
+            try:
+                report.add("B2", f"{tool.name}, new client", n,
+                           timed(lambda: tool.run(FANOUT_COMMAND, FANOUT_EXPECT, new_client=True), plan.fanout_runs))  # fmt: skip
+                tool.run(FANOUT_COMMAND, FANOUT_EXPECT, new_client=False)
+                report.add("B2", f"{tool.name}, connections reused", n,
+                           timed(lambda: tool.run(FANOUT_COMMAND, FANOUT_EXPECT, new_client=False), plan.fanout_runs))  # fmt: skip
+            finally:
+                tool.close()
+        ansible = AnsibleAdHoc(servers)
+        try:
+            ansible.run(FANOUT_COMMAND, FANOUT_EXPECT)  # starts the ControlPersist masters
+            report.add("B2", "Ansible ad-hoc, ControlPersist", n,
+                       timed(lambda: ansible.run(FANOUT_COMMAND, FANOUT_EXPECT), plan.ansible_runs))  # fmt: skip
+        finally:
+            ansible.close()
+
+
+# --- B3 ---------------------------------------------------------------------------------------
+
+
+def _only_zipapp(root: Path) -> Path:
+    """A runner dist with the zipapp alone, so that the executor must deploy it."""
+    for name in ("cronium-runner-zipapp.tar.gz", "cronium-runner-zipapp.tar.gz.sha256"):
+        shutil.copy2(RUNNER_DIST / name, root / name)
+    return root
+
+
+def bench_deploy(report: Report, fleet: Fleet, state: Path, plan: Plan) -> None:
+    event = Event(name="bench-deploy", script="true", type="sh")
+    with tempfile.TemporaryDirectory() as zipapp_dist:
+        dists = {"bundle": RUNNER_DIST, "zipapp": _only_zipapp(Path(zipapp_dist))}
+        for flavour, dist in dists.items():
+            for n in plan.deploy_sizes:
+                servers = fleet.servers[:n]
+                sent: list[int] = []
+
+                def deploy() -> None:
+                    for server in servers:
+                        fleet.exec(server.name, "rm -rf /root/.cache/cronium")
+                    with Executor(fleet.inventory, state_dir=state, runner_dist=dist) as executor:
+                        result = executor.run(event, servers)
+                        check(result, servers)
+                        if any(r.deploy != "deployed" for r in result.servers.values()):
+                            raise RuntimeError("expected a fresh deployment on every server")
+                        metrics = executor.metrics().set_index("metric")["value"]
+                        sent.append(int(metrics["deployments.bytes_sent"]))
+
+                report.add("B3", f"cronium_nb deploy, {flavour}", n, timed(deploy, plan.deploy_runs),
+                           extra={"bytes_sent": statistics.median(sent)})  # fmt: skip
+
+
+# --- B4 ---------------------------------------------------------------------------------------
+
+
+def _peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+async def _stream_raw(server: Server) -> int:
+    async with asyncssh.connect(
+        server.host, port=server.port, username=server.user,
+        client_keys=[server.key_path], known_hosts=server.known_hosts,
+    ) as connection:  # fmt: skip
+        process = await connection.create_process(STREAM_COMMAND, encoding=None)
+        lines = 0
+        while data := await process.stdout.read(65536):
+            lines += data.count(b"\n")
+        await process.wait()
+        return lines
+
+
+def _stream_ours(server: Server, state: str) -> tuple[int, float]:
+    event = Event(name="bench-stream", script=STREAM_COMMAND, type="sh", timeout=600)
+    with Executor(state_dir=state) as executor:
+        check(executor.run(event, [server]), [server])  # deploy first: B4 measures streaming
+        started = time.perf_counter()
+        result = executor.run(event, [server])
+        elapsed = time.perf_counter() - started
+        check(result, [server])
+        stored = executor.store._query(
+            "SELECT count(*) FROM log_lines WHERE execution_id = ?", (result.execution_id,)
+        )[0][0]  # fmt: skip
+        return stored, elapsed
+
+
+def stream_child(tool: str, server_json: str, state: str) -> None:
+    """One B4 measurement in its own process, so that its peak RSS is its own."""
+    server = Server(**json.loads(server_json))
+    started = time.perf_counter()
+    if tool == "raw":
+        lines = asyncio.run(_stream_raw(server))
+        elapsed = time.perf_counter() - started
+    else:
+        lines, elapsed = _stream_ours(server, state)
+    print(json.dumps({"lines": lines, "seconds": elapsed, "peak_rss_mb": _peak_rss_mb()}))
+
+
+def bench_streaming(report: Report, fleet: Fleet, state: Path, plan: Plan) -> None:
+    server = fleet.servers[0]
+    megabytes = STREAM_LINES * (len(STREAM_LINE) + 1) / 1e6
+    for tool, label in (("raw", "asyncssh read(65536), open connection"), ("ours", "cronium_nb (stored, lines)")):
+        seconds, rss = [], []
+        for _ in range(plan.stream_runs):
+            child = subprocess.run(
+                [sys.executable, __file__, "--stream-child", tool, json.dumps(server.__dict__), str(state)],
+                capture_output=True, text=True, check=True, timeout=900,
+            )  # fmt: skip
+            measured = json.loads(child.stdout.strip().splitlines()[-1])
+            if measured["lines"] != STREAM_LINES:
+                raise RuntimeError(f"{label}: {measured['lines']} of {STREAM_LINES} lines arrived")
+            seconds.append(measured["seconds"])
+            rss.append(measured["peak_rss_mb"])
+        report.add("B4", label, 1, seconds, extra={"mb_per_s": megabytes / statistics.median(seconds),
+                                                  "peak_rss_mb": max(rss)})  # fmt: skip
+
+
+# --- main -------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few samples: a smoke run, not for RESULTS.md")
+    parser.add_argument("--only", help="comma-separated subset of B1,B2,B3,B4 (B5 comes with B1 and B2)")
+    parser.add_argument("--out", type=Path, default=HERE, help="where RESULTS.md and results/ go")
+    parser.add_argument("--stream-child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.stream_child:
+        stream_child(*args.stream_child)
+        return
+    plan = Plan.quick() if args.quick else Plan()
+    if args.only:
+        plan.only = {part.strip().upper() for part in args.only.split(",")}
+    servers_needed = max([*plan.fanout_sizes, *plan.deploy_sizes])
+    command = "make bench" + (f" BENCH_ARGS='{' '.join(argv or sys.argv[1:])}'" if (argv or sys.argv[1:]) else "")
+    report = Report(command=command, quick=args.quick)
+    started = time.monotonic()
+    print(f"bench: starting {servers_needed} amd64 sshd containers", flush=True)
+    with Fleet.up(amd64=servers_needed, arm64=0) as fleet, tempfile.TemporaryDirectory() as state:
+        for name, bench in (("B1", bench_latency), ("B2", bench_fanout), ("B3", bench_deploy),
+                            ("B4", bench_streaming)):  # fmt: skip
+            if name in plan.only:
+                print(f"bench: {name}", flush=True)
+                bench(report, fleet, Path(state), plan)
+    report.duration_s = time.monotonic() - started
+    report.write(args.out)
+    print(f"bench: done in {report.duration_s:.0f} s; wrote {args.out / 'RESULTS.md'}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    main()

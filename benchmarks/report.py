@@ -1,0 +1,293 @@
+"""Collects benchmark samples and writes RESULTS.md, results/samples.csv and the plots."""
+
+from __future__ import annotations
+
+import csv
+import os
+import platform
+import statistics
+import subprocess
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from cronium_nb.results import PHASES
+
+OURS = "cronium_nb"
+TARGETS = {
+    "B1": "at most 2x the raw asyncssh floor",
+    "B2": "faster than every peer at every N",
+    "B4": "at least 50% of raw asyncssh throughput, peak RSS under 300 MB",
+}
+
+
+@dataclass
+class Series:
+    benchmark: str
+    tool: str
+    n: int
+    samples: list[float]
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms" if seconds < 10 else f"{seconds:.1f} s"
+
+
+def _command(args: list[str]) -> str:
+    try:
+        completed = subprocess.run(args, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unavailable"
+    return (
+        (completed.stdout or completed.stderr).strip().splitlines()[0] if completed.returncode == 0 else "unavailable"
+    )
+
+
+def machine() -> dict[str, str]:
+    memory = next(line for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal"))
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.machine())  # fmt: skip
+    return {
+        "CPU": f"{os.cpu_count()} x {cpu}",
+        "memory": f"{int(memory.split()[1]) // 1024 // 1024} GiB",
+        "kernel": platform.release(),
+        "Python": platform.python_version(),
+        "Docker": _command(["docker", "version", "--format", "{{.Server.Version}}"]),
+        "servers": "Debian bookworm sshd containers (linux/amd64), ports published on 127.0.0.1",
+    }
+
+
+class Report:
+    def __init__(self, *, command: str, quick: bool) -> None:
+        self.command = command
+        self.quick = quick
+        self.series: list[Series] = []
+        self.phase_tables: dict[str, dict[str, float]] = {}
+        self.duration_s = 0.0
+
+    def add(self, benchmark: str, tool: str, n: int, samples: list[float], extra: dict | None = None) -> None:
+        series = Series(benchmark, tool, n, samples, dict(extra or {}))
+        self.series.append(series)
+        details = ", ".join(f"{k} {v:.1f}" for k, v in series.extra.items())
+        print(f"  {benchmark} {tool:<45} N={n:<3} median {_ms(series.median):>10}  {details}", flush=True)
+
+    def phases(self, label: str, executor: Any, keep_last: bool = False) -> None:
+        """B5: per-phase medians from the executor's metrics (``keep_last``: overwrite a label)."""
+        metrics = executor.metrics().set_index("metric")["value"]
+        if label in self.phase_tables and not keep_last:
+            return
+        self.phase_tables[label] = {p: float(metrics.get(f"phase.{p}.p50_s", float("nan"))) for p in PHASES}
+
+    def find(self, benchmark: str, tool: str, n: int = 1) -> Series | None:
+        return next((s for s in self.series if (s.benchmark, s.tool, s.n) == (benchmark, tool, n)), None)
+
+    # -- output
+
+    def write(self, out: Path) -> None:
+        results = out / "results"
+        results.mkdir(parents=True, exist_ok=True)
+        with open(results / "samples.csv", "w", newline="") as stream:
+            writer = csv.writer(stream)
+            writer.writerow(["benchmark", "tool", "n", "sample", "seconds", *sorted({k for s in self.series
+                                                                                      for k in s.extra})])  # fmt: skip
+            keys = sorted({k for s in self.series for k in s.extra})
+            for series in self.series:
+                for index, seconds in enumerate(series.samples):
+                    writer.writerow([series.benchmark, series.tool, series.n, index, f"{seconds:.6f}",
+                                     *[series.extra.get(k, "") for k in keys]])  # fmt: skip
+        plots = self._plots(results)
+        (out / "RESULTS.md").write_text(self._markdown(plots))
+
+    def _plots(self, results: Path) -> list[str]:
+        written = []
+        by_bench: dict[str, list[Series]] = defaultdict(list)
+        for series in self.series:
+            by_bench[series.benchmark].append(series)
+        if by_bench.get("B2"):
+            figure, axes = plt.subplots(figsize=(8, 5))
+            tools: dict[str, list[Series]] = defaultdict(list)
+            for series in by_bench["B2"]:
+                tools[series.tool].append(series)
+            for tool, points in tools.items():
+                points.sort(key=lambda s: s.n)
+                style = "-o" if tool.startswith(OURS) else "--s"
+                axes.plot([s.n for s in points], [s.median * 1000 for s in points], style, label=tool)
+            axes.set(xlabel="servers (N)", ylabel="wall time until all results are in (ms, median)",
+                     title=f"B2 fan-out: {FANOUT_LABEL}", yscale="log")  # fmt: skip
+            axes.grid(True, which="both", alpha=0.3)
+            axes.legend(fontsize=8)
+            figure.tight_layout()
+            figure.savefig(results / "b2-fanout.png", dpi=110)
+            plt.close(figure)
+            written.append("results/b2-fanout.png")
+        for bench, unit, title in (("B1", 1000, "B1 warm single-server latency of `true` (ms, median)"),
+                                   ("B4", None, "B4 streaming 200 MB of lines (MB/s, median)")):  # fmt: skip
+            if not by_bench.get(bench):
+                continue
+            figure, axes = plt.subplots(figsize=(8, 3.5))
+            labels = [s.tool for s in by_bench[bench]]
+            values = [s.median * unit if unit else s.extra["mb_per_s"] for s in by_bench[bench]]
+            axes.barh(labels, values, color=["#0969da" if label.startswith(OURS) else "#8c959f" for label in labels])
+            for y, value in enumerate(values):
+                axes.text(value, y, f" {value:.1f}", va="center", fontsize=8)
+            axes.set(title=title)
+            figure.tight_layout()
+            figure.savefig(results / f"{bench.lower()}.png", dpi=110)
+            plt.close(figure)
+            written.append(f"results/{bench.lower()}.png")
+        return written
+
+    def _markdown(self, plots: list[str]) -> str:
+        lines = ["# Benchmarks: cronium_nb against its peers", ""]
+        if self.quick:
+            lines += ["**A `--quick` smoke run: too few samples to compare anything.**", ""]
+        lines += [
+            f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by `{self.command}` "
+            f"in {self.duration_s / 60:.1f} min. Every tool ran against the same fleet in the same run; "
+            "every sample was checked (all servers answered with exit 0 and the expected output, every "
+            "line arrived). Raw samples: `results/samples.csv`.",
+            "",
+            "## Machine and versions",
+            "",
+            "| | |",
+            "|---|---|",
+        ]
+        from peers import tool_versions  # the peers' packages are only needed here and in bench.py
+
+        lines += [f"| {key} | {value} |" for key, value in {**machine(), **tool_versions()}.items()]
+        lines += ["", *self._summary(), *self._b1(), *self._b2(), *self._b3(), *self._b4(), *self._b5()]
+        lines += [f"![{Path(p).stem}]({p})" for p in plots]
+        lines += ["", *FINDINGS]
+        return "\n".join(lines) + "\n"
+
+    def _summary(self) -> list[str]:
+        rows = ["## Targets", "", "| target | result | met |", "|---|---|---|"]
+        floor, warm = self.find("B1", "asyncssh run('true'), open connection"), self.find("B1", f"{OURS} warm")
+        if floor and warm:
+            ratio = warm.median / floor.median
+            rows.append(f"| B1 {TARGETS['B1']} | {ratio:.1f}x ({_ms(warm.median)} vs {_ms(floor.median)}) | "
+                        f"{'yes' if ratio <= 2 else '**no**'} |")  # fmt: skip
+        for ours, peers in self._b2_pairs():
+            beaten = [(n, p) for n, o, p in ours_vs(self, ours, peers) if o.median >= p.median]
+            if any(s.benchmark == "B2" for s in self.series):
+                verdict = "yes" if not beaten else "**no**: " + ", ".join(f"{p.tool} at N={n}" for n, p in beaten)
+                rows.append(f"| B2 {ours} {TARGETS['B2']} {peers_label(peers)} | see B2 | {verdict} |")
+        raw, stored = (
+            self.find("B4", "asyncssh read(65536), open connection"),
+            self.find("B4", f"{OURS} (stored, lines)"),
+        )
+        if raw and stored:
+            share = stored.extra["mb_per_s"] / raw.extra["mb_per_s"]
+            met = share >= 0.5 and stored.extra["peak_rss_mb"] < 300
+            rows.append(f"| B4 {TARGETS['B4']} | {share:.0%} of raw, {stored.extra['peak_rss_mb']:.0f} MB peak | "
+                        f"{'yes' if met else '**no**'} |")  # fmt: skip
+        return [*rows, ""]
+
+    def _b2_pairs(self) -> list[tuple[str, list[str]]]:
+        tools = sorted({s.tool for s in self.series if s.benchmark == "B2"})
+        peers = [t for t in tools if not t.startswith(OURS)]
+        return [
+            (f"{OURS}, cold connections", [t for t in peers if "reused" not in t]),
+            (f"{OURS}, warm connections", peers),
+        ]
+
+    def _b1(self) -> list[str]:
+        series = [s for s in self.series if s.benchmark == "B1"]
+        if not series:
+            return []
+        floor = series[0].median
+        rows = ["## B1 warm single-server latency (`true`)", "",
+                f"Median of {len(series[0].samples)} runs each.", "",
+                "| tool | median | min | ratio to the asyncssh floor |", "|---|---|---|---|"]  # fmt: skip
+        rows += [f"| {s.tool} | {_ms(s.median)} | {_ms(min(s.samples))} | {s.median / floor:.1f}x |" for s in series]
+        return [*rows, ""]
+
+    def _b2(self) -> list[str]:
+        series = [s for s in self.series if s.benchmark == "B2"]
+        if not series:
+            return []
+        sizes = sorted({s.n for s in series})
+        tools = list(dict.fromkeys(s.tool for s in series))
+        rows = [f"## B2 fan-out: `{FANOUT_LABEL}` on N servers", "",
+                "Wall time until every server's result is in, median. `new client` / `cold connections`: "
+                "connecting is part of every sample; `reused` / `warm`: connections opened before. Ansible is "
+                "the whole `ansible` process with its SSH masters kept by ControlPersist.", "",
+                "| tool | " + " | ".join(f"N={n}" for n in sizes) + " |",
+                "|---|" + "---|" * len(sizes)]  # fmt: skip
+        for tool in tools:
+            cells = [self.find("B2", tool, n) for n in sizes]
+            rows.append(f"| {tool} | " + " | ".join(_ms(c.median) if c else "" for c in cells) + " |")
+        rows += ["", "Ratio peer / cronium_nb (above 1: we are faster):", "",
+                 "| comparison | " + " | ".join(f"N={n}" for n in sizes) + " |", "|---|" + "---|" * len(sizes)]  # fmt: skip
+        for ours, peers in self._b2_pairs():
+            for peer in peers:
+                cells = []
+                for n in sizes:
+                    a, b = self.find("B2", ours, n), self.find("B2", peer, n)
+                    cells.append(f"{b.median / a.median:.2f}" if a and b else "")
+                rows.append(f"| {peer} / {ours.removeprefix(OURS + ', ')} | " + " | ".join(cells) + " |")
+        return [*rows, ""]
+
+    def _b3(self) -> list[str]:
+        series = [s for s in self.series if s.benchmark == "B3"]
+        if not series:
+            return []
+        rows = ["## B3 cold deployment", "",
+                "Runner removed from every server first; a new executor connects, probes, uploads, verifies "
+                "and runs `true`. Median wall time and bytes sent in all.", "",
+                "| flavour | N | median | bytes sent |", "|---|---|---|---|"]  # fmt: skip
+        rows += [f"| {s.tool} | {s.n} | {_ms(s.median)} | {s.extra['bytes_sent'] / 1e6:.1f} MB |" for s in series]
+        return [*rows, ""]
+
+    def _b4(self) -> list[str]:
+        series = [s for s in self.series if s.benchmark == "B4"]
+        if not series:
+            return []
+        rows = ["## B4 streaming: 200 MB of 100-byte lines from one server", "",
+                "Each measurement runs in its own process; peak RSS is that process's VmHWM. cronium_nb "
+                "splits the output into lines, stores every line in SQLite and counts them afterwards.", "",
+                "| tool | median | MB/s | peak RSS |", "|---|---|---|---|"]  # fmt: skip
+        rows += [f"| {s.tool} | {_ms(s.median)} | {s.extra['mb_per_s']:.1f} | {s.extra['peak_rss_mb']:.0f} MB |"
+                 for s in series]  # fmt: skip
+        return [*rows, ""]
+
+    def _b5(self) -> list[str]:
+        if not self.phase_tables:
+            return []
+        rows = ["## B5 where the time goes (cronium_nb's own metrics, median per phase)", "",
+                "connect: lease a pooled connection or open one; deploy: probe and check the cached runner; "
+                "upload: start the runner, send, verify and unpack the payload; run: the script; cleanup: "
+                "work dir removed, result back.", "",
+                "| run | " + " | ".join(PHASES) + " |", "|---|" + "---|" * len(PHASES)]  # fmt: skip
+        for label, phases in self.phase_tables.items():
+            rows.append(f"| {label} | " + " | ".join(_ms(phases[p]) for p in PHASES) + " |")
+        return [*rows, ""]
+
+
+def ours_vs(report: Report, ours: str, peers: list[str]):
+    for n in sorted({s.n for s in report.series if s.benchmark == "B2"}):
+        mine = report.find("B2", ours, n)
+        for peer in peers:
+            theirs = report.find("B2", peer, n)
+            if mine and theirs:
+                yield n, mine, theirs
+
+
+def peers_label(peers: list[str]) -> str:
+    return "(" + ", ".join(peers) + ")"
+
+
+FANOUT_LABEL = "hostname; uptime"
+FINDINGS: list[str] = []
