@@ -217,7 +217,7 @@ def _stream_ours(server: Server, state: str) -> tuple[int, float]:
         elapsed = time.perf_counter() - started
         check(result, [server])
         stored = executor.store._query(
-            "SELECT count(*) FROM log_lines WHERE execution_id = ?", (result.execution_id,)
+            "SELECT SUM(line_count) FROM log_chunks WHERE execution_id = ?", (result.execution_id,)
         )[0][0]  # fmt: skip
         return stored, elapsed
 
@@ -242,8 +242,10 @@ def bench_streaming(report: Report, fleet: Fleet, state: Path, plan: Plan) -> No
         for _ in range(plan.stream_runs):
             child = subprocess.run(
                 [sys.executable, __file__, "--stream-child", tool, json.dumps(server.__dict__), str(state)],
-                capture_output=True, text=True, check=True, timeout=900,
+                capture_output=True, text=True, timeout=900,
             )  # fmt: skip
+            if child.returncode != 0:
+                raise RuntimeError(f"{label}: the measuring process failed:\n{child.stderr[-2000:]}")
             measured = json.loads(child.stdout.strip().splitlines()[-1])
             if measured["lines"] != STREAM_LINES:
                 raise RuntimeError(f"{label}: {measured['lines']} of {STREAM_LINES} lines arrived")

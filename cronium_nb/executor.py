@@ -15,6 +15,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import json
 import statistics
 import threading
@@ -40,7 +41,7 @@ from cronium_nb.ssh.deploy import DEFAULT_BACKOFF_S, Deployer, DeployError, Runn
 from cronium_nb.ssh.options import SSHOptions
 from cronium_nb.ssh.pool import ConnectError, ConnectionPool
 from cronium_nb.ssh.remote_run import RemoteRun, RunnerUnavailable, RunOutcome, uncancel
-from cronium_nb.store import SERVER_RESULT_FIELDS, LogBuffer, Store
+from cronium_nb.store import SERVER_RESULT_FIELDS, LogBuffer, LogChunk, Store
 
 DEFAULT_RUNNER_DIST = Path(cronium_runner.__file__).resolve().parent.parent / "dist"
 DEFAULT_CONCURRENCY = 32
@@ -198,17 +199,22 @@ class _Execution:
     seq: Counter[str] = field(default_factory=Counter)
 
     def redact(self, text: str) -> str:
+        """Secret values replaced in a block of lines (line by line: a secret spanning lines,
+        which no single line can show whole, is left alone so the line count stays right)."""
         for secret in self.event.secrets.values():
-            if secret:
+            if secret and "\n" not in secret:
                 text = text.replace(secret, REDACTED)
         return text
 
-    def line(self, server: str, stream: str, text: str, ts: float) -> None:
+    def lines(self, server: str, stream: str, text: str, count: int, ts: float) -> None:
+        """``count`` lines of one stream, joined by newlines."""
         text = self.redact(text)
-        self.seq[server] += 1
-        self.log.add(self.execution_id, server, self.seq[server], ts, stream, text)
+        first_seq = self.seq[server] + 1
+        self.seq[server] += count
+        self.log.add_chunk(LogChunk(self.execution_id, server, first_seq, count, ts, stream, text))
         if self.callbacks.on_line is not None:
-            self.callbacks.on_line(server, stream, text, ts)
+            for line in text.split("\n"):
+                self.callbacks.on_line(server, stream, line, ts)
 
     def status(self, result: ServerResult, phase: str | None = None) -> None:
         result.phase = phase
@@ -481,7 +487,7 @@ class Executor:
                     state.payload.data,
                     timeout=state.event.timeout,
                     grace=state.event.grace_period,
-                    on_line=lambda stream, text, ts: state.line(server.name, stream, text, ts),
+                    on_lines=functools.partial(state.lines, server.name),
                 )
 
             state.status(result, "run")

@@ -76,13 +76,13 @@ class ReportBuilder:
                     self._on_message(message)
                 continue
             (self.report.stdout if frame.kind == b"O" else self.report.stderr).extend(frame.payload)
-            for line, _complete in self._splitters[frame.kind].feed(frame.payload):
+            for line in self._splitters[frame.kind].feed(frame.payload):
                 self.report.lines.append((STREAM_NAMES[frame.kind], line))
 
     def finish(self, exit_status: int | None) -> RunReport:
         assert self._decoder.pending == 0, "stream ended inside a frame"
         for kind, splitter in self._splitters.items():
-            self.report.lines.extend((STREAM_NAMES[kind], line) for line, _ in splitter.flush())
+            self.report.lines.extend((STREAM_NAMES[kind], line) for line in splitter.flush())
         self.report.exit_status = exit_status
         return self.report
 

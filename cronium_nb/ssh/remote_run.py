@@ -24,8 +24,9 @@ from cronium_runner.protocol import MESSAGE, STREAM_NAMES, FrameDecoder, LineSpl
 READ_SIZE = 65536
 STOP_MARGIN_S = 5.0
 MAX_LINE = 1024 * 1024
-# The line handler gets (stream, text, ts); lines longer than MAX_LINE arrive in pieces.
-LineHandler = Callable[[str, str, float], None]
+# The lines handler gets (stream, text, count, ts): ``count`` lines read together, joined by
+# newlines (one call per chunk, not per line); lines longer than MAX_LINE arrive in pieces.
+LinesHandler = Callable[[str, str, int, float], None]
 
 
 class RunnerUnavailable(Exception):
@@ -53,13 +54,13 @@ class RemoteRun:
         *,
         timeout: float,
         grace: float,
-        on_line: LineHandler,
+        on_lines: LinesHandler,
         on_message: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.connection, self.command = connection, command
         self.context, self.payload = context, payload
         self.timeout, self.grace = timeout, grace
-        self.on_line, self.on_message = on_line, on_message
+        self.on_lines, self.on_message = on_lines, on_message
         self._decoder = FrameDecoder()
         self._splitters = {kind: LineSplitter(MAX_LINE) for kind in STREAM_NAMES}
         self._outcome = RunOutcome(result=None, exit_status=None)
@@ -131,8 +132,7 @@ class RemoteRun:
             if self._outcome.hello is None:
                 return
         for kind, splitter in self._splitters.items():
-            for line, _complete in splitter.flush():
-                self.on_line(STREAM_NAMES[kind], line.decode("utf-8", errors="backslashreplace"), time.time())
+            self._emit(kind, splitter.flush(), time.time())
         await process.wait_closed()
 
     def _feed(self, data: bytes) -> None:
@@ -150,9 +150,12 @@ class RemoteRun:
                 if self.on_message is not None:
                     self.on_message(message)
                 continue
-            stream = STREAM_NAMES[frame.kind]
-            for line, _complete in self._splitters[frame.kind].feed(frame.payload):
-                self.on_line(stream, line.decode("utf-8", errors="backslashreplace"), frame.ts)
+            self._emit(frame.kind, self._splitters[frame.kind].feed(frame.payload), frame.ts)
+
+    def _emit(self, kind: bytes, lines: list[bytes], ts: float) -> None:
+        if lines:
+            text = b"\n".join(lines).decode("utf-8", errors="backslashreplace")
+            self.on_lines(STREAM_NAMES[kind], text, len(lines), ts)
 
 
 def uncancel() -> None:

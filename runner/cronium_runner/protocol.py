@@ -94,45 +94,37 @@ class FrameDecoder:
 class LineSplitter:
     """Splits one stream's chunks into lines (``\\n`` removed), bounding memory.
 
-    A line longer than ``max_line`` is emitted in pieces of ``max_line`` bytes, each flagged
-    as a continuation (``complete=False``) except the last, so nothing is lost or held forever.
+    A line longer than ``max_line`` is emitted in pieces of ``max_line`` bytes, so nothing is
+    lost or held forever. ``bytes.split`` does the work: Python-level work is per chunk, not
+    per line, which is what keeps 100 MB/s of short lines affordable.
     """
 
     def __init__(self, max_line: int = 1024 * 1024) -> None:
         self.max_line = max_line
         self._partial = bytearray()
 
-    def feed(self, data: bytes) -> list[tuple[bytes, bool]]:
-        lines: list[tuple[bytes, bool]] = []
-        start = 0
-        while True:
-            newline = data.find(b"\n", start)
-            if newline < 0:
-                break
+    def feed(self, data: bytes) -> list[bytes]:
+        if b"\n" in data:
+            lines = data.split(b"\n")
             if self._partial:
-                self._partial += data[start:newline]
-                lines.extend(self._take(complete=True))
-            else:
-                piece = data[start:newline]
-                lines.extend(self._chop(piece))
-            start = newline + 1
-        self._partial += data[start:]
+                lines[0] = bytes(self._partial) + lines[0]
+            self._partial = bytearray(lines.pop())
+            if max(map(len, lines)) > self.max_line:
+                lines = [piece for line in lines for piece in self._chop(line)]
+        else:
+            lines = []
+            self._partial += data
         while len(self._partial) > self.max_line:
-            lines.append((bytes(self._partial[: self.max_line]), False))
+            lines.append(bytes(self._partial[: self.max_line]))
             del self._partial[: self.max_line]
         return lines
 
-    def flush(self) -> list[tuple[bytes, bool]]:
+    def flush(self) -> list[bytes]:
         """The unterminated rest, at end of stream."""
-        return self._take(complete=True) if self._partial else []
+        rest, self._partial = bytes(self._partial), bytearray()
+        return self._chop(rest) if rest else []
 
-    def _take(self, complete: bool) -> list[tuple[bytes, bool]]:
-        data = bytes(self._partial)
-        self._partial.clear()
-        return self._chop(data) if complete else [(data, False)]
-
-    def _chop(self, line: bytes) -> list[tuple[bytes, bool]]:
+    def _chop(self, line: bytes) -> list[bytes]:
         if len(line) <= self.max_line:
-            return [(line, True)]
-        pieces = [line[i : i + self.max_line] for i in range(0, len(line), self.max_line)]
-        return [(piece, index == len(pieces) - 1) for index, piece in enumerate(pieces)]
+            return [line]
+        return [line[i : i + self.max_line] for i in range(0, len(line), self.max_line)]

@@ -12,7 +12,7 @@ import pytest
 
 from cronium_nb.config import state_dir
 from cronium_nb.model import Status
-from cronium_nb.store import DB_NAME, MIGRATIONS, SCHEMA_VERSION, LogBuffer, Store, StoreError, migrate
+from cronium_nb.store import DB_NAME, MIGRATIONS, SCHEMA_VERSION, LogBuffer, LogChunk, Store, StoreError, migrate
 
 
 def columns(db: Path, table: str) -> list[str]:
@@ -30,14 +30,16 @@ def test_migrates_an_empty_file(tmp_path: Path) -> None:
         assert connection.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
-def test_migrates_from_the_previous_version_keeping_data(tmp_path: Path) -> None:
+def test_migrates_from_the_first_version_keeping_data(tmp_path: Path) -> None:
     connection = sqlite3.connect(tmp_path / DB_NAME, isolation_level=None)
-    assert migrate(connection, target=SCHEMA_VERSION - 1) == SCHEMA_VERSION - 1
+    assert migrate(connection, target=1) == 1
     connection.execute(
         "INSERT INTO executions (id, event_name, targets, status, started_at, owner) "
         "VALUES ('old', 'legacy', '[\"a\"]', 'success', 1.0, 'x:1:1')"
     )
     connection.execute("INSERT INTO server_results (execution_id, server, status) VALUES ('old', 'a', 'success')")
+    for seq, line in enumerate(["first", "", "third"], start=1):
+        connection.execute("INSERT INTO log_lines VALUES ('old', 'a', ?, 2.0, 'stdout', ?)", (seq, line))
     connection.close()
     assert "phases" not in columns(tmp_path / DB_NAME, "server_results")
     with Store(tmp_path) as store:
@@ -45,6 +47,9 @@ def test_migrates_from_the_previous_version_keeping_data(tmp_path: Path) -> None
         history = store.history()
         assert list(history["execution_id"]) == ["old"] and list(history["status"]) == ["success"]
         assert store.server_results("old")["phases"].tolist() == [{}]
+        logs = store.logs("old")
+        assert logs["line"].tolist() == ["first", "", "third"] and logs["seq"].tolist() == [1, 2, 3]
+    assert columns(tmp_path / DB_NAME, "log_lines") == []  # the table is gone
 
 
 def test_newer_schema_is_refused(tmp_path: Path) -> None:
@@ -150,3 +155,25 @@ def test_state_dir_is_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert state_dir(tmp_path / "explicit") == tmp_path / "explicit"
     monkeypatch.delenv("CRONIUM_HOME")
     assert state_dir() == Path("~/.cronium").expanduser()
+
+
+def test_log_chunks_read_back_as_lines(tmp_path: Path) -> None:
+    with Store(tmp_path) as store:
+        store.start_execution("chunks", "e", ["a", "b"])
+        buffer = LogBuffer(store)
+        buffer.add_chunk(LogChunk("chunks", "b", 1, 2, 5.0, "stderr", "b one\nb two"))
+        buffer.add_chunk(LogChunk("chunks", "a", 1, 3, 3.0, "stdout", "one\n\nthree"))
+        buffer.add_chunk(LogChunk("chunks", "a", 4, 1, 4.0, "stderr", "four"))
+        buffer.flush()
+        frame = store.logs("chunks")
+        only_b = store.logs("chunks", "b")
+    assert frame[["server", "seq", "stream", "line"]].values.tolist() == [
+        ["a", 1, "stdout", "one"],
+        ["a", 2, "stdout", ""],
+        ["a", 3, "stdout", "three"],
+        ["a", 4, "stderr", "four"],
+        ["b", 1, "stderr", "b one"],
+        ["b", 2, "stderr", "b two"],
+    ]
+    assert frame["ts"].dt.second.tolist() == [3, 3, 3, 4, 5, 5]
+    assert only_b["line"].tolist() == ["b one", "b two"]
