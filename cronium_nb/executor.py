@@ -37,15 +37,18 @@ from cronium_nb.model import Event, EventError, Server, Status
 from cronium_nb.payload import PayloadService, PreparedPayload
 from cronium_nb.results import PHASES, ExecutionResult, ServerResult, overall_status
 from cronium_nb.runtime_api import ApiRun, RuntimeService
-from cronium_nb.ssh.deploy import DEFAULT_BACKOFF_S, Deployer, DeployError, RunnerBuilds
+from cronium_nb.ssh.deploy import DEFAULT_BACKOFF_S, Deployer, DeployError, RunnerBuild, RunnerBuilds
 from cronium_nb.ssh.options import SSHOptions
-from cronium_nb.ssh.pool import ConnectError, ConnectionPool
-from cronium_nb.ssh.remote_run import RemoteRun, RunnerUnavailable, RunOutcome, uncancel
+from cronium_nb.ssh.pool import ConnectError, ConnectionPool, PooledConnection
+from cronium_nb.ssh.remote_run import RemoteRun, RunnerSession, RunnerUnavailable, RunOutcome, uncancel
 from cronium_nb.store import SERVER_RESULT_FIELDS, LogBuffer, LogChunk, Store
 
 DEFAULT_RUNNER_DIST = Path(cronium_runner.__file__).resolve().parent.parent / "dist"
 DEFAULT_CONCURRENCY = 32
 LOG_FLUSH_INTERVAL_S = 0.5
+# Runner sessions kept per connection between runs: a warm run then starts no process on the
+# server. Each holds one of the connection's channels, so the pool counts them.
+MAX_IDLE_SESSIONS = 1
 REDACTED = "***"
 _UNSET: Any = object()
 
@@ -477,30 +480,18 @@ class Executor:
                 "env": dict(state.event.secrets),
             }
             api_run = await self._open_api(state, server, pooled, result, context, variables)
-            args = ["run", "-", "--framed", "--sha256", state.payload.sha256]
-
-            def remote_run(build_command: str) -> RemoteRun:
-                return RemoteRun(
-                    pooled.connection,
-                    build_command,
-                    context,
-                    state.payload.data,
-                    timeout=state.event.timeout,
-                    grace=state.event.grace_period,
-                    on_lines=functools.partial(state.lines, server.name),
-                )
-
             state.status(result, "run")
             try:
                 try:
-                    run = await remote_run(outcome.build.command(args)).run()
+                    run = await self._run_payload(state, server, pooled, outcome.build, context)
                 except RunnerUnavailable:
-                    # Missing or broken on the server although we had it as good: deploy again, once.
+                    # Missing, broken or replaced on the server although we had it as good:
+                    # deploy again, once.
                     self.deployer.invalidate(pooled.key, outcome.build)
                     clock = time.monotonic()
                     outcome = await deploy(force=True)
                     result.phases["deploy"] += time.monotonic() - clock
-                    run = await remote_run(outcome.build.command(args)).run()
+                    run = await self._run_payload(state, server, pooled, outcome.build, context)
             finally:
                 if api_run is not None:
                     self._runtime.unregister(state.execution_id, server.name)
@@ -510,6 +501,40 @@ class Executor:
             if api_run.output_set:
                 result.outputs = api_run.output
             result.variables = dict(api_run.variables)
+
+    async def _run_payload(
+        self, state: _Execution, server: Server, pooled: PooledConnection, build: RunnerBuild, context: dict[str, Any]
+    ) -> RunOutcome:
+        """Run on the connection's idle runner session, or on a new one; keep it for the next run."""
+        clock = time.monotonic()
+        session = None
+        while pooled.sessions:
+            candidate = pooled.sessions.pop()
+            if candidate.alive and candidate.build_name == build.remote_name:
+                session = candidate
+                break
+            candidate.close()
+        if session is None:
+            session = await RunnerSession.start(pooled.connection, build.command(["serve"]), build.remote_name)
+        starting = time.monotonic() - clock
+        run = RemoteRun(
+            session,
+            context,
+            state.payload.data,
+            state.payload.sha256,
+            timeout=state.event.timeout,
+            grace=state.event.grace_period,
+            on_lines=functools.partial(state.lines, server.name),
+        )
+        try:
+            outcome = await run.run()
+        finally:
+            if run.reusable and len(pooled.sessions) < MAX_IDLE_SESSIONS:
+                pooled.sessions.append(session)
+            else:
+                session.close()
+        outcome.phases["upload"] += starting  # starting the runner, when no session was idle
+        return outcome
 
     async def _open_api(
         self,

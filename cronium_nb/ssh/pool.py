@@ -4,7 +4,9 @@ Each connection carries at most ``max_channels_per_connection`` sessions at once
 MaxSessions); a server gets up to ``max_connections_per_server`` connections, the pool up to
 ``max_connections``; at most ``max_handshakes_per_host`` handshakes run at once against one host
 (sshd drops connections beyond MaxStartups). Connections idle longer than ``idle_timeout`` are
-closed; a closed one is dropped at the next acquire and replaced transparently.
+closed; a closed one is dropped at the next acquire and replaced transparently. A connection
+may also hold idle runner sessions (the executor's): they count as channels, and give theirs
+up when a caller needs it.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class PooledConnection:
     tunnel: int | str | None = None  # API mode: the remote forward's port, or why it failed
     tunnel_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     serial: int = field(default_factory=lambda: next(_serials))  # unlike id(), never reused
+    sessions: list[Any] = field(default_factory=list)  # idle runner sessions, each holding a channel
 
     @property
     def alive(self) -> bool:
@@ -90,7 +93,8 @@ class ConnectionPool:
         while True:
             async with self._changed:
                 self._drop_dead(key)
-                free = [c for c in self._connections[key] if c.channels < self.options.max_channels_per_connection]
+                limit = self.options.max_channels_per_connection
+                free = [c for c in self._connections[key] if c.channels + len(c.sessions) < limit]
                 if free:
                     chosen = min(free, key=lambda c: c.channels)
                     chosen.channels += 1
@@ -99,6 +103,12 @@ class ConnectionPool:
                 if mine < self.options.max_connections_per_server and self._count() < self.options.max_connections:
                     self._opening[key] = self._opening.get(key, 0) + 1
                     break
+                holding = [c for c in self._connections[key] if c.sessions]
+                if holding:  # idle sessions yield their channel to a caller that needs one
+                    chosen = holding[0]
+                    chosen.sessions.pop().close()
+                    chosen.channels += 1
+                    return chosen
                 await self._changed.wait()
         try:
             connection = await self._connect(server)

@@ -1,10 +1,15 @@
-"""One run of the runner on one server, over one SSH channel.
+"""Runs on a server: a long-lived runner session per connection, and one run on it.
 
-The channel's stdin carries the run context, then the payload, then control lines; its stdout
-carries the runner's frames (:mod:`cronium_runner.protocol`), read in 64 KiB chunks and split
-into lines here. A timeout or a cancel asks the runner to stop (it signals the script's whole
-process tree: SIGTERM, grace, SIGKILL); if the runner does not answer within the grace period
-plus a margin, the channel is closed, which ends the runner too (its stdin ends).
+A :class:`RunnerSession` is one ``cronium-runner serve`` process on one SSH channel. Its stdin
+carries run requests (a JSON line, then the payload) and control lines; its stdout carries the
+runner's frames (:mod:`cronium_runner.protocol`), read in 64 KiB chunks and split into lines
+here. A session runs one payload at a time and stays for the next, so that a warm run costs no
+process start on the server.
+
+A :class:`RemoteRun` is one run on a session. A timeout or a cancel asks the runner to stop (it
+signals the script's whole process tree: SIGTERM, grace, SIGKILL); if the runner does not answer
+within the grace period plus a margin, the session's channel is aborted, which ends the runner
+too (its stdin ends) and the session with it.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Any
 
 import asyncssh
 
-from cronium_runner.protocol import MESSAGE, STREAM_NAMES, FrameDecoder, LineSplitter, ProtocolError
+from cronium_runner.protocol import MESSAGE, STREAM_NAMES, Frame, FrameDecoder, LineSplitter, ProtocolError
 
 READ_SIZE = 65536
 STOP_MARGIN_S = 5.0
@@ -30,127 +35,200 @@ LinesHandler = Callable[[str, str, int, float], None]
 
 
 class RunnerUnavailable(Exception):
-    """The runner did not start (missing, corrupt): deploy again and retry."""
+    """The runner did not start or is out of date on the server: deploy again and retry."""
 
 
 @dataclass
 class RunOutcome:
     result: dict[str, Any] | None  # the runner's result message; None when it never came
-    exit_status: int | None
     timed_out: bool = False
     cancelled: bool = False
     error: str | None = None
-    hello: dict[str, Any] | None = None
     phases: dict[str, float] = field(default_factory=dict)
 
 
+class RunnerSession:
+    """One ``cronium-runner serve`` process; use :meth:`start`, then one :class:`RemoteRun` at a time."""
+
+    def __init__(self, process: asyncssh.SSHClientProcess, build_name: str) -> None:
+        self.process = process
+        self.build_name = build_name
+        self.hello: dict[str, Any] | None = None
+        self.error: str | None = None
+        self._decoder = FrameDecoder()
+        self._hello_seen = asyncio.Event()
+        self._ended = asyncio.Event()
+        self._run: RemoteRun | None = None
+        self._stderr = bytearray()
+        self._reader = asyncio.ensure_future(self._read())
+        self._stderr_reader = asyncio.ensure_future(self._drain_stderr())
+
+    @classmethod
+    async def start(cls, connection: asyncssh.SSHClientConnection, command: str, build_name: str) -> RunnerSession:
+        """Start the runner; :class:`RunnerUnavailable` when it does not say hello (missing, corrupt)."""
+        session = cls(await connection.create_process(command, encoding=None), build_name)
+        try:
+            await session._hello_seen.wait()
+        except asyncio.CancelledError:
+            session.close()
+            raise
+        if session.hello is None:
+            await asyncio.wait([session._stderr_reader], timeout=1.0)
+            detail = session._stderr.decode(errors="replace").strip()[-500:]
+            status = session.process.exit_status
+            session.close()
+            raise RunnerUnavailable(f"runner did not start (exit {status}): {detail or session.error or 'no output'}")
+        return session
+
+    @property
+    def alive(self) -> bool:
+        return not self._ended.is_set()
+
+    def send(self, data: bytes) -> None:
+        with contextlib.suppress(asyncssh.Error, OSError):  # a lost channel is the reader's news
+            self.process.stdin.write(data)
+
+    def attach(self, run: RemoteRun | None) -> None:
+        self._run = run
+
+    def abort(self) -> None:
+        self.process.channel.abort()
+
+    def close(self) -> None:
+        """End the session: the runner sees its stdin end and exits."""
+        self.process.close()
+
+    async def _read(self) -> None:
+        try:
+            while data := await self.process.stdout.read(READ_SIZE):
+                for frame in self._decoder.feed(data):
+                    self._dispatch(frame)
+        except ProtocolError as error:
+            self.error = f"corrupt runner output: {error}"
+            self.abort()
+        except (asyncssh.Error, OSError) as error:
+            reason = getattr(error, "reason", None) or str(error) or type(error).__name__
+            self.error = f"connection lost during the run: {reason}"
+        finally:
+            self._ended.set()
+            self._hello_seen.set()
+            if self._run is not None:
+                self._run.session_ended()
+
+    def _dispatch(self, frame: Frame) -> None:
+        if frame.kind == MESSAGE:
+            message = frame.message()
+            if message.get("type") == "hello":
+                self.hello = message
+                self._hello_seen.set()
+            elif self._run is not None:
+                self._run.message(message)
+        elif self._run is not None:
+            self._run.stream(frame)
+
+    async def _drain_stderr(self) -> None:
+        """Keep the last 4 KiB of the channel's stderr (a shell's "not found", a crash)."""
+        with contextlib.suppress(asyncssh.Error, OSError):
+            while data := await self.process.stderr.read(READ_SIZE):
+                self._stderr += data[-4096:]
+                del self._stderr[:-4096]
+
+
 class RemoteRun:
+    """One payload run on a :class:`RunnerSession`."""
+
     def __init__(
         self,
-        connection: asyncssh.SSHClientConnection,
-        command: str,
+        session: RunnerSession,
         context: dict[str, Any],
         payload: bytes,
+        sha256: str,
         *,
         timeout: float,
         grace: float,
         on_lines: LinesHandler,
-        on_message: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
-        self.connection, self.command = connection, command
-        self.context, self.payload = context, payload
+        self.session = session
+        self.request = {**context, "op": "run", "sha256": sha256, "payload_size": len(payload)}
+        self.payload = payload
         self.timeout, self.grace = timeout, grace
-        self.on_lines, self.on_message = on_lines, on_message
-        self._decoder = FrameDecoder()
+        self.on_lines = on_lines
         self._splitters = {kind: LineSplitter(MAX_LINE) for kind in STREAM_NAMES}
-        self._outcome = RunOutcome(result=None, exit_status=None)
+        self._outcome = RunOutcome(result=None)
+        self._done = asyncio.get_running_loop().create_future()
+        self._stale: str | None = None
         self._started_at: float | None = None
         self._result_at: float | None = None
-        self._stderr = bytearray()
+
+    @property
+    def reusable(self) -> bool:
+        """The session came through this run intact and can take the next one."""
+        return self.session.alive and self._outcome.result is not None and self._outcome.error is None
 
     async def run(self) -> RunOutcome:
         begin = time.monotonic()
-        process = await self.connection.create_process(self.command, encoding=None)
+        self.session.attach(self)
         try:
-            # A runner that is missing or broken exits before reading: the write then fails, and
-            # the missing hello below says what happened.
-            with contextlib.suppress(asyncssh.Error, OSError):
-                process.stdin.write(json.dumps({**self.context, "payload_size": len(self.payload)}).encode() + b"\n")
-                process.stdin.write(self.payload)
-            stderr_task = asyncio.ensure_future(self._drain_stderr(process))
-            reader = asyncio.ensure_future(self._read(process))
+            if not self.session.alive:
+                self.session_ended()
+            self.session.send(json.dumps(self.request).encode() + b"\n" + self.payload)
             try:
-                await asyncio.wait_for(asyncio.shield(reader), self.timeout + STOP_MARGIN_S)
+                await asyncio.wait_for(asyncio.shield(self._done), self.timeout + STOP_MARGIN_S)
             except asyncio.TimeoutError:
                 # The runner enforces the timeout itself; we get here only if it did not report.
                 self._outcome.timed_out = True
-                await self._stop(process, reader, "timeout")
+                await self._stop("timeout")
             except asyncio.CancelledError:
                 self._outcome.cancelled = True
                 uncancel()
-                await self._stop(process, reader, "cancel")
-            await asyncio.wait([stderr_task], timeout=1.0)
-            stderr_task.cancel()
+                await self._stop("cancel")
         finally:
-            process.close()
-        completed = process.exit_status
-        self._outcome.exit_status = completed
-        if self._outcome.hello is None and self._outcome.result is None and not self._outcome.cancelled:
-            detail = self._stderr.decode(errors="replace").strip()[-500:]
-            raise RunnerUnavailable(f"runner did not start (exit {completed}): {detail or 'no output'}")
+            self.session.attach(None)
+        if self._stale is not None:
+            raise RunnerUnavailable(self._stale)
+        for kind, splitter in self._splitters.items():
+            self._emit(kind, splitter.flush(), time.time())
+        if self._outcome.result is None and self._outcome.error is None and not self._outcome.cancelled:
+            self._outcome.error = self.session.error
         end = time.monotonic()
         started = self._started_at or end
         reported = self._result_at or end
-        # upload: payload sent, verified, extracted; run: the script; cleanup: work dir removed,
-        # channel closed.
+        # upload: request and payload sent, verified, extracted; run: the script; cleanup: work
+        # dir removed, result back.
         self._outcome.phases = {"upload": started - begin, "run": reported - started, "cleanup": end - reported}
         return self._outcome
 
-    async def _stop(self, process: asyncssh.SSHClientProcess, reader: asyncio.Future, reason: str) -> None:
-        with contextlib.suppress(Exception):
-            process.stdin.write(json.dumps({"op": "stop", "reason": reason}).encode() + b"\n")
+    async def _stop(self, reason: str) -> None:
+        self.session.send(json.dumps({"op": "stop", "reason": reason}).encode() + b"\n")
         try:
-            await asyncio.wait_for(asyncio.shield(reader), self.grace + STOP_MARGIN_S)
+            await asyncio.wait_for(asyncio.shield(self._done), self.grace + STOP_MARGIN_S)
         except (asyncio.TimeoutError, asyncio.CancelledError):
             self._outcome.error = f"the server did not confirm the stop within {self.grace + STOP_MARGIN_S:.0f} s"
-            reader.cancel()
-            process.channel.abort()
+            self.session.abort()
 
-    async def _drain_stderr(self, process: asyncssh.SSHClientProcess) -> None:
-        """Keep the last 4 KiB of the channel's stderr (a shell's "not found", a crash)."""
-        with contextlib.suppress(asyncssh.Error, OSError):  # a lost connection is the reader's news
-            while data := await process.stderr.read(READ_SIZE):
-                self._stderr += data[-4096:]
-                del self._stderr[:-4096]
+    # -- called by the session's reader
 
-    async def _read(self, process: asyncssh.SSHClientProcess) -> None:
-        try:
-            while data := await process.stdout.read(READ_SIZE):
-                self._feed(data)
-        except ProtocolError as error:
-            self._outcome.error = f"corrupt runner output: {error}"
-            if self._outcome.hello is None:
-                return
-        for kind, splitter in self._splitters.items():
-            self._emit(kind, splitter.flush(), time.time())
-        await process.wait_closed()
+    def message(self, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        if kind == "started":
+            self._started_at = time.monotonic()
+        elif kind == "result":
+            self._outcome.result = message
+            self._result_at = time.monotonic()
+            self._finish()
+        elif kind == "stale":
+            self._stale = f"runner out of date on the server: {message.get('reason')}"
+            self._finish()
 
-    def _feed(self, data: bytes) -> None:
-        for frame in self._decoder.feed(data):
-            if frame.kind == MESSAGE:
-                message = frame.message()
-                kind = message.get("type")
-                if kind == "hello":
-                    self._outcome.hello = message
-                elif kind == "started":
-                    self._started_at = time.monotonic()
-                elif kind == "result":
-                    self._outcome.result = message
-                    self._result_at = time.monotonic()
-                if self.on_message is not None:
-                    self.on_message(message)
-                continue
-            self._emit(frame.kind, self._splitters[frame.kind].feed(frame.payload), frame.ts)
+    def stream(self, frame: Frame) -> None:
+        self._emit(frame.kind, self._splitters[frame.kind].feed(frame.payload), frame.ts)
+
+    def session_ended(self) -> None:
+        self._finish()
+
+    def _finish(self) -> None:
+        if not self._done.done():
+            self._done.set_result(None)
 
     def _emit(self, kind: bytes, lines: list[bytes], ts: float) -> None:
         if lines:

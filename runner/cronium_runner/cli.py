@@ -1,4 +1,4 @@
-"""Command line: ``cronium-runner version | run | helper``."""
+"""Command line: ``cronium-runner version | run | serve | helper``."""
 
 from __future__ import annotations
 
@@ -54,6 +54,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--keep-workdir", action="store_true", help="do not remove the work dir afterwards")
     run.add_argument("--workroot", default=os.environ.get("CRONIUM_WORKROOT", DEFAULT_WORKROOT))
     run.add_argument("--report", type=Path, help="local mode: also write the result JSON to this file")
+    serve = commands.add_parser(
+        "serve",
+        help="orchestrator mode, long-lived: run one framed payload after another from stdin until it ends",
+    )
+    serve.add_argument("--workroot", default=os.environ.get("CRONIUM_WORKROOT", DEFAULT_WORKROOT))
     helper = commands.add_parser("helper", help="runtime helpers for shell scripts (cronium.input, ...)")
     helper.add_argument("verb")
     helper.add_argument("args", nargs=argparse.REMAINDER)
@@ -67,6 +72,7 @@ class _Stdin:
         self.buffer = bytearray()
 
     def _fill(self) -> bool:
+        os.set_blocking(0, True)  # a run's control channel leaves it non-blocking
         data = os.read(0, 65536)
         self.buffer += data
         return bool(data)
@@ -152,6 +158,68 @@ def _run(args: argparse.Namespace) -> int:
     )
 
 
+def _executable_identity() -> tuple[int, int, int] | None:
+    """Inode, size and mtime of the file this runner was started from (None: run from source)."""
+    kind = flavour()
+    if kind == "source":
+        return None
+    path = sys.executable if kind == "bundle" else sys.argv[0]
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return (0, 0, 0)
+    return (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Run payloads one after another, each as ``run - --framed`` would, on one channel.
+
+    Saves the process start (tens of milliseconds) on every run but the first. Each request is
+    a JSON line ``{"op": "run", "sha256": ..., "payload_size": ..., <run context>}`` followed by
+    the payload; the run's frames end with its ``result`` message. A runner whose file on disk
+    was removed or replaced since it started says ``stale`` and exits, so the orchestrator deploys
+    again instead of running an old runner.
+    """
+    from cronium_runner.execute import ControlChannel, FramedReporter, RunContext, run_payload
+
+    reporter = FramedReporter()
+    reporter.message({"type": "hello", **version_info(), "pid": os.getpid(), "serve": True})
+    identity = _executable_identity()
+    workroot = Path(os.path.expanduser(args.workroot))
+    stdin = _Stdin()
+    while True:
+        try:
+            line = stdin.line()
+        except RunnerError:
+            return 0  # stdin ended: the orchestrator closed the session
+        request = json.loads(line or b"{}")
+        if request.get("op") != "run":
+            continue  # e.g. a stop that arrived after its run had ended
+        if _executable_identity() != identity:
+            reporter.message({"type": "stale", "reason": "the runner on disk changed since this process started"})
+            return 0
+        try:
+            size = request.get("payload_size")
+            if not isinstance(size, int) or not 0 < size <= MAX_STDIN_PAYLOAD:
+                raise RunnerError(RunnerExit.USAGE, "a run request needs payload_size")
+            data = stdin.exactly(size)
+            context = RunContext.from_dict(request)
+        except RunnerError as error:
+            reporter.message(
+                {"type": "result", "exit_code": int(error.code),
+                 "runner_error": {"code": error.code.slug, "message": str(error)}}
+            )  # fmt: skip
+            if error.code == RunnerExit.NO_PAYLOAD:
+                return int(error.code)
+            continue
+        control = ControlChannel(0, bytes(stdin.buffer))
+        run_payload(data, sha256=request.get("sha256"), context=context, workroot=workroot, reporter=reporter,
+                    control=control)  # fmt: skip
+        if control.ended:
+            return 0
+        stdin.buffer = bytearray(control.leftover())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -163,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
                 else f"cronium-runner {info['version']} ({info['flavour']}, {info['arch']})"
             )
             return 0
+        if args.command == "serve":
+            return _serve(args)
         if args.command == "helper":
             from cronium_runner.helpers import run_helper
 

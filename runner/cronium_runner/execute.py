@@ -167,7 +167,12 @@ class ControlChannel:
     def __init__(self, fd: int, leftover: bytes = b"") -> None:
         self.fd = fd
         self._buffer = bytearray(leftover)
+        self.ended = False
         os.set_blocking(fd, False)
+
+    def leftover(self) -> bytes:
+        """Bytes read but not yet handled (the start of the next request, in serve mode)."""
+        return bytes(self._buffer)
 
     def read(self) -> tuple[list[dict[str, Any]], bool]:
         """Messages now available, and whether the channel has ended."""
@@ -180,6 +185,7 @@ class ControlChannel:
             pass
         except OSError:
             ended = True
+        self.ended = self.ended or ended
         messages = []
         while b"\n" in self._buffer:
             line, _, rest = bytes(self._buffer).partition(b"\n")
