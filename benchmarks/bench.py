@@ -52,12 +52,13 @@ class Plan:
     deploy_sizes: Sequence[int] = (1, 10, 20)
     deploy_runs: int = 3
     stream_runs: int = 3
+    profile_runs: int = 10
     only: set[str] = field(default_factory=lambda: {"B1", "B2", "B3", "B4", "B5"})
 
     @classmethod
     def quick(cls) -> Plan:
         return cls(latency_runs=5, fanout_sizes=(1, 5), fanout_runs=2, ansible_runs=1, deploy_sizes=(1,),
-                   deploy_runs=1, stream_runs=1)  # fmt: skip
+                   deploy_runs=1, stream_runs=1, profile_runs=2)  # fmt: skip
 
 
 def timed(action: Callable[[], object], runs: int) -> list[float]:
@@ -135,11 +136,11 @@ def bench_fanout(report: Report, fleet: Fleet, state: Path, plan: Plan) -> None:
                 report.phases(f"B2 warm connections, {n} servers", executor)
         for tool in (ParallelSsh(servers), FabricGroup(servers)):
             try:
-                report.add("B2", f"{tool.name}, new client", n,
-                           timed(lambda: tool.run(FANOUT_COMMAND, FANOUT_EXPECT, new_client=True), plan.fanout_runs))  # fmt: skip
-                tool.run(FANOUT_COMMAND, FANOUT_EXPECT, new_client=False)
-                report.add("B2", f"{tool.name}, connections reused", n,
-                           timed(lambda: tool.run(FANOUT_COMMAND, FANOUT_EXPECT, new_client=False), plan.fanout_runs))  # fmt: skip
+                for new_client, label in ((True, "new client"), (False, "connections reused")):
+                    tool.run(FANOUT_COMMAND, FANOUT_EXPECT, new_client=new_client)  # warm-up
+                    samples = timed(lambda: tool.run(FANOUT_COMMAND, FANOUT_EXPECT, new_client=new_client),
+                                    plan.fanout_runs)  # fmt: skip
+                    report.add("B2", f"{tool.name}, {label}", n, samples)
             finally:
                 tool.close()
         ansible = AnsibleAdHoc(servers)
@@ -255,6 +256,36 @@ def bench_streaming(report: Report, fleet: Fleet, state: Path, plan: Plan) -> No
                                                   "peak_rss_mb": max(rss)})  # fmt: skip
 
 
+# --- profile ----------------------------------------------------------------------------------
+
+
+def profile_child(servers_json: str, state: str, runs: str) -> None:
+    """Cold fan-outs in a loop, for py-spy to sample (see profile_cold_fanout)."""
+    servers = [Server(**data) for data in json.loads(servers_json)]
+    event = Event(name="bench-fanout", script=FANOUT_COMMAND, type="sh")
+    for _ in range(int(runs)):
+        with Executor(state_dir=state) as executor:
+            check(executor.run(event, servers), servers)
+
+
+def profile_cold_fanout(report: Report, fleet: Fleet, state: Path, n: int, runs: int) -> None:
+    """Where the orchestrator's CPU goes in a cold fan-out: py-spy samples every thread."""
+    py_spy = Path(sys.executable).parent / "py-spy"
+    servers = fleet.servers[:n]
+    with tempfile.TemporaryDirectory() as out:
+        stacks = Path(out) / "stacks.txt"
+        child = [sys.executable, __file__, "--profile-child", json.dumps([s.__dict__ for s in servers]), str(state),
+                 str(runs)]  # fmt: skip
+        completed = subprocess.run(
+            [str(py_spy), "record", "--format", "raw", "--rate", "250", "--subprocesses", "-o", str(stacks),
+             "--", *child], capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        if completed.returncode != 0 or not stacks.exists():
+            report.profile_error = (completed.stderr or completed.stdout)[-1000:]
+            return
+        report.add_profile(f"cold fan-out to {n} servers, {runs} times (py-spy, all threads)", stacks.read_text())
+
+
 # --- main -------------------------------------------------------------------------------------
 
 
@@ -264,9 +295,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--only", help="comma-separated subset of B1,B2,B3,B4 (B5 comes with B1 and B2)")
     parser.add_argument("--out", type=Path, default=HERE, help="where RESULTS.md and results/ go")
     parser.add_argument("--stream-child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--profile-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.stream_child:
         stream_child(*args.stream_child)
+        return
+    if args.profile_child:
+        profile_child(*args.profile_child)
         return
     plan = Plan.quick() if args.quick else Plan()
     if args.only:
@@ -282,6 +317,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             if name in plan.only:
                 print(f"bench: {name}", flush=True)
                 bench(report, fleet, Path(state), plan)
+        if "B5" in plan.only:
+            print("bench: B5 profile", flush=True)
+            profile_cold_fanout(report, fleet, Path(state), min(10, servers_needed), plan.profile_runs)
     report.duration_s = time.monotonic() - started
     report.write(args.out)
     print(f"bench: done in {report.duration_s:.0f} s; wrote {args.out / 'RESULTS.md'}")

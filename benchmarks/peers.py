@@ -17,6 +17,8 @@ from pathlib import Path
 
 from cronium_nb import Server
 
+ANSIBLE = str(Path(sys.executable).parent / "ansible")  # installed beside this Python by `.[bench]`
+
 
 class PeerFailed(RuntimeError):
     """A peer tool did not get the expected answer from every server."""

@@ -76,6 +76,8 @@ class Report:
         self.series: list[Series] = []
         self.phase_tables: dict[str, dict[str, float]] = {}
         self.duration_s = 0.0
+        self.profile: tuple[str, list[tuple[str, float, float]]] | None = None
+        self.profile_error: str | None = None
 
     def add(self, benchmark: str, tool: str, n: int, samples: list[float], extra: dict | None = None) -> None:
         series = Series(benchmark, tool, n, samples, dict(extra or {}))
@@ -89,6 +91,26 @@ class Report:
         if label in self.phase_tables and not keep_last:
             return
         self.phase_tables[label] = {p: float(metrics.get(f"phase.{p}.p50_s", float("nan"))) for p in PHASES}
+
+    def add_profile(self, label: str, raw_stacks: str, top: int = 15) -> None:
+        """Summarise py-spy's collapsed stacks: the functions with the largest inclusive and
+        self share of the samples (idle waiting in selectors and locks left out)."""
+        inclusive: dict[str, float] = defaultdict(float)
+        own: dict[str, float] = defaultdict(float)
+        total = 0.0
+        for line in raw_stacks.splitlines():
+            stack, _, count = line.rpartition(" ")
+            if not stack or not count.isdigit():
+                continue
+            frames = [f for f in stack.split(";") if not f.startswith(("process ", "thread "))]
+            if not frames or any(idle in frames[-1] for idle in IDLE_FRAMES):
+                continue
+            total += int(count)
+            for name in {_frame_name(f) for f in frames}:
+                inclusive[name] += int(count)
+            own[_frame_name(frames[-1])] += int(count)
+        ranked = sorted(inclusive, key=inclusive.get, reverse=True)[:top]
+        self.profile = (label, [(name, inclusive[name] / total, own.get(name, 0) / total) for name in ranked])
 
     def find(self, benchmark: str, tool: str, n: int = 1) -> Series | None:
         return next((s for s in self.series if (s.benchmark, s.tool, s.n) == (benchmark, tool, n)), None)
@@ -168,6 +190,7 @@ class Report:
 
         lines += [f"| {key} | {value} |" for key, value in {**machine(), **tool_versions()}.items()]
         lines += ["", *self._summary(), *self._b1(), *self._b2(), *self._b3(), *self._b4(), *self._b5()]
+        lines += self._profile()
         lines += [f"![{Path(p).stem}]({p})" for p in plots]
         lines += ["", *FINDINGS]
         return "\n".join(lines) + "\n"
@@ -230,7 +253,8 @@ class Report:
             cells = [self.find("B2", tool, n) for n in sizes]
             rows.append(f"| {tool} | " + " | ".join(_ms(c.median) if c else "" for c in cells) + " |")
         rows += ["", "Ratio peer / cronium_nb (above 1: we are faster):", "",
-                 "| comparison | " + " | ".join(f"N={n}" for n in sizes) + " |", "|---|" + "---|" * len(sizes)]  # fmt: skip
+                 "| comparison | " + " | ".join(f"N={n}" for n in sizes) + " |",
+                 "|---|" + "---|" * len(sizes)]  # fmt: skip
         for ours, peers in self._b2_pairs():
             for peer in peers:
                 cells = []
@@ -274,6 +298,29 @@ class Report:
         for label, phases in self.phase_tables.items():
             rows.append(f"| {label} | " + " | ".join(_ms(phases[p]) for p in PHASES) + " |")
         return [*rows, ""]
+
+    def _profile(self) -> list[str]:
+        if self.profile_error:
+            return ["## Profile", "", f"py-spy failed: `{self.profile_error.strip()}`", ""]
+        if not self.profile:
+            return []
+        label, rows = self.profile
+        lines = ["## Profile: " + label, "",
+                 "Share of the busy samples (waiting in select/locks left out) in which a function was on "
+                 "the stack (inclusive) or on top (self).", "",
+                 "| function | inclusive | self |", "|---|---|---|"]  # fmt: skip
+        lines += [f"| `{name}` | {inclusive:.0%} | {own:.0%} |" for name, inclusive, own in rows]
+        return [*lines, ""]
+
+
+IDLE_FRAMES = ("select (selectors.py", "wait (threading.py", "_worker (concurrent", "poll (selectors.py",
+               "epoll", "acquire", "sleep")  # fmt: skip
+
+
+def _frame_name(frame: str) -> str:
+    """``func (path/to/module.py:123)`` -> ``func (module.py)``."""
+    name, _, where = frame.partition(" (")
+    return f"{name} ({Path(where.split(':')[0]).name})" if where else name
 
 
 def ours_vs(report: Report, ours: str, peers: list[str]):

@@ -429,7 +429,7 @@ class Executor:
         except asyncio.CancelledError:
             uncancel()
             result.status, result.error = Status.CANCELLED, result.error or "cancelled"
-        except (ConnectError, DeployError) as error:
+        except (ConnectError, DeployError, RunnerUnavailable) as error:
             result.status, result.error = Status.FAILED, str(error)
         except (asyncssh.Error, OSError) as error:
             reason = getattr(error, "reason", None) or str(error) or type(error).__name__
@@ -513,7 +513,7 @@ class Executor:
             if candidate.alive and candidate.build_name == build.remote_name:
                 session = candidate
                 break
-            candidate.close()
+            await candidate.aclose()
         if session is None:
             session = await RunnerSession.start(pooled.connection, build.command(["serve"]), build.remote_name)
         starting = time.monotonic() - clock
@@ -532,7 +532,7 @@ class Executor:
             if run.reusable and len(pooled.sessions) < MAX_IDLE_SESSIONS:
                 pooled.sessions.append(session)
             else:
-                session.close()
+                await asyncio.shield(session.aclose())
         outcome.phases["upload"] += starting  # starting the runner, when no session was idle
         return outcome
 

@@ -5,10 +5,12 @@ Remote layout (all 0700, owned by the login user, never through a symlink)::
     ~/.cache/cronium/                 also the parent of the runner's work dirs (runs/)
     ~/.cache/cronium/runner/<version>-<flavour>-<arch>-<sha>/cronium-runner/...  + SHA256SUMS
 
-A deployment is verified on the server with ``sha256sum -c`` and remembered here, per server,
-runner version and checksum, for 24 hours and for as long as the connection that verified it
-lasts (a new connection — after a reconnect, a restarted server — verifies again, one round
-trip); within that, a run starts the runner directly (one channel, no extra round trip). A run
+A deployment is verified on the server with ``sha256sum -c`` when installed, and then cheaply:
+a listing of its files' names, sizes, mtimes and inodes must match the one taken when the hashes
+last passed (else they are checked again). It is remembered here, per server, runner version and
+checksum, for 24 hours and for as long as the connection that verified it lasts; a new
+connection — after a reconnect, a restarted server — verifies again, in the same round trip that
+probes the host. Within that, a run goes straight to the runner. A run
 whose runner turns out to be missing or broken invalidates the entry, and the executor deploys
 again.
 """
@@ -48,7 +50,7 @@ class DeployError(Exception):
 @dataclass(frozen=True)
 class HostInfo:
     machine: str
-    python: tuple[int, int] | None
+    python: tuple[int, int] | None  # None: none, or not asked (a bundle fits the machine)
 
     @property
     def arch(self) -> str | None:
@@ -96,6 +98,15 @@ class RunnerBuilds:
         if not self._builds:
             raise DeployError(f"no runner builds in {dist}: run `make runner`", retryable=False)
 
+    def probe_command(self) -> str:
+        """The probe script, with every build's remote name (all checked by SAFE_NAME)."""
+        names = [build.remote_name for build in self._builds.values()]
+        if not all(SAFE_NAME.match(name) for name in names):
+            raise DeployError(f"unexpected runner build names {names!r}", retryable=False)
+        machines = [m for (flavour, arch) in self._builds if flavour == "bundle" for m in BUNDLE_MACHINES[arch]]
+        script = PROBE_SCRIPT.replace("@NAMES@", " ".join(names)).replace("@BUNDLE_MACHINES@", " ".join(machines))
+        return "sh -c " + shlex.quote(script)
+
     def choose(self, info: HostInfo) -> RunnerBuild:
         """The standalone bundle for amd64/arm64, else the zipapp where python3 >= 3.8 exists."""
         if info.arch and ("bundle", info.arch) in self._builds:
@@ -110,43 +121,67 @@ class RunnerBuilds:
         )
 
 
-PROBE = (
-    "uname -m; command -v python3 >/dev/null 2>&1 && "
-    "python3 -c 'import sys; print(\"%d.%d\" % sys.version_info[:2])' || echo none"
-)
-
-# Fixed scripts: the only value put in (for @NAME@) is a build's remote_name, checked by SAFE_NAME.
-_CHECK_PRIVATE = """
+# Fixed scripts: the only values put in are builds' remote names, checked by SAFE_NAME, and
+# fixed machine names. The runner dir's ``listing`` holds the name, size, mtime and inode of
+# every file, as `find` printed them when `sha256sum -c` last passed: re-verifying compares a
+# fresh listing with it (one `find`, no hashing of the 15 MB bundle), and hashes again only
+# when something changed.
+_FUNCTIONS = """
 check_private() {
   if [ -L "$1" ] || [ ! -d "$1" ] || [ ! -O "$1" ] || [ "$(stat -c %a "$1")" != 700 ]; then
     echo "unsafe directory $1: it must be a real directory owned by $(id -un) with mode 700" >&2
-    exit 3
+    return 3
   fi
 }
+listing() { (cd "$1/cronium-runner" && find . -printf '%p %s %T@ %i\\n'); }
+verify() {
+  dir="$HOME/.cache/cronium/runner/$1"
+  [ -e "$dir" ] || [ -L "$dir" ] || return 4
+  check_private "$dir" || return 3
+  listing "$dir" | cmp -s - "$dir/listing" && return 0
+  (cd "$dir/cronium-runner" && sha256sum -c --quiet --strict SHA256SUMS >/dev/null 2>&1) || return 5
+  listing "$dir" > "$dir/listing"
+}
 """
+# One round trip per new connection: the machine, python3's version where no bundle fits it,
+# and whether each candidate build is in place (a code per build: 0 good, 3 unsafe, 4 missing,
+# 5 damaged).
+PROBE_SCRIPT = (
+    "set -u\n" + _FUNCTIONS + 'machine=$(uname -m)\necho "machine $machine"\n'
+    'case " @BUNDLE_MACHINES@ " in *" $machine "*) ;; *)\n'
+    '  python3 -c \'import sys; print("python %d.%d" % sys.version_info[:2])\' 2>/dev/null || echo "python none";;\n'
+    "esac\n"
+    'root="$HOME/.cache/cronium"\n'
+    'if [ -e "$root/runner" ] || [ -L "$root/runner" ]; then\n'
+    '  for d in "$root" "$root/runner"; do check_private "$d" || { echo "unsafe"; exit 0; }; done\n'
+    "fi\n"
+    'for name in @NAMES@; do verify "$name"; echo "build $name $?"; done\n'
+)
 VERIFY_SCRIPT = (
-    "set -u\n" + _CHECK_PRIVATE + 'root="$HOME/.cache/cronium"\ndir="$root/runner/@NAME@"\n'
-    '[ -e "$dir" ] || [ -L "$dir" ] || exit 4\n'
-    'for d in "$root" "$root/runner" "$dir"; do check_private "$d"; done\n'
-    'cd "$dir/cronium-runner" && sha256sum -c --quiet --strict SHA256SUMS >/dev/null 2>&1 || exit 5\n'
+    "set -u\n" + _FUNCTIONS + 'root="$HOME/.cache/cronium"\n'
+    '[ -e "$root/runner/@NAME@" ] || [ -L "$root/runner/@NAME@" ] || exit 4\n'
+    'for d in "$root" "$root/runner"; do check_private "$d" || exit 3; done\n'
+    'verify "@NAME@"\n'
 )
 INSTALL_SCRIPT = (
-    "set -u\numask 077\n" + _CHECK_PRIVATE + 'root="$HOME/.cache/cronium"\nrunner_root="$root/runner"\n'
+    "set -u\numask 077\n" + _FUNCTIONS + 'root="$HOME/.cache/cronium"\nrunner_root="$root/runner"\n'
     'dir="$runner_root/@NAME@"\n'
     'mkdir -p "$HOME/.cache" || exit 6\n'
     'for d in "$root" "$runner_root"; do\n'
     '  [ -e "$d" ] || [ -L "$d" ] || mkdir -m 700 "$d" || exit 6\n'
-    '  check_private "$d"\n'
+    '  check_private "$d" || exit 3\n'
     "done\n"
     'find "$runner_root" -maxdepth 1 -name ".partial-*" -mmin +10 -exec rm -rf {} + 2>/dev/null\n'
     'tmp=$(mktemp -d "$runner_root/.partial-XXXXXX") || exit 6\n'
     "trap 'rm -rf \"$tmp\"' EXIT\n"
     'tar xzf - -C "$tmp" || exit 6\n'
     '(cd "$tmp/cronium-runner" && sha256sum -c --quiet --strict SHA256SUMS >/dev/null) || exit 5\n'
+    'listing "$tmp" > "$tmp/listing" || exit 6\n'
     'rm -rf "$dir" && mv "$tmp" "$dir" || exit 6\n'
     "trap - EXIT\n"
 )
 VERIFY_MISSING, UNSAFE, MISMATCH, WRITE_FAILED = 4, 3, 5, 6
+BUNDLE_MACHINES = {"amd64": ("x86_64", "amd64"), "arm64": ("aarch64", "arm64")}
 
 
 def remote_script(template: str, build: RunnerBuild) -> str:
@@ -185,16 +220,22 @@ class Deployer:
         self._locks: dict[ServerKey, asyncio.Lock] = {}
 
     async def host_info(self, pooled: PooledConnection) -> HostInfo:
+        """What the host is; learnt once per connection, with the state of every candidate build."""
         if pooled.info is None:
-            result = await pooled.connection.run(PROBE, check=False)
-            lines = str(result.stdout).split()
-            if result.exit_status != 0 or not lines:
+            result = await pooled.connection.run(self.builds.probe_command(), check=False)
+            fields = [line.split() for line in str(result.stdout).splitlines() if line.strip()]
+            values = {words[0]: words[1:] for words in fields if words[0] in ("machine", "python")}
+            if result.exit_status != 0 or not values.get("machine"):
                 raise DeployError(f"cannot probe the host: {str(result.stderr).strip() or result.exit_status}")
+            if ["unsafe"] in fields:
+                raise DeployError(str(result.stderr).strip(), retryable=False)
             python = None
-            if len(lines) > 1 and lines[1] != "none":
-                major, minor = lines[1].split(".")[:2]
+            if values.get("python", ["none"])[0] != "none":
+                major, minor = values["python"][0].split(".")[:2]
                 python = (int(major), int(minor))
-            pooled.info = HostInfo(machine=lines[0], python=python)
+            pooled.info = HostInfo(machine=values["machine"][0], python=python)
+            # Good until used once: the first ensure() on this connection needs no round trip.
+            pooled.probed_builds = {words[1]: int(words[2]) for words in fields if words[0] == "build"}
         return pooled.info
 
     def _still_valid(self, cache_key: tuple[ServerKey, str, str], pooled: PooledConnection) -> bool:
@@ -221,7 +262,13 @@ class Deployer:
             if not force and self._still_valid(cache_key, pooled):
                 return DeployOutcome(build, "cached", 0)
             if not force:
-                status = await self._run_script(pooled, remote_script(VERIFY_SCRIPT, build))
+                # The probe's word is final only when good: a bad one may be stale by now (another
+                # connection may have deployed while we waited for the lock), and an unsafe one
+                # needs the script's message.
+                if pooled.probed_builds.pop(build.remote_name, None) == 0:
+                    status = (0, "")
+                else:
+                    status = await self._run_script(pooled, remote_script(VERIFY_SCRIPT, build))
                 if status[0] == 0:
                     self._verified[cache_key] = (time.monotonic(), pooled.serial)
                     return DeployOutcome(build, "verified", 0)

@@ -26,7 +26,9 @@ class SSHOptions:
     keepalive_count_max: int = 3
     host_key_policy: str = "strict"
     accept_new_known_hosts: Path | None = None  # default: <state dir>/known_hosts
-    max_channels_per_connection: int = 10  # sshd MaxSessions
+    # Below sshd's MaxSessions (10): sshd frees a session a moment after the client has seen its
+    # channel close, so a connection used to the last slot sees "open failed" now and then.
+    max_channels_per_connection: int = 8
     max_connections_per_server: int = 4
     max_connections: int = 256
     max_handshakes_per_host: int = 8  # below sshd's MaxStartups (10)

@@ -1,6 +1,6 @@
 """A pool of asyncssh connections: reused per server, bounded, health-checked, kept alive.
 
-Each connection carries at most ``max_channels_per_connection`` sessions at once (sshd's
+Each connection carries at most ``max_channels_per_connection`` sessions at once (below sshd's
 MaxSessions); a server gets up to ``max_connections_per_server`` connections, the pool up to
 ``max_connections``; at most ``max_handshakes_per_host`` handshakes run at once against one host
 (sshd drops connections beyond MaxStartups). Connections idle longer than ``idle_timeout`` are
@@ -47,6 +47,7 @@ class PooledConnection:
     channels: int = 0
     last_used: float = field(default_factory=time.monotonic)
     info: Any = None  # what the deployer learned about the host, cached per connection
+    probed_builds: dict[str, int] = field(default_factory=dict)  # the deployer's, see host_info
     tunnel: int | str | None = None  # API mode: the remote forward's port, or why it failed
     tunnel_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     serial: int = field(default_factory=lambda: next(_serials))  # unlike id(), never reused
@@ -106,8 +107,9 @@ class ConnectionPool:
                 holding = [c for c in self._connections[key] if c.sessions]
                 if holding:  # idle sessions yield their channel to a caller that needs one
                     chosen = holding[0]
-                    chosen.sessions.pop().close()
+                    session = chosen.sessions.pop()
                     chosen.channels += 1
+                    await session.aclose()  # the server must have released the channel first
                     return chosen
                 await self._changed.wait()
         try:

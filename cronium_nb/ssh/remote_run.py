@@ -98,6 +98,18 @@ class RunnerSession:
         """End the session: the runner sees its stdin end and exits."""
         self.process.close()
 
+    async def aclose(self, timeout: float = 5.0) -> None:
+        """End the session and wait until the server has released it (sessions count toward
+        sshd's MaxSessions): the runner sees its stdin end and exits, and sshd closes the
+        channel after that. Closing the channel from here instead would let sshd keep the
+        session until the runner has gone, a little later: too late for the next channel."""
+        with contextlib.suppress(asyncssh.Error, OSError):
+            self.process.stdin.write_eof()
+        try:
+            await asyncio.wait_for(self.process.wait_closed(), timeout)
+        except (asyncio.TimeoutError, asyncssh.Error, OSError):
+            self.close()
+
     async def _read(self) -> None:
         try:
             while data := await self.process.stdout.read(READ_SIZE):
