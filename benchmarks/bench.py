@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import asyncssh
 
@@ -30,7 +31,9 @@ from cronium_nb import Event, Executor, Fleet, Server
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers import AnsibleAdHoc, FabricGroup, ParallelSsh
-from report import Report
+
+if TYPE_CHECKING:
+    from report import Report  # imported in main(): the measuring child processes need no matplotlib
 
 HERE = Path(__file__).resolve().parent
 RUNNER_DIST = HERE.parent / "runner" / "dist"
@@ -303,6 +306,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.profile_child:
         profile_child(*args.profile_child)
         return
+    from report import Report
+
     plan = Plan.quick() if args.quick else Plan()
     if args.only:
         plan.only = {part.strip().upper() for part in args.only.split(",")}

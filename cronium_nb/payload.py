@@ -81,11 +81,14 @@ def _write_private(path: Path, data: bytes) -> None:
     os.replace(temporary, path)
 
 
+ARCHIVE_CACHE_SIZE = 64
+
+
 class PayloadService:
     """Builds payload archives and caches them under ``<state dir>/storage/payloads/``.
 
-    An event's archive is rebuilt in memory on every :meth:`prepare` (it is small and the build
-    is deterministic) and compared by SHA-256 with the newest recorded version: equal content
+    An event's archive is built in memory (deterministically; the last 64 distinct ones are kept
+    in memory) and compared by SHA-256 with the newest recorded version: equal content
     reuses the cached file, new content becomes version + 1 with a ``runner_payloads`` row. A
     cached file that is missing or no longer matches its hash is written again, never shipped.
     Per-run data (execution id, input, variables, secrets) is not in the archive: it travels on
@@ -106,9 +109,22 @@ class PayloadService:
         self.directory = state_dir / "storage" / "payloads"
         self.keep_versions = keep_versions
         self.retention_s = retention_s
+        self._built: dict[tuple[str, str | bytes], PayloadArchive] = {}
+
+    def _archive(self, event: Event) -> PayloadArchive:
+        """The event's archive; built once per distinct content (gzip costs more than a run)."""
+        manifest = event.manifest()
+        key = (manifest.to_text(), event.script)
+        archive = self._built.get(key)
+        if archive is None:
+            archive = build_archive(manifest, event.script)
+            if len(self._built) >= ARCHIVE_CACHE_SIZE:
+                self._built.pop(next(iter(self._built)))
+            self._built[key] = archive
+        return archive
 
     def prepare(self, event: Event) -> PreparedPayload:
-        archive = build_archive(event.manifest(), event.script)
+        archive = self._archive(event)
         event_id = self.store.upsert_event(event.name, event.type)
         newest = next(iter(self.store.payloads(event_id)), None)
         if newest is not None and newest.hash == archive.sha256:

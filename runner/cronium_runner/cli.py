@@ -6,10 +6,16 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
+import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cronium_runner import __version__
+
+if TYPE_CHECKING:
+    from cronium_runner.execute import FramedReporter
 from cronium_runner.exitcodes import RunnerError, RunnerExit
 from cronium_runner.protocol import MAGIC
 
@@ -180,12 +186,60 @@ def _serve(args: argparse.Namespace) -> int:
     was removed or replaced since it started says ``stale`` and exits, so the orchestrator deploys
     again instead of running an old runner.
     """
-    from cronium_runner.execute import ControlChannel, FramedReporter, RunContext, run_payload
+    from cronium_runner.execute import FramedReporter
 
     reporter = FramedReporter()
-    reporter.message({"type": "hello", **version_info(), "pid": os.getpid(), "serve": True})
     identity = _executable_identity()
     workroot = Path(os.path.expanduser(args.workroot))
+    reporter.message({"type": "hello", **version_info(), "pid": os.getpid(), "serve": True})
+    try:
+        helper_dir = _session_helper_dir(workroot)
+    except RunnerError:
+        helper_dir = None  # an unsafe work root: each run fails on it, with the reason
+    try:
+        return _serve_requests(reporter, identity, workroot, helper_dir)
+    finally:
+        if helper_dir is not None:
+            shutil.rmtree(helper_dir.parent, ignore_errors=True)
+
+
+SESSION_DIR_PREFIX = "session-"
+
+
+def _session_helper_dir(workroot: Path) -> Path:
+    """A private dir for this session's helper programs, ``session-<pid>-<random>`` in the work
+    root; those of sessions whose process is gone (killed, so they could not clean up) go."""
+    from cronium_runner import helpers, payload
+
+    payload.private_dir(workroot)
+    for entry in workroot.glob(f"{SESSION_DIR_PREFIX}*"):
+        pid = entry.name.split("-")[1]
+        if pid.isdigit() and not _process_exists(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+    helper_dir = Path(tempfile.mkdtemp(prefix=f"{SESSION_DIR_PREFIX}{os.getpid()}-", dir=workroot)) / "helpers"
+    try:
+        helpers.install_programs(helper_dir)
+    except OSError as error:
+        shutil.rmtree(helper_dir.parent, ignore_errors=True)
+        raise RunnerError(RunnerExit.WORKDIR, f"cannot write the helper programs: {error}") from None
+    return helper_dir
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _serve_requests(
+    reporter: FramedReporter, identity: tuple[int, int, int] | None, workroot: Path, helper_dir: Path | None
+) -> int:
+    from cronium_runner.execute import ControlChannel, RunContext, run_payload
+
     stdin = _Stdin()
     while True:
         try:
@@ -214,7 +268,7 @@ def _serve(args: argparse.Namespace) -> int:
             continue
         control = ControlChannel(0, bytes(stdin.buffer))
         run_payload(data, sha256=request.get("sha256"), context=context, workroot=workroot, reporter=reporter,
-                    control=control)  # fmt: skip
+                    control=control, helper_dir=helper_dir)  # fmt: skip
         if control.ended:
             return 0
         stdin.buffer = bytearray(control.leftover())

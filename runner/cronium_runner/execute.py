@@ -37,6 +37,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 PIPE_DRAIN_S = 2.0  # how long to read pipes that outlive every process of the run
 PR_SET_CHILD_SUBREAPER = 36
 KILL_REPEAT_S = 0.2
+API_TOKEN_FILE = ".api-token"  # in the work dir, mode 0600
 RUN_MARK_VARIABLE = "CRONIUM_RUN_MARK"  # in every process of a run's environment; see run_processes
 
 
@@ -461,7 +462,7 @@ def _script_env(manifest: Manifest, context: RunContext, workdir: Path, bin_dir:
     env.setdefault("PYTHONUNBUFFERED", "1")  # so that Python scripts' output streams live
     if context.api is not None:
         # The token stays in a 0600 file: never in the environment that `ps e` would show.
-        token_file = workdir / helpers.HELPER_DIR / "api-token"
+        token_file = workdir / API_TOKEN_FILE
         fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as stream:
             stream.write(context.api["token"])
@@ -496,8 +497,13 @@ def run_payload(
     reporter: Reporter,
     control: ControlChannel | None = None,
     keep_workdir: bool = False,
+    helper_dir: Path | None = None,
 ) -> int:
-    """Verify, extract, run and report one payload; returns the runner's exit code."""
+    """Verify, extract, run and report one payload; returns the runner's exit code.
+
+    ``helper_dir``: helper programs already installed (a runner session's); else they are
+    installed into the work dir.
+    """
     timings: dict[str, float] = {"started_at": time.time()}
     clock = time.monotonic()
     workdir: Path | None = None
@@ -505,7 +511,7 @@ def run_payload(
     try:
         payload.verify(data, sha256)
         workdir = payload.make_workdir(workroot)
-        manifest = payload.extract(data, workdir)
+        manifest = payload.extract(data, workdir, sha256)
         timings["extract_s"] = time.monotonic() - clock
         interpreter = shutil.which(manifest.interpreter)
         if interpreter is None:
@@ -521,8 +527,12 @@ def run_payload(
             "timeout": manifest.timeout,
         }
         input_value = manifest.input if context.input is _UNSET else context.input
-        bin_dir = helpers.install(workdir, input_value=input_value, variables=context.variables, event=event)
-        argv = helpers.interpreter_argv(manifest.type, interpreter, workdir, manifest.entrypoint)
+        if helper_dir is None:
+            helper_dir = workdir / helpers.HELPER_DIR
+            helpers.install_programs(helper_dir)
+        bin_dir = helper_dir / "bin"
+        helpers.write_run_data(workdir, input_value=input_value, variables=context.variables, event=event)
+        argv = helpers.interpreter_argv(manifest.type, interpreter, helper_dir, manifest.entrypoint)
         env = _script_env(manifest, context, workdir, bin_dir)
         timings["prepare_s"] = time.monotonic() - clock - timings["extract_s"]
         supervisor = Supervisor(argv, workdir, env, manifest.timeout, manifest.grace_period, reporter, control)

@@ -34,17 +34,17 @@ def runner_command() -> list[str]:
     return [sys.executable, "-m", "cronium_runner"]
 
 
-def install(workdir: Path, *, input_value: Any, variables: dict[str, Any], event: dict[str, Any]) -> Path:
-    """Write the helper data files and helper programs into ``workdir``; return the bin dir."""
-    helper_dir = workdir / HELPER_DIR
+def install_programs(helper_dir: Path) -> Path:
+    """Write the helper programs (resources and shell commands) into ``helper_dir``, which must
+    not exist yet; return its bin dir. They hold no per-run data (that is in ``$CRONIUM_DIR``),
+    so one copy serves every run of a runner session."""
     bin_dir = helper_dir / "bin"
-    bin_dir.mkdir(mode=0o700, parents=True)
+    helper_dir.mkdir(mode=0o700)
+    bin_dir.mkdir(mode=0o700)
     for name in RESOURCES:
         data = pkgutil.get_data("cronium_runner.resources", name)
         assert data is not None
         (helper_dir / name).write_bytes(data)
-    for name, value in ((INPUT_FILE, input_value), (VARIABLES_FILE, variables), (EVENT_FILE, event)):
-        (workdir / name).write_text(json.dumps(value), encoding="utf-8")
     command = " ".join(shlex.quote(part) for part in runner_command())
     for name, verb in SHELL_HELPERS.items():
         shim = bin_dir / name
@@ -53,8 +53,13 @@ def install(workdir: Path, *, input_value: Any, variables: dict[str, Any], event
     return bin_dir
 
 
-def interpreter_argv(script_type: str, interpreter: str, workdir: Path, entrypoint: str) -> list[str]:
-    helper_dir = workdir / HELPER_DIR
+def write_run_data(workdir: Path, *, input_value: Any, variables: dict[str, Any], event: dict[str, Any]) -> None:
+    """The run's own helper data files."""
+    for name, value in ((INPUT_FILE, input_value), (VARIABLES_FILE, variables), (EVENT_FILE, event)):
+        (workdir / name).write_text(json.dumps(value), encoding="utf-8")
+
+
+def interpreter_argv(script_type: str, interpreter: str, helper_dir: Path, entrypoint: str) -> list[str]:
     if script_type == "python":
         return [interpreter, str(helper_dir / "bootstrap.py"), entrypoint]
     if script_type == "node":
