@@ -261,6 +261,7 @@ class Executor:
         accept_new = self.ssh_options.accept_new_known_hosts or self.state_dir / "known_hosts"
         self._metrics = Metrics()
         self._runtime = RuntimeService()
+        self._daemon_starts: dict[Any, asyncio.Lock] = {}
         self._loop_thread = _LoopThread()
         self.pool: ConnectionPool = self._loop_thread.call(self._make_pool(accept_new))
         self._closed = False
@@ -515,7 +516,7 @@ class Executor:
                 break
             await candidate.aclose()
         if session is None:
-            session = await RunnerSession.start(pooled.connection, build.command(["serve"]), build.remote_name)
+            session = await self._open_session(pooled, build)
         starting = time.monotonic() - clock
         run = RemoteRun(
             session,
@@ -535,6 +536,34 @@ class Executor:
                 await asyncio.shield(session.aclose())
         outcome.phases["upload"] += starting  # starting the runner, when no session was idle
         return outcome
+
+    async def _open_session(self, pooled: PooledConnection, build: RunnerBuild) -> RunnerSession:
+        """A session of the runner daemon (started if need be), else a runner process of its own
+        (no daemon wanted, no room for its socket path, or no stream-local channels allowed)."""
+        idle_timeout = self.ssh_options.runner_daemon_idle_timeout
+        home = pooled.info.home if pooled.info is not None else None
+        socket_path = build.daemon_socket(home) if home and idle_timeout and pooled.daemon is not False else None
+        if socket_path is not None:
+            for attempt in range(2):
+                try:
+                    session = await RunnerSession.connect(pooled.connection, socket_path, build.remote_name)
+                except asyncssh.ChannelOpenError:
+                    if attempt == 0:
+                        await self._start_daemon(pooled, build, socket_path, idle_timeout)
+                    continue
+                pooled.daemon = True
+                return session
+            pooled.daemon = False
+        return await RunnerSession.start(pooled.connection, build.command(["serve"]), build.remote_name)
+
+    async def _start_daemon(self, pooled: PooledConnection, build: RunnerBuild, socket_path: str, idle: float) -> None:
+        """Start the runner daemon (it detaches and says ``ready``; one that runs already says so)."""
+        async with self._daemon_starts.setdefault(pooled.key, asyncio.Lock()):
+            command = build.command(["daemon", "--socket", socket_path, "--idle-timeout", f"{idle:g}"])
+            result = await pooled.connection.run(command, check=False, encoding="utf-8", errors="replace")
+            if result.exit_status != 0 or not str(result.stdout).startswith("ready"):
+                detail = str(result.stderr).strip()[-500:] or f"exit {result.exit_status}"
+                raise RunnerUnavailable(f"the runner daemon did not start: {detail}")
 
     async def _open_api(
         self,

@@ -159,6 +159,37 @@ def processes_matching(fleet: Any, name: str, pattern: str) -> list[str]:
     return [line for line in output.splitlines() if re.search(pattern, line) and "ps -eo" not in line]
 
 
+RUNNER_PROCESS = re.compile(r"cronium-runner(\.pyz)? (run|serve)\b")
+RUNNER_DAEMON = re.compile(r"cronium-runner(\.pyz)? daemon\b")
+
+
+def _process_rows(fleet: Any, name: str) -> list[list[str]]:
+    """``[pid, ppid, stat, args]`` of every process on a fleet server (``ps`` itself excluded)."""
+    output = fleet.exec(name, "ps -eo pid,ppid,stat,args").output
+    return [line.split(None, 3) for line in output.splitlines()[1:] if "ps -eo" not in line]
+
+
+def runner_daemons(fleet: Any, name: str) -> list[str]:
+    """Pids of the runner daemons on a fleet server (not of their sessions, which share the
+    daemon's command line: they are its forked children)."""
+    rows = _process_rows(fleet, name)
+    daemons = {row[0] for row in rows if RUNNER_DAEMON.search(row[3])}
+    return [row[0] for row in rows if row[0] in daemons and row[1] not in daemons]
+
+
+def leftover_processes(fleet: Any, name: str, pattern: str) -> list[str]:
+    """Processes of a job still on a fleet server: those matching ``pattern``, runner processes,
+    and sessions of the runner daemon (its forked children). The idle daemon itself belongs to
+    no job and is not listed."""
+    rows = _process_rows(fleet, name)
+    daemons = {row[0] for row in rows if RUNNER_DAEMON.search(row[3])}
+    return [
+        " ".join(row)
+        for row in rows
+        if re.search(pattern, row[3]) or RUNNER_PROCESS.search(row[3]) or (row[0] in daemons and row[1] in daemons)
+    ]
+
+
 def wait_for(condition, timeout: float = 30.0, interval: float = 0.1) -> bool:
     """Poll a condition (a bounded wait; the test fails if it never holds)."""
     deadline = time.monotonic() + timeout

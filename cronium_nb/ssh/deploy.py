@@ -37,6 +37,7 @@ REMOTE_ROOT = '"$HOME/.cache/cronium"'  # expanded by the login shell; no user d
 MACHINE_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
 SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 ZIPAPP_MIN_PYTHON = (3, 8)
+MAX_SOCKET_PATH = 100  # sockaddr_un holds 108 bytes
 
 
 class DeployError(Exception):
@@ -51,6 +52,7 @@ class DeployError(Exception):
 class HostInfo:
     machine: str
     python: tuple[int, int] | None  # None: none, or not asked (a bundle fits the machine)
+    home: str | None = None  # the login user's $HOME: where the runner daemon's socket is
 
     @property
     def arch(self) -> str | None:
@@ -73,6 +75,12 @@ class RunnerBuild:
     @property
     def remote_dir(self) -> str:
         return f"{REMOTE_ROOT}/runner/{self.remote_name}/cronium-runner"
+
+    def daemon_socket(self, home: str) -> str | None:
+        """The runner daemon's socket, in this build's private directory; None when the path is
+        too long for a Unix socket (the runner then starts per connection instead)."""
+        path = f"{home.rstrip('/')}/.cache/cronium/runner/{self.remote_name}/daemon.sock"
+        return path if len(path.encode()) <= MAX_SOCKET_PATH else None
 
     def command(self, args: Sequence[str]) -> str:
         """The shell command that starts this runner with ``args`` (all quoted)."""
@@ -147,7 +155,7 @@ verify() {
 # and whether each candidate build is in place (a code per build: 0 good, 3 unsafe, 4 missing,
 # 5 damaged).
 PROBE_SCRIPT = (
-    "set -u\n" + _FUNCTIONS + 'machine=$(uname -m)\necho "machine $machine"\n'
+    "set -u\n" + _FUNCTIONS + 'machine=$(uname -m)\necho "machine $machine"\necho "home $HOME"\n'
     'case " @BUNDLE_MACHINES@ " in *" $machine "*) ;; *)\n'
     '  python3 -c \'import sys; print("python %d.%d" % sys.version_info[:2])\' 2>/dev/null || echo "python none";;\n'
     "esac\n"
@@ -223,7 +231,9 @@ class Deployer:
         """What the host is; learnt once per connection, with the state of every candidate build."""
         if pooled.info is None:
             result = await pooled.connection.run(self.builds.probe_command(), check=False)
-            fields = [line.split() for line in str(result.stdout).splitlines() if line.strip()]
+            lines = str(result.stdout).splitlines()
+            home = next((line[len("home ") :] for line in lines if line.startswith("home /")), None)
+            fields = [line.split() for line in lines if line.strip()]
             values = {words[0]: words[1:] for words in fields if words[0] in ("machine", "python")}
             if result.exit_status != 0 or not values.get("machine"):
                 raise DeployError(f"cannot probe the host: {str(result.stderr).strip() or result.exit_status}")
@@ -233,7 +243,7 @@ class Deployer:
             if values.get("python", ["none"])[0] != "none":
                 major, minor = values["python"][0].split(".")[:2]
                 python = (int(major), int(minor))
-            pooled.info = HostInfo(machine=values["machine"][0], python=python)
+            pooled.info = HostInfo(machine=values["machine"][0], python=python, home=home)
             # Good until used once: the first ensure() on this connection needs no round trip.
             pooled.probed_builds = {words[1]: int(words[2]) for words in fields if words[0] == "build"}
         return pooled.info

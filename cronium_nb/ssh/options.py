@@ -33,6 +33,9 @@ class SSHOptions:
     max_connections: int = 256
     max_handshakes_per_host: int = 8  # below sshd's MaxStartups (10)
     idle_timeout: float = 300.0
+    # The runner daemon (one per user and server, reached through a Unix socket) exits after this
+    # long without a connection; 0: no daemon, a runner process is started per connection.
+    runner_daemon_idle_timeout: float = 600.0
 
     def __post_init__(self) -> None:
         if self.host_key_policy not in HOST_KEY_POLICIES:
@@ -46,3 +49,5 @@ class SSHOptions:
         for name in ("connect_timeout", "keepalive_interval", "idle_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.runner_daemon_idle_timeout < 0:
+            raise ValueError("runner_daemon_idle_timeout must be 0 (no daemon) or positive")

@@ -52,6 +52,7 @@ class PooledConnection:
     tunnel_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     serial: int = field(default_factory=lambda: next(_serials))  # unlike id(), never reused
     sessions: list[Any] = field(default_factory=list)  # idle runner sessions, each holding a channel
+    daemon: bool | None = None  # whether the runner daemon is reachable here (None: not tried)
 
     @property
     def alive(self) -> bool:

@@ -1,15 +1,16 @@
 """Runs on a server: a long-lived runner session per connection, and one run on it.
 
-A :class:`RunnerSession` is one ``cronium-runner serve`` process on one SSH channel. Its stdin
-carries run requests (a JSON line, then the payload) and control lines; its stdout carries the
-runner's frames (:mod:`cronium_runner.protocol`), read in 64 KiB chunks and split into lines
-here. A session runs one payload at a time and stays for the next, so that a warm run costs no
-process start on the server.
+A :class:`RunnerSession` is one runner session on one SSH channel: a forked child of the runner
+daemon reached through the daemon's Unix socket (a stream-local channel: no process start on the
+server), or a ``cronium-runner serve`` process on an exec channel where there is no daemon. Its
+input carries run requests (a JSON line, then the payload) and control lines; its output carries
+the runner's frames (:mod:`cronium_runner.protocol`), read in 64 KiB chunks and split into lines
+here. A session runs one payload at a time and stays for the next.
 
 A :class:`RemoteRun` is one run on a session. A timeout or a cancel asks the runner to stop (it
 signals the script's whole process tree: SIGTERM, grace, SIGKILL); if the runner does not answer
 within the grace period plus a margin, the session's channel is aborted, which ends the runner
-too (its stdin ends) and the session with it.
+too (its input ends) and the session with it.
 """
 
 from __future__ import annotations
@@ -48,10 +49,18 @@ class RunOutcome:
 
 
 class RunnerSession:
-    """One ``cronium-runner serve`` process; use :meth:`start`, then one :class:`RemoteRun` at a time."""
+    """One runner session; open it with :meth:`start` (a ``serve`` process on an exec channel) or
+    :meth:`connect` (the runner daemon's Unix socket), then one :class:`RemoteRun` at a time."""
 
-    def __init__(self, process: asyncssh.SSHClientProcess, build_name: str) -> None:
-        self.process = process
+    def __init__(
+        self,
+        writer: asyncssh.SSHWriter,
+        reader: asyncssh.SSHReader,
+        stderr: asyncssh.SSHReader | None,
+        build_name: str,
+    ) -> None:
+        self._writer, self._reader_stream, self._stderr_stream = writer, reader, stderr
+        self.channel = writer.channel
         self.build_name = build_name
         self.hello: dict[str, Any] | None = None
         self.error: str | None = None
@@ -65,20 +74,32 @@ class RunnerSession:
 
     @classmethod
     async def start(cls, connection: asyncssh.SSHClientConnection, command: str, build_name: str) -> RunnerSession:
-        """Start the runner; :class:`RunnerUnavailable` when it does not say hello (missing, corrupt)."""
-        session = cls(await connection.create_process(command, encoding=None), build_name)
+        """Start ``cronium-runner serve``; :class:`RunnerUnavailable` when it does not say hello."""
+        process = await connection.create_process(command, encoding=None)
+        return await cls(process.stdin, process.stdout, process.stderr, build_name)._greeted()
+
+    @classmethod
+    async def connect(
+        cls, connection: asyncssh.SSHClientConnection, socket_path: str, build_name: str
+    ) -> RunnerSession:
+        """A session of the runner daemon at ``socket_path`` (raises asyncssh.ChannelOpenError
+        when no daemon listens there, or the server allows no stream-local forwarding)."""
+        reader, writer = await connection.open_unix_connection(socket_path)
+        return await cls(writer, reader, None, build_name)._greeted()
+
+    async def _greeted(self) -> RunnerSession:
         try:
-            await session._hello_seen.wait()
+            await self._hello_seen.wait()
         except asyncio.CancelledError:
-            session.close()
+            self.close()
             raise
-        if session.hello is None:
-            await asyncio.wait([session._stderr_reader], timeout=1.0)
-            detail = session._stderr.decode(errors="replace").strip()[-500:]
-            status = session.process.exit_status
-            session.close()
-            raise RunnerUnavailable(f"runner did not start (exit {status}): {detail or session.error or 'no output'}")
-        return session
+        if self.hello is None:
+            await asyncio.wait([self._stderr_reader], timeout=1.0)
+            detail = self._stderr.decode(errors="replace").strip()[-500:]
+            status = self.channel.get_exit_status()
+            self.close()
+            raise RunnerUnavailable(f"runner did not start (exit {status}): {detail or self.error or 'no output'}")
+        return self
 
     @property
     def alive(self) -> bool:
@@ -86,17 +107,17 @@ class RunnerSession:
 
     def send(self, data: bytes) -> None:
         with contextlib.suppress(asyncssh.Error, OSError):  # a lost channel is the reader's news
-            self.process.stdin.write(data)
+            self._writer.write(data)
 
     def attach(self, run: RemoteRun | None) -> None:
         self._run = run
 
     def abort(self) -> None:
-        self.process.channel.abort()
+        self.channel.abort()
 
     def close(self) -> None:
         """End the session: the runner sees its stdin end and exits."""
-        self.process.close()
+        self.channel.close()
 
     async def aclose(self, timeout: float = 5.0) -> None:
         """End the session and wait until the server has released it (sessions count toward
@@ -104,15 +125,15 @@ class RunnerSession:
         channel after that. Closing the channel from here instead would let sshd keep the
         session until the runner has gone, a little later: too late for the next channel."""
         with contextlib.suppress(asyncssh.Error, OSError):
-            self.process.stdin.write_eof()
+            self._writer.write_eof()
         try:
-            await asyncio.wait_for(self.process.wait_closed(), timeout)
+            await asyncio.wait_for(self.channel.wait_closed(), timeout)
         except (asyncio.TimeoutError, asyncssh.Error, OSError):
             self.close()
 
     async def _read(self) -> None:
         try:
-            while data := await self.process.stdout.read(READ_SIZE):
+            while data := await self._reader_stream.read(READ_SIZE):
                 for frame in self._decoder.feed(data):
                     self._dispatch(frame)
         except ProtocolError as error:
@@ -140,8 +161,10 @@ class RunnerSession:
 
     async def _drain_stderr(self) -> None:
         """Keep the last 4 KiB of the channel's stderr (a shell's "not found", a crash)."""
+        if self._stderr_stream is None:
+            return
         with contextlib.suppress(asyncssh.Error, OSError):
-            while data := await self.process.stderr.read(READ_SIZE):
+            while data := await self._stderr_stream.read(READ_SIZE):
                 self._stderr += data[-4096:]
                 del self._stderr[:-4096]
 

@@ -1,14 +1,16 @@
-"""Command line: ``cronium-runner version | run | serve | helper``."""
+"""Command line: ``cronium-runner version | run | serve | daemon | helper``."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -65,6 +67,13 @@ def _parser() -> argparse.ArgumentParser:
         help="orchestrator mode, long-lived: run one framed payload after another from stdin until it ends",
     )
     serve.add_argument("--workroot", default=os.environ.get("CRONIUM_WORKROOT", DEFAULT_WORKROOT))
+    daemon = commands.add_parser(
+        "daemon",
+        help="orchestrator mode, per user: serve sessions over a private Unix socket, one forked process each",
+    )
+    daemon.add_argument("--socket", required=True, type=Path, help="socket path, in a private (0700) directory")
+    daemon.add_argument("--idle-timeout", type=float, default=600.0, help="exit after this long without a session")
+    daemon.add_argument("--workroot", default=os.environ.get("CRONIUM_WORKROOT", DEFAULT_WORKROOT))
     helper = commands.add_parser("helper", help="runtime helpers for shell scripts (cronium.input, ...)")
     helper.add_argument("verb")
     helper.add_argument("args", nargs=argparse.REMAINDER)
@@ -177,41 +186,44 @@ def _executable_identity() -> tuple[int, int, int] | None:
     return (stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _serve(args: argparse.Namespace, identity: tuple[int, int, int] | None, helper_dir: Path | None = None) -> int:
     """Run payloads one after another, each as ``run - --framed`` would, on one channel.
 
     Saves the process start (tens of milliseconds) on every run but the first. Each request is
     a JSON line ``{"op": "run", "sha256": ..., "payload_size": ..., <run context>}`` followed by
     the payload; the run's frames end with its ``result`` message. A runner whose file on disk
-    was removed or replaced since it started says ``stale`` and exits, so the orchestrator deploys
-    again instead of running an old runner.
+    was removed or replaced since it started (``identity``: as it was then) says ``stale`` and
+    exits, so the orchestrator deploys again instead of running an old runner. ``helper_dir``:
+    helper programs installed by the daemon; without it the session installs its own.
     """
     from cronium_runner.execute import FramedReporter
 
     reporter = FramedReporter()
-    identity = _executable_identity()
     workroot = Path(os.path.expanduser(args.workroot))
     reporter.message({"type": "hello", **version_info(), "pid": os.getpid(), "serve": True})
-    try:
+    own_helpers = helper_dir is None
+    if own_helpers:
         helper_dir = _session_helper_dir(workroot)
-    except RunnerError:
-        helper_dir = None  # an unsafe work root: each run fails on it, with the reason
     try:
         return _serve_requests(reporter, identity, workroot, helper_dir)
     finally:
-        if helper_dir is not None:
+        if own_helpers and helper_dir is not None:
             shutil.rmtree(helper_dir.parent, ignore_errors=True)
 
 
 SESSION_DIR_PREFIX = "session-"
 
 
-def _session_helper_dir(workroot: Path) -> Path:
+def _session_helper_dir(workroot: Path) -> Path | None:
     """A private dir for this session's helper programs, ``session-<pid>-<random>`` in the work
-    root; those of sessions whose process is gone (killed, so they could not clean up) go."""
+    root; those of sessions whose process is gone (killed, so they could not clean up) go.
+    None when the work root is unsafe: each run then fails on it, with the reason."""
     from cronium_runner import helpers, payload
 
-    payload.private_dir(workroot)
+    try:
+        payload.private_dir(workroot)
+    except RunnerError:
+        return None
     for entry in workroot.glob(f"{SESSION_DIR_PREFIX}*"):
         pid = entry.name.split("-")[1]
         if pid.isdigit() and not _process_exists(int(pid)):
@@ -219,9 +231,9 @@ def _session_helper_dir(workroot: Path) -> Path:
     helper_dir = Path(tempfile.mkdtemp(prefix=f"{SESSION_DIR_PREFIX}{os.getpid()}-", dir=workroot)) / "helpers"
     try:
         helpers.install_programs(helper_dir)
-    except OSError as error:
+    except OSError:
         shutil.rmtree(helper_dir.parent, ignore_errors=True)
-        raise RunnerError(RunnerExit.WORKDIR, f"cannot write the helper programs: {error}") from None
+        return None  # a full disk, say: each run then fails on its work dir, with the reason
     return helper_dir
 
 
@@ -286,7 +298,31 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 0
         if args.command == "serve":
-            return _serve(args)
+            return _serve(args, _executable_identity())
+        if args.command == "daemon":
+            # Imported once here, not in every forked session (ctypes: the child subreaper).
+            import ctypes  # noqa: F401
+
+            from cronium_runner import execute, helpers, payload  # noqa: F401
+            from cronium_runner.daemon import run_daemon
+
+            identity = _executable_identity()  # the children compare against the daemon's start
+
+            @contextlib.contextmanager
+            def sessions() -> Iterator[Callable[[], int]]:
+                helper_dir = _session_helper_dir(Path(os.path.expanduser(args.workroot)))
+                try:
+                    yield lambda: _serve(args, identity, helper_dir)
+                finally:
+                    if helper_dir is not None:
+                        shutil.rmtree(helper_dir.parent, ignore_errors=True)
+
+            return run_daemon(
+                args.socket,
+                args.idle_timeout,
+                sessions=sessions,
+                still_current=lambda: _executable_identity() == identity,
+            )
         if args.command == "helper":
             from cronium_runner.helpers import run_helper
 

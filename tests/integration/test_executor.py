@@ -16,7 +16,7 @@ import cronium_nb as cn
 from cronium_nb import Event, Executor, Fleet, SSHOptions, Status
 from cronium_nb.executor import DEFAULT_RUNNER_DIST, Callbacks
 from cronium_nb.model import Server
-from tests.runner_harness import processes_matching, submit_and_wait_for_output, wait_for
+from tests.runner_harness import leftover_processes, processes_matching, submit_and_wait_for_output, wait_for
 
 pytestmark = pytest.mark.fleet
 FAST_BACKOFF = (0.2, 0.2, 0.2)
@@ -323,7 +323,7 @@ def test_cancel_during_the_deploy(cronium_fleet_factory, executor_factory) -> No
     assert result.status == Status.CANCELLED
     assert result[name].status == Status.CANCELLED
     assert result.logs.empty
-    assert wait_for(lambda: not processes_matching(fleet, name, r"tar xzf|sha256sum|cronium-runner"))
+    assert wait_for(lambda: not leftover_processes(fleet, name, r"tar xzf|sha256sum"))
     partial = fleet.exec(name, "ls -A ~/.cache/cronium/runner 2>/dev/null | grep -c partial || true")
     assert wait_for(lambda: partial.output.strip() == "0")
 
@@ -358,7 +358,7 @@ def test_killing_sshd_mid_run_fails_that_server_cleanly(cronium_fleet_factory, e
         result = job.result(timeout=60)
         assert result[name].status == Status.FAILED
         assert "connection" in result[name].error.lower()
-        assert wait_for(lambda: not processes_matching(fleet, name, r"sleep 5006|cronium-runner"), timeout=30)
+        assert wait_for(lambda: not leftover_processes(fleet, name, r"sleep 5006"), timeout=30)
     finally:
         fleet.restart(name)
     assert executor.run(Event(name="after-restart", script="echo back")).ok

@@ -14,7 +14,7 @@ import yaml
 
 from cronium_nb import Callbacks, Event, Executor, SSHOptions, Status
 from cronium_nb.store import Store
-from tests.runner_harness import processes_matching, submit_and_wait_for_output, wait_for
+from tests.runner_harness import leftover_processes, submit_and_wait_for_output, wait_for
 
 pytestmark = pytest.mark.fleet
 ARCHES = ["amd64", "arm64"]
@@ -65,7 +65,7 @@ def test_paused_mid_deploy_fails_and_leaves_nothing(single, tmp_path: Path) -> N
         assert result[name].status == Status.FAILED
         assert "connection" in result[name].error.lower() or "deploy" in result[name].error.lower()
         recorded(executor, "failed")
-        assert wait_for(lambda: not processes_matching(fleet, name, r"tar xzf|sha256sum|cronium-runner"))
+        assert wait_for(lambda: not leftover_processes(fleet, name, r"tar xzf|sha256sum"))
         assert executor.run(Event(name="after-pause", script="echo fine")).ok
 
 
@@ -90,7 +90,7 @@ def test_killing_sshd_mid_run(single, tmp_path: Path) -> None:
             result = job.result(timeout=120)
             assert result[name].status == Status.FAILED and "connection" in result[name].error.lower()
             recorded(executor, "failed")
-            assert wait_for(lambda: not processes_matching(fleet, name, r"sleep 6001|cronium-runner"), timeout=60)
+            assert wait_for(lambda: not leftover_processes(fleet, name, r"sleep 6001"), timeout=60)
         finally:
             fleet.restart(name)
         assert executor.run(Event(name="after-sshd", script="echo back")).ok
@@ -137,7 +137,7 @@ def test_orchestrator_killed_mid_run(single, tmp_path: Path) -> None:
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait()
-    assert wait_for(lambda: not processes_matching(fleet, name, r"sleep 6002|cronium-runner"), timeout=60)
+    assert wait_for(lambda: not leftover_processes(fleet, name, r"sleep 6002"), timeout=60)
     with Store(state) as store:
         assert store.history().iloc[0]["status"] == "interrupted"
     with Executor(fleet.inventory, state_dir=state) as executor:
