@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from cronium_nb import Event, Executor, Fleet, SSHOptions
-from tests.runner_harness import processes_matching, runner_daemons, wait_for
+from cronium_nb import Event, Executor, SSHOptions
+from tests.runner_harness import leftover_processes, processes_matching, runner_daemons, wait_for
 
 # The script reports the process that runs it (its session) and that process's parent.
 WHO_RUNS_ME = 'echo "session $PPID $(ps -o args= -p $PPID)"; echo "parent $(ps -o ppid= -p $PPID | tr -d " ")"'
 DAEMON = r"cronium-runner(\.pyz)? daemon"
+
 
 def who_runs(executor: Executor, server: str) -> dict[str, str]:
     result = executor.run(Event(name="who-runs-me", script=WHO_RUNS_ME), servers=[server])
@@ -24,17 +25,17 @@ def who_runs(executor: Executor, server: str) -> dict[str, str]:
 def test_new_connections_are_served_by_one_daemon(cronium_fleet_factory, tmp_path: Path, arch: str) -> None:
     fleet = cronium_fleet_factory(amd64=int(arch == "amd64"), arm64=int(arch == "arm64"), name_prefix="daemon-")
     name = fleet.names[0]
-    sessions = []
-    for attempt in range(2):  # two executors: two connections
+    sessions, daemons = [], []
+    for _connection in range(2):  # two executors: two connections
         with Executor(fleet.inventory, state_dir=tmp_path / "state") as executor:
             seen = who_runs(executor, name)
             sessions.append(seen["session"])
-            [daemon] = runner_daemons(fleet, name)
-            assert seen["parent"] == daemon, (seen, processes_matching(fleet, name, DAEMON))
+            daemons.append(runner_daemons(fleet, name))
+            assert daemons[-1] == [seen["parent"]], (seen, processes_matching(fleet, name, DAEMON))
             assert " daemon --socket " in seen["session"]
-        # The connection is gone: its session went with it, the daemon stays (alone).
-        assert wait_for(lambda: runner_daemons(fleet, name) == [daemon], timeout=30)
-    assert sessions[0] != sessions[1]
+        # The connection is gone: its session went with it; the daemon stays, alone.
+        assert wait_for(lambda: not leftover_processes(fleet, name, "who-runs-me"), timeout=30)
+    assert daemons[0] == daemons[1] and sessions[0] != sessions[1]
 
 
 def test_the_daemon_leaves_when_idle(cronium_fleet_factory, tmp_path: Path) -> None:

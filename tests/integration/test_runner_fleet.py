@@ -16,7 +16,15 @@ from cronium_nb import Fleet
 from cronium_nb.model import Server
 from cronium_runner.exitcodes import RunnerExit
 from tests.conftest import REPO_ROOT
-from tests.runner_harness import SshRun, connect, grandchildren_script, make_payload, processes_matching, run_over_ssh
+from tests.runner_harness import (
+    SshRun,
+    connect,
+    grandchildren_script,
+    leftover_processes,
+    make_payload,
+    processes_matching,
+    run_over_ssh,
+)
 from tests.unit.test_runner_local import HELPER_EXPECTED_STDOUT, HELPER_SCRIPTS, dedent_shell
 
 pytestmark = pytest.mark.fleet
@@ -212,9 +220,9 @@ def test_lost_connection_stops_the_script(target: Target) -> None:
 
     async def wait_gone():
         for _ in range(300):  # the runner notices stdin EOF; bounded poll, 30 s at most
-            if not await asyncio.to_thread(remote_processes, target, r"sleep 4004|cronium-runner"):
+            if not await asyncio.to_thread(leftover_processes, target.fleet, target.name, r"sleep 4004"):
                 return True
             await asyncio.sleep(0.1)
         return False
 
-    assert asyncio.run(wait_gone()), remote_processes(target, r"sleep 4004|cronium-runner")
+    assert asyncio.run(wait_gone()), leftover_processes(target.fleet, target.name, r"sleep 4004")
