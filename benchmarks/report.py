@@ -105,6 +105,8 @@ class Report:
             frames = [f for f in stack.split(";") if not f.startswith(("process ", "thread "))]
             if not frames or any(idle in frames[-1] for idle in IDLE_FRAMES):
                 continue
+            if any("_find_and_load" in f for f in frames):
+                continue  # importing modules at start-up: not the work measured
             total += int(count)
             for name in {_frame_name(f) for f in frames}:
                 inclusive[name] += int(count)
@@ -192,7 +194,9 @@ class Report:
         lines += ["", *self._summary(), *self._b1(), *self._b2(), *self._b3(), *self._b4(), *self._b5()]
         lines += self._profile()
         lines += [f"![{Path(p).stem}]({p})" for p in plots]
-        lines += ["", *FINDINGS]
+        analysis = Path(__file__).with_name("analysis.md")
+        if analysis.exists():
+            lines += ["", analysis.read_text().strip()]
         return "\n".join(lines) + "\n"
 
     def _summary(self) -> list[str]:
@@ -337,4 +341,3 @@ def peers_label(peers: list[str]) -> str:
 
 
 FANOUT_LABEL = "hostname; uptime"
-FINDINGS: list[str] = []

@@ -432,14 +432,15 @@ class LogChunk(NamedTuple):
 
 
 class LogBuffer:
-    """Collects log chunks and writes them in batches (never a transaction per line or chunk)."""
+    """Collects log chunks and writes them in batches (never a transaction per line or chunk):
+    when ``batch_size`` chunks or ``batch_bytes`` of text are waiting, or on :meth:`flush`."""
 
     def __init__(self, store: Store, batch_size: int = 2000, batch_bytes: int = 4 * 1024 * 1024) -> None:
         self._store = store
         self._batch_size = batch_size
         self._batch_bytes = batch_bytes
         self._chunks: list[LogChunk] = []
-        self._lines = self._bytes = 0
+        self._bytes = 0
         self._lock = threading.Lock()
 
     def add(self, execution_id: str, server: str, seq: int, ts: float, stream: str, line: str) -> None:
@@ -449,14 +450,13 @@ class LogBuffer:
     def add_chunk(self, chunk: LogChunk) -> None:
         with self._lock:
             self._chunks.append(chunk)
-            self._lines += chunk.line_count
             self._bytes += len(chunk.lines)
-            full = self._lines >= self._batch_size or self._bytes >= self._batch_bytes
+            full = len(self._chunks) >= self._batch_size or self._bytes >= self._batch_bytes
         if full:
             self.flush()
 
     def flush(self) -> None:
         with self._lock:
             chunks, self._chunks = self._chunks, []
-            self._lines = self._bytes = 0
+            self._bytes = 0
         self._store.append_log_chunks(chunks)

@@ -256,7 +256,9 @@ class RemoteRun:
             self._finish()
 
     def stream(self, frame: Frame) -> None:
-        self._emit(frame.kind, self._splitters[frame.kind].feed(frame.payload), frame.ts)
+        block, count = self._splitters[frame.kind].feed_block(frame.payload)
+        if count:
+            self.on_lines(STREAM_NAMES[frame.kind], block.decode("utf-8", errors="backslashreplace"), count, frame.ts)
 
     def session_ended(self) -> None:
         self._finish()

@@ -119,6 +119,17 @@ class LineSplitter:
             del self._partial[: self.max_line]
         return lines
 
+    def feed_block(self, data: bytes) -> tuple[bytes, int]:
+        """Like :meth:`feed`, but the lines come back joined by ``\\n`` with their count: for a
+        chunk of short lines nothing is split at all (the storage keeps blocks of lines)."""
+        end = data.rfind(b"\n")
+        if end < 0 or len(self._partial) + end > self.max_line:
+            lines = self.feed(data)  # no complete line, or a line may be too long: the careful way
+            return b"\n".join(lines), len(lines)
+        block = bytes(self._partial) + data[:end] if self._partial else data[:end]
+        self._partial = bytearray(data[end + 1 :])
+        return block, block.count(b"\n") + 1
+
     def flush(self) -> list[bytes]:
         """The unterminated rest, at end of stream."""
         rest, self._partial = bytes(self._partial), bytearray()
