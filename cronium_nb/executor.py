@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ from cronium_nb.model import Event, EventError, Server, Status
 from cronium_nb.payload import PayloadService, PreparedPayload
 from cronium_nb.results import PHASES, ExecutionResult, ServerResult, overall_status
 from cronium_nb.runtime_api import ApiRun, RuntimeService
-from cronium_nb.ssh.deploy import DEFAULT_BACKOFF_S, Deployer, DeployError, RunnerBuild, RunnerBuilds
+from cronium_nb.ssh.deploy import DEFAULT_BACKOFF_S, Deployer, DeployError, HostInfo, RunnerBuild, RunnerBuilds
 from cronium_nb.ssh.options import SSHOptions
 from cronium_nb.ssh.pool import ConnectError, ConnectionPool, PooledConnection
 from cronium_nb.ssh.remote_run import RemoteRun, RunnerSession, RunnerUnavailable, RunOutcome, uncancel
@@ -451,8 +451,9 @@ class Executor:
             result.phases["connect"] = time.monotonic() - clock
             clock = time.monotonic()
             state.status(result, "deploy")
-            info = await self.deployer.host_info(pooled)
-            result.arch = info.machine
+            if pooled.info is None:
+                await self._probe(pooled, server)
+            result.arch = pooled.info.machine
 
             def deploy_failed(attempt: int, reason: str) -> None:
                 if state.callbacks.on_deploy_failed is not None:
@@ -536,6 +537,34 @@ class Executor:
                 await asyncio.shield(session.aclose())
         outcome.phases["upload"] += starting  # starting the runner, when no session was idle
         return outcome
+
+    async def _probe(self, pooled: PooledConnection, server: Server) -> None:
+        """A new connection's first round trip: the probe (what the host is, whether its runner
+        is intact) and, for a server probed before, alongside it a session of its runner daemon,
+        which the run then takes if the probe agrees (same build, intact)."""
+        early = self._early_session(pooled, server)
+        info = await self.deployer.host_info(pooled, alongside=early)
+        if isinstance(pooled.alongside, RunnerSession):
+            pooled.sessions.append(pooled.alongside)  # _run_payload takes it, or closes it if it does not fit
+        pooled.alongside = None
+        facts = info.facts()
+        if facts != self.store.host_facts(server.address):
+            self.store.remember_host(server.address, facts)
+
+    def _early_session(self, pooled: PooledConnection, server: Server) -> Callable[[], Awaitable[RunnerSession]] | None:
+        """How to open a session of the runner daemon of a server probed before, or None."""
+        facts = self.store.host_facts(server.address) if self.ssh_options.runner_daemon_idle_timeout else None
+        if facts is None:
+            return None
+        info = HostInfo.from_facts(facts)
+        try:
+            build = self.deployer.builds.choose(info)
+        except DeployError:
+            return None
+        socket_path = build.daemon_socket(info.home) if info.home else None
+        if socket_path is None:
+            return None
+        return functools.partial(RunnerSession.connect, pooled.connection, socket_path, build.remote_name)
 
     async def _open_session(self, pooled: PooledConnection, build: RunnerBuild) -> RunnerSession:
         """A session of the runner daemon (started if need be), else a runner process of its own

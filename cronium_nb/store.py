@@ -114,6 +114,15 @@ MIGRATIONS: tuple[str, ...] = (
     INSERT INTO log_chunks SELECT execution_id, server, seq, 1, ts, stream, line FROM log_lines;
     DROP TABLE log_lines;
     """,
+    # 4: what a probe learnt about each server (architecture, python3, home), so that a new
+    # connection to a server seen before can go straight to its runner daemon
+    """
+    CREATE TABLE hosts (
+        address TEXT PRIMARY KEY,
+        facts TEXT NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 SERVER_RESULT_FIELDS = (
@@ -393,6 +402,21 @@ class Store:
         frame = frame.reset_index(drop=True).astype({"seq": "int64", "line": object})
         frame["ts"] = pd.to_datetime(frame["ts"], unit="s", utc=True)
         return frame
+
+    # -- hosts
+
+    def host_facts(self, address: str) -> dict[str, Any] | None:
+        """What the last probe of ``address`` (``user@host:port``) found, or None."""
+        rows = self._query("SELECT facts FROM hosts WHERE address = ?", (address,))
+        return json.loads(rows[0][0]) if rows else None
+
+    def remember_host(self, address: str, facts: dict[str, Any]) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO hosts (address, facts, updated_at) VALUES (?, ?, ?) ON CONFLICT (address) "
+                "DO UPDATE SET facts = excluded.facts, updated_at = excluded.updated_at",
+                (address, json.dumps(facts, sort_keys=True), time.time()),
+            )
 
     # -- variables
 

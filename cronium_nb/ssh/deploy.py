@@ -25,6 +25,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncssh
 
@@ -57,6 +58,14 @@ class HostInfo:
     @property
     def arch(self) -> str | None:
         return MACHINE_ARCH.get(self.machine)
+
+    def facts(self) -> dict[str, Any]:
+        return {"machine": self.machine, "python": list(self.python) if self.python else None, "home": self.home}
+
+    @classmethod
+    def from_facts(cls, facts: dict[str, Any]) -> HostInfo:
+        python = facts.get("python")
+        return cls(str(facts["machine"]), (int(python[0]), int(python[1])) if python else None, facts.get("home"))
 
 
 @dataclass(frozen=True)
@@ -227,10 +236,25 @@ class Deployer:
         self._verified: dict[tuple[ServerKey, str, str], tuple[float, int]] = {}
         self._locks: dict[ServerKey, asyncio.Lock] = {}
 
-    async def host_info(self, pooled: PooledConnection) -> HostInfo:
-        """What the host is; learnt once per connection, with the state of every candidate build."""
+    async def host_info(
+        self, pooled: PooledConnection, alongside: Callable[[], Awaitable[Any]] | None = None
+    ) -> HostInfo:
+        """What the host is; learnt once per connection, with the state of every candidate build.
+
+        ``alongside`` is started once the probe's command is under way and awaited with it (its
+        result or exception goes to ``pooled.alongside``): sshd switches a connection to
+        TCP_NODELAY only when a session runs a command, and a stream-local channel used before
+        that waits on Nagle's algorithm for a delayed ACK (40 ms) at every exchange.
+        """
         if pooled.info is None:
-            result = await pooled.connection.run(self.builds.probe_command(), check=False)
+            process = await pooled.connection.create_process(self.builds.probe_command(), encoding="utf-8")
+            side = asyncio.ensure_future(alongside()) if alongside is not None else None
+            try:
+                result = await process.wait(check=False)
+            finally:
+                if side is not None:
+                    await asyncio.wait([side])
+                    pooled.alongside = side.exception() or side.result()
             lines = str(result.stdout).splitlines()
             home = next((line[len("home ") :] for line in lines if line.startswith("home /")), None)
             fields = [line.split() for line in lines if line.strip()]

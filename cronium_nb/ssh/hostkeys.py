@@ -45,6 +45,22 @@ class _AcceptNewClient(asyncssh.SSHClient):
         return True
 
 
+_parsed: dict[tuple[str, Any], tuple[tuple[int, int, int], Any]] = {}
+
+
+def parsed_file(path: Path | str, parse: Any) -> Any:
+    """``parse(path)``, remembered while the file keeps its inode, size and mtime: a fan-out
+    to many servers reads and parses the known_hosts file and the key once, not per connection."""
+    stat = os.stat(path)
+    identity = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    key = (str(path), parse)
+    with _record_lock:
+        cached = _parsed.get(key)
+        if cached is None or cached[0] != identity:
+            cached = _parsed[key] = (identity, parse(str(path)))
+    return cached[1]
+
+
 def _keys_for(path: Path, server: Server) -> list[asyncssh.SSHKey]:
     if not path.is_file():
         return []
@@ -64,7 +80,7 @@ def connect_options(server: Server, policy: str, accept_new_file: Path) -> dict[
                 f"no known_hosts file {known_hosts} to verify {server.address}: add the host key there, "
                 "or use host_key_policy='accept-new'"
             )
-        return {"known_hosts": str(known_hosts)}
+        return {"known_hosts": parsed_file(known_hosts, asyncssh.read_known_hosts)}
     trusted = _keys_for(known_hosts, server) + _keys_for(accept_new_file, server)
     return {
         "known_hosts": (trusted, [], []),

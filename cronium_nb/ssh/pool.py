@@ -24,7 +24,7 @@ from typing import Any
 import asyncssh
 
 from cronium_nb.model import Server
-from cronium_nb.ssh.hostkeys import HostKeyError, connect_options, describe_host_key_failure
+from cronium_nb.ssh.hostkeys import HostKeyError, connect_options, describe_host_key_failure, parsed_file
 from cronium_nb.ssh.options import SSHOptions
 
 
@@ -53,6 +53,7 @@ class PooledConnection:
     serial: int = field(default_factory=lambda: next(_serials))  # unlike id(), never reused
     sessions: list[Any] = field(default_factory=list)  # idle runner sessions, each holding a channel
     daemon: bool | None = None  # whether the runner daemon is reachable here (None: not tried)
+    alongside: Any = None  # what the deployer's probe ran alongside gave (see Deployer.host_info)
 
     @property
     def alive(self) -> bool:
@@ -130,6 +131,12 @@ class ConnectionPool:
             host_key_args = connect_options(server, options.host_key_policy, self.accept_new_file)
         except HostKeyError as error:
             raise ConnectError(str(error)) from None
+        try:
+            client_keys = [parsed_file(server.key_path, asyncssh.read_private_key)] if server.key_path else ()
+        except OSError as error:  # a missing or unreadable key file
+            raise ConnectError(f"cannot use key {server.key_path}: {error.strerror}") from None
+        except (asyncssh.KeyImportError, asyncssh.KeyEncryptionError) as error:
+            raise ConnectError(f"cannot use key {server.key_path}: {error}") from None
         semaphore = self._handshakes.setdefault(
             (server.host, server.port), asyncio.Semaphore(options.max_handshakes_per_host)
         )
@@ -139,7 +146,7 @@ class ConnectionPool:
                     server.host,
                     port=server.port,
                     username=server.user,
-                    client_keys=[server.key_path] if server.key_path else (),
+                    client_keys=client_keys,
                     agent_path=None,
                     connect_timeout=options.connect_timeout,
                     keepalive_interval=options.keepalive_interval,
@@ -152,8 +159,6 @@ class ConnectionPool:
                 raise ConnectError(f"{server.address} refused our key ({error.reason})") from None
             except asyncssh.Error as error:
                 raise ConnectError(f"SSH to {server.address} failed: {error.reason}") from None
-            except FileNotFoundError as error:  # a missing key file
-                raise ConnectError(f"cannot use key {server.key_path}: {error.strerror}") from None
             except (OSError, asyncio.TimeoutError) as error:
                 if isinstance(error, asyncio.TimeoutError):
                     reason = f"no answer within {options.connect_timeout:g} s"

@@ -79,11 +79,15 @@ class FramedReporter(Reporter):
     def __init__(self, fd: int = 1) -> None:
         self.fd = fd
         self.gone = False
-        _write_all(fd, protocol.MAGIC)
+        # Sent with the first frame: one write, not two small ones (sshd may still have Nagle's
+        # algorithm on, and a second small write then waits for a delayed ACK, 40 ms).
+        self._pending = protocol.MAGIC
 
     def _send(self, frame: bytes) -> None:
         if self.gone:
             return
+        if self._pending:
+            frame, self._pending = self._pending + frame, b""
         try:
             _write_all(self.fd, frame)
         except OrchestratorGone:
