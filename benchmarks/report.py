@@ -108,7 +108,7 @@ class Report:
             if any("_find_and_load" in f for f in frames):
                 continue  # importing modules at start-up: not the work measured
             total += int(count)
-            for name in {_frame_name(f) for f in frames}:
+            for name in {_frame_name(f) for f in frames if not any(g in f for g in GENERIC_FRAMES)}:
                 inclusive[name] += int(count)
             own[_frame_name(frames[-1])] += int(count)
         ranked = sorted(inclusive, key=inclusive.get, reverse=True)[:top]
@@ -310,13 +310,17 @@ class Report:
             return []
         label, rows = self.profile
         lines = ["## Profile: " + label, "",
-                 "Share of the busy samples (waiting in select/locks left out) in which a function was on "
-                 "the stack (inclusive) or on top (self).", "",
+                 "Share of the busy samples (waiting in select/locks and start-up imports left out) in "
+                 "which a function was on the stack (inclusive; frames common to every stack left out) "
+                 "or on top (self).", "",
                  "| function | inclusive | self |", "|---|---|---|"]  # fmt: skip
         lines += [f"| `{name}` | {inclusive:.0%} | {own:.0%} |" for name, inclusive, own in rows]
         return [*lines, ""]
 
 
+# Frames on (nearly) every stack, which say nothing about where the time goes.
+GENERIC_FRAMES = ("threading.py", "base_events.py", "events.py", "(bench.py", "<frozen", "runpy.py",
+                  "concurrent/futures")  # fmt: skip
 IDLE_FRAMES = ("select (selectors.py", "wait (threading.py", "_worker (concurrent", "poll (selectors.py",
                "epoll", "acquire", "sleep")  # fmt: skip
 

@@ -177,3 +177,13 @@ def test_log_chunks_read_back_as_lines(tmp_path: Path) -> None:
     ]
     assert frame["ts"].dt.second.tolist() == [3, 3, 3, 4, 5, 5]
     assert only_b["line"].tolist() == ["b one", "b two"]
+
+
+def test_host_facts_are_remembered_per_address(tmp_path: Path) -> None:
+    with Store(tmp_path) as store:
+        assert store.host_facts("root@127.0.0.1:2222") is None
+        store.remember_host("root@127.0.0.1:2222", {"machine": "x86_64", "python": None, "home": "/root"})
+        store.remember_host("root@127.0.0.1:2222", {"machine": "aarch64", "python": [3, 11], "home": "/root"})
+    with Store(tmp_path) as again:
+        assert again.host_facts("root@127.0.0.1:2222") == {"machine": "aarch64", "python": [3, 11], "home": "/root"}
+        assert again.host_facts("root@127.0.0.1:2223") is None
