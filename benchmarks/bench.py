@@ -275,6 +275,8 @@ def profile_cold_fanout(report: Report, fleet: Fleet, state: Path, n: int, runs:
     """Where the orchestrator's CPU goes in a cold fan-out: py-spy samples every thread."""
     py_spy = Path(sys.executable).parent / "py-spy"
     servers = fleet.servers[:n]
+    with Executor(fleet.inventory, state_dir=state) as executor:  # B3 left the zipapp: deploy first
+        check(executor.run(Event(name="bench-fanout", script=FANOUT_COMMAND, type="sh"), servers), servers)
     with tempfile.TemporaryDirectory() as out:
         stacks = Path(out) / "stacks.txt"
         child = [sys.executable, __file__, "--profile-child", json.dumps([s.__dict__ for s in servers]), str(state),

@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -539,32 +539,40 @@ class Executor:
         return outcome
 
     async def _probe(self, pooled: PooledConnection, server: Server) -> None:
-        """A new connection's first round trip: the probe (what the host is, whether its runner
-        is intact) and, for a server probed before, alongside it a session of its runner daemon,
-        which the run then takes if the probe agrees (same build, intact)."""
-        early = self._early_session(pooled, server)
-        info = await self.deployer.host_info(pooled, alongside=early)
-        if isinstance(pooled.alongside, RunnerSession):
-            pooled.sessions.append(pooled.alongside)  # _run_payload takes it, or closes it if it does not fit
-        pooled.alongside = None
-        facts = info.facts()
-        if facts != self.store.host_facts(server.address):
-            self.store.remember_host(server.address, facts)
+        """What a new connection's host is, and whether its runner is intact: from its runner
+        daemon when the server was probed before and the daemon answers (it verifies itself,
+        see ``cronium_runner.daemon``; no process is started), else from the probe."""
+        if not await self._reach_daemon(pooled, server):
+            facts = (await self.deployer.host_info(pooled)).facts()
+            if facts != self.store.host_facts(server.address):
+                self.store.remember_host(server.address, facts)
 
-    def _early_session(self, pooled: PooledConnection, server: Server) -> Callable[[], Awaitable[RunnerSession]] | None:
-        """How to open a session of the runner daemon of a server probed before, or None."""
+    async def _reach_daemon(self, pooled: PooledConnection, server: Server) -> bool:
         facts = self.store.host_facts(server.address) if self.ssh_options.runner_daemon_idle_timeout else None
         if facts is None:
-            return None
+            return False
         info = HostInfo.from_facts(facts)
         try:
             build = self.deployer.builds.choose(info)
         except DeployError:
-            return None
+            return False
         socket_path = build.daemon_socket(info.home) if info.home else None
         if socket_path is None:
-            return None
-        return functools.partial(RunnerSession.connect, pooled.connection, socket_path, build.remote_name)
+            return False
+        # sshd switches a connection to TCP_NODELAY only once a session runs a command; before
+        # that every exchange on a stream-local channel waits for a delayed ACK (40 ms). A shell
+        # builtin is the cheapest command there is.
+        nudge = await pooled.connection.create_process(":")
+        try:
+            session = await RunnerSession.connect(pooled.connection, socket_path, build.remote_name)
+        except (asyncssh.ChannelOpenError, RunnerUnavailable):
+            return False  # not running (idle, removed, replaced, another machine now): probe
+        finally:
+            nudge.close()
+        pooled.info, pooled.daemon = info, True
+        pooled.probed_builds = {build.remote_name: 0}  # the daemon vouches: deploy state "verified"
+        pooled.sessions.append(session)  # the run takes it
+        return True
 
     async def _open_session(self, pooled: PooledConnection, build: RunnerBuild) -> RunnerSession:
         """A session of the runner daemon (started if need be), else a runner process of its own

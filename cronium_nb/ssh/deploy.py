@@ -236,25 +236,10 @@ class Deployer:
         self._verified: dict[tuple[ServerKey, str, str], tuple[float, int]] = {}
         self._locks: dict[ServerKey, asyncio.Lock] = {}
 
-    async def host_info(
-        self, pooled: PooledConnection, alongside: Callable[[], Awaitable[Any]] | None = None
-    ) -> HostInfo:
-        """What the host is; learnt once per connection, with the state of every candidate build.
-
-        ``alongside`` is started once the probe's command is under way and awaited with it (its
-        result or exception goes to ``pooled.alongside``): sshd switches a connection to
-        TCP_NODELAY only when a session runs a command, and a stream-local channel used before
-        that waits on Nagle's algorithm for a delayed ACK (40 ms) at every exchange.
-        """
+    async def host_info(self, pooled: PooledConnection) -> HostInfo:
+        """What the host is; learnt once per connection, with the state of every candidate build."""
         if pooled.info is None:
-            process = await pooled.connection.create_process(self.builds.probe_command(), encoding="utf-8")
-            side = asyncio.ensure_future(alongside()) if alongside is not None else None
-            try:
-                result = await process.wait(check=False)
-            finally:
-                if side is not None:
-                    await asyncio.wait([side])
-                    pooled.alongside = side.exception() or side.result()
+            result = await pooled.connection.run(self.builds.probe_command(), check=False)
             lines = str(result.stdout).splitlines()
             home = next((line[len("home ") :] for line in lines if line.startswith("home /")), None)
             fields = [line.split() for line in lines if line.strip()]

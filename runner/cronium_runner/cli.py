@@ -173,26 +173,38 @@ def _run(args: argparse.Namespace) -> int:
     )
 
 
-def _executable_identity() -> tuple[int, int, int] | None:
-    """Inode, size and mtime of the file this runner was started from (None: run from source)."""
+Identity = tuple[tuple[str, int, int, int], ...]
+
+
+def _executable_identity() -> Identity | None:
+    """Name, inode, size and mtime of every file of this runner — the bundle's folder, or the
+    zipapp (None: run from source). The same metadata the deployment's listing holds: a runner
+    whose files are still these is the one that was verified when it started."""
     kind = flavour()
     if kind == "source":
         return None
-    path = sys.executable if kind == "bundle" else sys.argv[0]
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return (0, 0, 0)
-    return (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if kind == "zipapp":
+        paths = [Path(sys.argv[0])]
+    else:
+        root = Path(sys.executable).parent
+        paths = [root, *sorted(root.rglob("*"))]
+    identity = []
+    for path in paths:
+        try:
+            stat = path.lstat()
+        except OSError:
+            return ()  # something went: not the runner it was
+        identity.append((str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns))
+    return tuple(identity)
 
 
-def _serve(args: argparse.Namespace, identity: tuple[int, int, int] | None, helper_dir: Path | None = None) -> int:
+def _serve(args: argparse.Namespace, identity: Identity | None, helper_dir: Path | None = None) -> int:
     """Run payloads one after another, each as ``run - --framed`` would, on one channel.
 
     Saves the process start (tens of milliseconds) on every run but the first. Each request is
     a JSON line ``{"op": "run", "sha256": ..., "payload_size": ..., <run context>}`` followed by
     the payload; the run's frames end with its ``result`` message. A runner whose file on disk
-    was removed or replaced since it started (``identity``: as it was then) says ``stale`` and
+    were removed or replaced since it started (``identity``: as they were then) says ``stale`` and
     exits, so the orchestrator deploys again instead of running an old runner. ``helper_dir``:
     helper programs installed by the daemon; without it the session installs its own.
     """
@@ -248,7 +260,7 @@ def _process_exists(pid: int) -> bool:
 
 
 def _serve_requests(
-    reporter: FramedReporter, identity: tuple[int, int, int] | None, workroot: Path, helper_dir: Path | None
+    reporter: FramedReporter, identity: Identity | None, workroot: Path, helper_dir: Path | None
 ) -> int:
     from cronium_runner.execute import ControlChannel, RunContext, run_payload
 
