@@ -37,18 +37,16 @@ from cronium_nb.model import Event, EventError, Server, Status
 from cronium_nb.payload import PayloadService, PreparedPayload
 from cronium_nb.results import PHASES, ExecutionResult, ServerResult, overall_status
 from cronium_nb.runtime_api import ApiRun, RuntimeService
-from cronium_nb.ssh.deploy import DEFAULT_BACKOFF_S, Deployer, DeployError, HostInfo, RunnerBuild, RunnerBuilds
+from cronium_nb.ssh.deploy import DEFAULT_BACKOFF_S, Deployer, DeployError, RunnerBuild, RunnerBuilds
 from cronium_nb.ssh.options import SSHOptions
 from cronium_nb.ssh.pool import ConnectError, ConnectionPool, PooledConnection
-from cronium_nb.ssh.remote_run import RemoteRun, RunnerSession, RunnerUnavailable, RunOutcome, uncancel
+from cronium_nb.ssh.remote_run import RemoteRun, RunnerUnavailable, RunOutcome, uncancel
+from cronium_nb.ssh.sessions import RunnerSessions
 from cronium_nb.store import SERVER_RESULT_FIELDS, LogBuffer, LogChunk, Store
 
 DEFAULT_RUNNER_DIST = Path(cronium_runner.__file__).resolve().parent.parent / "dist"
 DEFAULT_CONCURRENCY = 32
 LOG_FLUSH_INTERVAL_S = 0.5
-# Runner sessions kept per connection between runs: a warm run then starts no process on the
-# server. Each holds one of the connection's channels, so the pool counts them.
-MAX_IDLE_SESSIONS = 1
 REDACTED = "***"
 _UNSET: Any = object()
 
@@ -258,10 +256,10 @@ class Executor:
         self.payloads = PayloadService(self.store, self.state_dir)
         builds = RunnerBuilds(Path(runner_dist) if runner_dist else DEFAULT_RUNNER_DIST)
         self.deployer = Deployer(builds, backoff=tuple(deploy_backoff), attempts=deploy_attempts)
+        self.sessions = RunnerSessions(self.deployer, self.ssh_options, self.store)
         accept_new = self.ssh_options.accept_new_known_hosts or self.state_dir / "known_hosts"
         self._metrics = Metrics()
         self._runtime = RuntimeService()
-        self._daemon_starts: dict[Any, asyncio.Lock] = {}
         self._loop_thread = _LoopThread()
         self.pool: ConnectionPool = self._loop_thread.call(self._make_pool(accept_new))
         self._closed = False
@@ -451,9 +449,7 @@ class Executor:
             result.phases["connect"] = time.monotonic() - clock
             clock = time.monotonic()
             state.status(result, "deploy")
-            if pooled.info is None:
-                await self._probe(pooled, server)
-            result.arch = pooled.info.machine
+            result.arch = (await self.sessions.probe(pooled, server)).machine
 
             def deploy_failed(attempt: int, reason: str) -> None:
                 if state.callbacks.on_deploy_failed is not None:
@@ -509,15 +505,7 @@ class Executor:
     ) -> RunOutcome:
         """Run on the connection's idle runner session, or on a new one; keep it for the next run."""
         clock = time.monotonic()
-        session = None
-        while pooled.sessions:
-            candidate = pooled.sessions.pop()
-            if candidate.alive and candidate.build_name == build.remote_name:
-                session = candidate
-                break
-            await candidate.aclose()
-        if session is None:
-            session = await self._open_session(pooled, build)
+        session = await self.sessions.take(pooled, build)
         starting = time.monotonic() - clock
         run = RemoteRun(
             session,
@@ -531,76 +519,9 @@ class Executor:
         try:
             outcome = await run.run()
         finally:
-            if run.reusable and len(pooled.sessions) < MAX_IDLE_SESSIONS:
-                pooled.sessions.append(session)
-            else:
-                await asyncio.shield(session.aclose())
-        outcome.phases["upload"] += starting  # starting the runner, when no session was idle
+            await self.sessions.give_back(pooled, session, run.reusable)
+        outcome.phases["upload"] += starting  # opening a session, when none was idle
         return outcome
-
-    async def _probe(self, pooled: PooledConnection, server: Server) -> None:
-        """What a new connection's host is, and whether its runner is intact: from its runner
-        daemon when the server was probed before and the daemon answers (it verifies itself,
-        see ``cronium_runner.daemon``; no process is started), else from the probe."""
-        if not await self._reach_daemon(pooled, server):
-            facts = (await self.deployer.host_info(pooled)).facts()
-            if facts != self.store.host_facts(server.address):
-                self.store.remember_host(server.address, facts)
-
-    async def _reach_daemon(self, pooled: PooledConnection, server: Server) -> bool:
-        facts = self.store.host_facts(server.address) if self.ssh_options.runner_daemon_idle_timeout else None
-        if facts is None:
-            return False
-        info = HostInfo.from_facts(facts)
-        try:
-            build = self.deployer.builds.choose(info)
-        except DeployError:
-            return False
-        socket_path = build.daemon_socket(info.home) if info.home else None
-        if socket_path is None:
-            return False
-        # sshd switches a connection to TCP_NODELAY only once a session runs a command; before
-        # that every exchange on a stream-local channel waits for a delayed ACK (40 ms). A shell
-        # builtin is the cheapest command there is.
-        nudge = await pooled.connection.create_process(":")
-        try:
-            session = await RunnerSession.connect(pooled.connection, socket_path, build.remote_name)
-        except (asyncssh.ChannelOpenError, RunnerUnavailable):
-            return False  # not running (idle, removed, replaced, another machine now): probe
-        finally:
-            nudge.close()
-        pooled.info, pooled.daemon = info, True
-        pooled.probed_builds = {build.remote_name: 0}  # the daemon vouches: deploy state "verified"
-        pooled.sessions.append(session)  # the run takes it
-        return True
-
-    async def _open_session(self, pooled: PooledConnection, build: RunnerBuild) -> RunnerSession:
-        """A session of the runner daemon (started if need be), else a runner process of its own
-        (no daemon wanted, no room for its socket path, or no stream-local channels allowed)."""
-        idle_timeout = self.ssh_options.runner_daemon_idle_timeout
-        home = pooled.info.home if pooled.info is not None else None
-        socket_path = build.daemon_socket(home) if home and idle_timeout and pooled.daemon is not False else None
-        if socket_path is not None:
-            for attempt in range(2):
-                try:
-                    session = await RunnerSession.connect(pooled.connection, socket_path, build.remote_name)
-                except asyncssh.ChannelOpenError:
-                    if attempt == 0:
-                        await self._start_daemon(pooled, build, socket_path, idle_timeout)
-                    continue
-                pooled.daemon = True
-                return session
-            pooled.daemon = False
-        return await RunnerSession.start(pooled.connection, build.command(["serve"]), build.remote_name)
-
-    async def _start_daemon(self, pooled: PooledConnection, build: RunnerBuild, socket_path: str, idle: float) -> None:
-        """Start the runner daemon (it detaches and says ``ready``; one that runs already says so)."""
-        async with self._daemon_starts.setdefault(pooled.key, asyncio.Lock()):
-            command = build.command(["daemon", "--socket", socket_path, "--idle-timeout", f"{idle:g}"])
-            result = await pooled.connection.run(command, check=False, encoding="utf-8", errors="replace")
-            if result.exit_status != 0 or not str(result.stdout).startswith("ready"):
-                detail = str(result.stderr).strip()[-500:] or f"exit {result.exit_status}"
-                raise RunnerUnavailable(f"the runner daemon did not start: {detail}")
 
     async def _open_api(
         self,
