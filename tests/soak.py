@@ -23,12 +23,14 @@ from collections import Counter
 from pathlib import Path
 
 from cronium_nb import Callbacks, Event, Executor, Fleet, SSHOptions, Status
-from tests.runner_harness import leftover_processes
+from tests.runner_harness import leftover_processes, processes_matching
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 FAULTS = ("none", "cancel", "kill_sshd", "pause", "delete_runner")
 SCRIPT = "echo soak on $(hostname); sleep 10; echo done"  # `sleep 10` is the job's marker below
-MARKER = r"sleep 10$"  # the script; leftover_processes adds runner sessions
+MARKER = r"sleep 10$|cronium-runner(\.pyz)? run\b"  # a run's script or one-shot runner
+# While the executor is open its connections keep idle runner sessions: only once it is closed
+# must they be gone too (leftover_processes counts them).
 KEEPALIVE = SSHOptions(keepalive_interval=1, keepalive_count_max=3)  # a dead link is noticed in ~3-4 s
 PAUSE_S = 8.0  # beyond that bound with room to spare, also for emulated arm64 under load
 
@@ -93,9 +95,9 @@ def one_round(fleet: Fleet, executor: Executor, rng: random.Random, fault: str) 
         if fault == "delete_runner" and hit and server.deploy != "deployed":
             problems.append(f"deleted runner on {name} was not redeployed ({server.deploy})")
     for name in fleet.names:
-        if not wait_until(lambda n=name: not leftover_processes(fleet, n, MARKER), timeout=30):
+        if not wait_until(lambda n=name: not processes_matching(fleet, n, MARKER), timeout=30):
             tally["leaked_processes"] += 1
-            problems.append(f"processes left on {name}: {leftover_processes(fleet, name, MARKER)}")
+            problems.append(f"processes left on {name}: {processes_matching(fleet, name, MARKER)}")
         leftovers = fleet.exec(name, "ls -A ~/.cache/cronium/runs 2>/dev/null; ls -A ~/.cache/cronium/runner").output
         leaked = [entry for entry in leftovers.split() if entry.startswith(("run-", ".partial-"))]
         if leaked:
@@ -132,6 +134,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"[{time.monotonic() - began:6.0f} s] {fault:14s} {dict(tally)} rss {memory[-1][1]:.0f} MB", flush=True
             )
         history = executor.history(limit=100_000)
+        executor.close()
+        for name in fleet.names:
+            if not wait_until(lambda n=name: not leftover_processes(fleet, n, MARKER), timeout=30):
+                totals["leaked_processes"] += 1
+                problems.append(f"processes left on {name} after close: {leftover_processes(fleet, name, MARKER)}")
     executions = sum(faults.values())
     first = [mb for t, mb in memory if t <= memory[0][0] + 60]
     last = [mb for t, mb in memory if t >= memory[-1][0] - 60]
