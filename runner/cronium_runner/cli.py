@@ -177,25 +177,28 @@ Identity = tuple[tuple[str, int, int, int], ...]
 
 
 def _executable_identity() -> Identity | None:
-    """Name, inode, size and mtime of every file of this runner — the bundle's folder, or the
-    zipapp (None: run from source). The same metadata the deployment's listing holds: a runner
-    whose files are still these is the one that was verified when it started."""
+    """Name, inode, size and mtime of every file of this runner, the executable first — the
+    bundle's folder, or the zipapp (None: run from source); empty if a file has gone. The same
+    metadata the deployment's listing holds: a runner whose files are still these is the one
+    that was verified when it started."""
     kind = flavour()
     if kind == "source":
         return None
-    if kind == "zipapp":
-        paths = [Path(sys.argv[0])]
-    else:
-        root = Path(sys.executable).parent
-        paths = [root, *sorted(root.rglob("*"))]
-    identity = []
-    for path in paths:
-        try:
-            stat = path.lstat()
-        except OSError:
-            return ()  # something went: not the runner it was
-        identity.append((str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns))
-    return tuple(identity)
+    executable = Path(sys.executable if kind == "bundle" else sys.argv[0])
+    paths = [executable]
+    if kind == "bundle":
+        root = executable.parent
+        paths += [root, *sorted(path for path in root.rglob("*") if path != executable)]
+    identity = [(str(path), *_stat_identity(path)) for path in paths]
+    return () if any(len(entry) == 1 for entry in identity) else tuple(identity)
+
+
+def _stat_identity(path: Path) -> tuple[int, ...]:
+    try:
+        stat = path.lstat()
+    except OSError:
+        return ()
+    return (stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
 
 def _serve(args: argparse.Namespace, identity: Identity | None, helper_dir: Path | None = None) -> int:
@@ -203,10 +206,12 @@ def _serve(args: argparse.Namespace, identity: Identity | None, helper_dir: Path
 
     Saves the process start (tens of milliseconds) on every run but the first. Each request is
     a JSON line ``{"op": "run", "sha256": ..., "payload_size": ..., <run context>}`` followed by
-    the payload; the run's frames end with its ``result`` message. A runner whose file on disk
+    the payload; the run's frames end with its ``result`` message. A runner whose files on disk
     were removed or replaced since it started (``identity``: as they were then) says ``stale`` and
-    exits, so the orchestrator deploys again instead of running an old runner. ``helper_dir``:
-    helper programs installed by the daemon; without it the session installs its own.
+    exits, so the orchestrator deploys again instead of running an old runner: all of them are
+    checked when the session starts (a new connection), the executable before every run (one
+    stat, not forty). ``helper_dir``: helper programs installed by the daemon; without it the
+    session installs its own.
     """
     from cronium_runner.execute import FramedReporter
 
@@ -264,6 +269,11 @@ def _serve_requests(
 ) -> int:
     from cronium_runner.execute import ControlChannel, RunContext, run_payload
 
+    intact = _executable_identity() == identity  # every file, once per session
+
+    def executable_unchanged() -> bool:  # before every run: one stat
+        return not identity or _stat_identity(Path(identity[0][0])) == identity[0][1:]
+
     stdin = _Stdin()
     while True:
         try:
@@ -273,7 +283,7 @@ def _serve_requests(
         request = json.loads(line or b"{}")
         if request.get("op") != "run":
             continue  # e.g. a stop that arrived after its run had ended
-        if _executable_identity() != identity:
+        if not intact or not executable_unchanged():
             reporter.message({"type": "stale", "reason": "the runner on disk changed since this process started"})
             return 0
         try:
