@@ -7,8 +7,8 @@ child per connection, which serves that connection's runs exactly as ``serve`` d
 stdin and stdout. The orchestrator reaches the socket through an SSH stream-local channel
 (``direct-streamlocal``), so a new connection starts no process at all but that fork.
 
-The daemon exits after ``idle_timeout`` seconds without a connection, and as soon as its socket
-or its own executable is removed or replaced (a new deployment starts a new daemon). Its
+The daemon exits after ``idle_timeout`` seconds without a connection, and within 5 s once its
+socket or any of its runner files is removed or replaced (a new deployment starts a new daemon). Its
 children end with their connection; a run's processes are theirs (see ``execute``), so the
 daemon itself never holds any of a job's processes.
 """
