@@ -46,6 +46,7 @@ class _AcceptNewClient(asyncssh.SSHClient):
 
 
 _parsed: dict[tuple[str, Any], tuple[tuple[int, int, int], Any]] = {}
+_parsed_lock = threading.Lock()
 
 
 def parsed_file(path: Path | str, parse: Any) -> Any:
@@ -54,7 +55,7 @@ def parsed_file(path: Path | str, parse: Any) -> Any:
     stat = os.stat(path)
     identity = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
     key = (str(path), parse)
-    with _record_lock:
+    with _parsed_lock:
         cached = _parsed.get(key)
         if cached is None or cached[0] != identity:
             cached = _parsed[key] = (identity, parse(str(path)))

@@ -53,7 +53,6 @@ class PooledConnection:
     serial: int = field(default_factory=lambda: next(_serials))  # unlike id(), never reused
     sessions: list[Any] = field(default_factory=list)  # idle runner sessions, each holding a channel
     daemon: bool | None = None  # whether the runner daemon is reachable here (None: not tried)
-    alongside: Any = None  # what the deployer's probe ran alongside gave (see Deployer.host_info)
 
     @property
     def alive(self) -> bool:

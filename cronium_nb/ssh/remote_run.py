@@ -222,7 +222,8 @@ class RemoteRun:
         if self._stale is not None:
             raise RunnerUnavailable(self._stale)
         for kind, splitter in self._splitters.items():
-            self._emit(kind, splitter.flush(), time.time())
+            rest = splitter.flush()
+            self._emit(kind, b"\n".join(rest), len(rest), time.time())
         if self._outcome.result is None and self._outcome.error is None and not self._outcome.cancelled:
             self._outcome.error = self.session.error
         end = time.monotonic()
@@ -256,9 +257,7 @@ class RemoteRun:
             self._finish()
 
     def stream(self, frame: Frame) -> None:
-        block, count = self._splitters[frame.kind].feed_block(frame.payload)
-        if count:
-            self.on_lines(STREAM_NAMES[frame.kind], block.decode("utf-8", errors="backslashreplace"), count, frame.ts)
+        self._emit(frame.kind, *self._splitters[frame.kind].feed_block(frame.payload), frame.ts)
 
     def session_ended(self) -> None:
         self._finish()
@@ -267,10 +266,10 @@ class RemoteRun:
         if not self._done.done():
             self._done.set_result(None)
 
-    def _emit(self, kind: bytes, lines: list[bytes], ts: float) -> None:
-        if lines:
-            text = b"\n".join(lines).decode("utf-8", errors="backslashreplace")
-            self.on_lines(STREAM_NAMES[kind], text, len(lines), ts)
+    def _emit(self, kind: bytes, block: bytes, count: int, ts: float) -> None:
+        """``count`` lines joined by newlines, to the lines handler (nothing when there are none)."""
+        if count:
+            self.on_lines(STREAM_NAMES[kind], block.decode("utf-8", errors="backslashreplace"), count, ts)
 
 
 def uncancel() -> None:

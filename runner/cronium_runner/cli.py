@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cronium_runner import __version__
+from cronium_runner.exitcodes import RunnerError, RunnerExit
+from cronium_runner.protocol import MAGIC
 
 if TYPE_CHECKING:
     from cronium_runner.execute import FramedReporter
-from cronium_runner.exitcodes import RunnerError, RunnerExit
-from cronium_runner.protocol import MAGIC
 
 DEFAULT_WORKROOT = "~/.cache/cronium/runs"
 MAX_STDIN_PAYLOAD = 256 * 1024 * 1024
