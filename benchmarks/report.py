@@ -208,7 +208,7 @@ class Report:
                         f"{'yes' if ratio <= 2 else '**no**'} |")  # fmt: skip
         for ours, peers in self._b2_pairs():
             beaten = [(n, p) for n, o, p in ours_vs(self, ours, peers) if o.median >= p.median]
-            if any(s.benchmark == "B2" for s in self.series):
+            if self.of("B2"):
                 verdict = "yes" if not beaten else "**no**: " + ", ".join(f"{p.tool} at N={n}" for n, p in beaten)
                 rows.append(f"| B2 {ours} {TARGETS['B2']} {peers_label(peers)} | see B2 | {verdict} |")
         raw, stored = (
@@ -223,85 +223,91 @@ class Report:
         return [*rows, ""]
 
     def _b2_pairs(self) -> list[tuple[str, list[str]]]:
-        tools = sorted({s.tool for s in self.series if s.benchmark == "B2"})
+        tools = sorted({s.tool for s in self.of("B2")})
         peers = [t for t in tools if not t.startswith(OURS)]
         return [
             (f"{OURS}, cold connections", [t for t in peers if "reused" not in t]),
             (f"{OURS}, warm connections", peers),
         ]
 
+    def of(self, benchmark: str) -> list[Series]:
+        return [s for s in self.series if s.benchmark == benchmark]
+
     def _b1(self) -> list[str]:
-        series = [s for s in self.series if s.benchmark == "B1"]
+        series = self.of("B1")
         if not series:
             return []
         floor = series[0].median
-        rows = ["## B1 warm single-server latency (`true`)", "",
-                f"Median of {len(series[0].samples)} runs each.", "",
-                "| tool | median | min | ratio to the asyncssh floor |", "|---|---|---|---|"]  # fmt: skip
-        rows += [f"| {s.tool} | {_ms(s.median)} | {_ms(min(s.samples))} | {s.median / floor:.1f}x |" for s in series]
-        return [*rows, ""]
+        return _section(
+            "B1 warm single-server latency (`true`)",
+            f"Median of {len(series[0].samples)} runs each.",
+            ["tool", "median", "min", "ratio to the asyncssh floor"],
+            [[s.tool, _ms(s.median), _ms(min(s.samples)), f"{s.median / floor:.1f}x"] for s in series],
+        )
 
     def _b2(self) -> list[str]:
-        series = [s for s in self.series if s.benchmark == "B2"]
+        series = self.of("B2")
         if not series:
             return []
         sizes = sorted({s.n for s in series})
-        tools = list(dict.fromkeys(s.tool for s in series))
-        rows = [f"## B2 fan-out: `{FANOUT_LABEL}` on N servers", "",
-                "Wall time until every server's result is in, median. `new client` / `cold connections`: "
-                "connecting is part of every sample; `reused` / `warm`: connections opened before. Ansible is "
-                "the whole `ansible` process with its SSH masters kept by ControlPersist.", "",
-                "| tool | " + " | ".join(f"N={n}" for n in sizes) + " |",
-                "|---|" + "---|" * len(sizes)]  # fmt: skip
-        for tool in tools:
-            cells = [self.find("B2", tool, n) for n in sizes]
-            rows.append(f"| {tool} | " + " | ".join(_ms(c.median) if c else "" for c in cells) + " |")
-        rows += ["", "Ratio peer / cronium_nb (above 1: we are faster):", "",
-                 "| comparison | " + " | ".join(f"N={n}" for n in sizes) + " |",
-                 "|---|" + "---|" * len(sizes)]  # fmt: skip
+        columns = [f"N={n}" for n in sizes]
+        medians = [[tool] + [_ms(c.median) if (c := self.find("B2", tool, n)) else "" for n in sizes]
+                   for tool in dict.fromkeys(s.tool for s in series)]  # fmt: skip
+        ratios = []
         for ours, peers in self._b2_pairs():
             for peer in peers:
                 cells = []
                 for n in sizes:
                     a, b = self.find("B2", ours, n), self.find("B2", peer, n)
                     cells.append(f"{b.median / a.median:.2f}" if a and b else "")
-                rows.append(f"| {peer} / {ours.removeprefix(OURS + ', ')} | " + " | ".join(cells) + " |")
-        return [*rows, ""]
+                ratios.append([f"{peer} / {ours.removeprefix(OURS + ', ')}", *cells])
+        return [
+            *_section(
+                f"B2 fan-out: `{FANOUT_LABEL}` on N servers",
+                "Wall time until every server's result is in, median. `new client` / `cold connections`: "
+                "connecting is part of every sample; `reused` / `warm`: connections opened before. Ansible is "
+                "the whole `ansible` process with its SSH masters kept by ControlPersist.",
+                ["tool", *columns],
+                medians,
+            ),
+            "Ratio peer / cronium_nb (above 1: we are faster):",
+            "",
+            *_table(["comparison", *columns], ratios),
+            "",
+        ]
 
     def _b3(self) -> list[str]:
-        series = [s for s in self.series if s.benchmark == "B3"]
-        if not series:
-            return []
-        rows = ["## B3 cold deployment", "",
-                "Runner removed from every server first; a new executor connects, probes, uploads, verifies "
-                "and runs `true`. Median wall time and bytes sent in all.", "",
-                "| flavour | N | median | bytes sent |", "|---|---|---|---|"]  # fmt: skip
-        rows += [f"| {s.tool} | {s.n} | {_ms(s.median)} | {s.extra['bytes_sent'] / 1e6:.1f} MB |" for s in series]
-        return [*rows, ""]
+        series = self.of("B3")
+        return _section(
+            "B3 cold deployment",
+            "Runner removed from every server first; a new executor connects, probes, uploads, verifies "
+            "and runs `true`. Median wall time and bytes sent in all.",
+            ["flavour", "N", "median", "bytes sent"],
+            [[s.tool, str(s.n), _ms(s.median), f"{s.extra['bytes_sent'] / 1e6:.1f} MB"] for s in series],
+        ) if series else []  # fmt: skip
 
     def _b4(self) -> list[str]:
-        series = [s for s in self.series if s.benchmark == "B4"]
-        if not series:
-            return []
-        rows = ["## B4 streaming: 200 MB of 100-byte lines from one server", "",
-                "Each measurement runs in its own process; peak RSS is that process's VmHWM. cronium_nb "
-                "splits the output into lines, stores every line in SQLite and counts them afterwards.", "",
-                "| tool | median | MB/s | peak RSS |", "|---|---|---|---|"]  # fmt: skip
-        rows += [f"| {s.tool} | {_ms(s.median)} | {s.extra['mb_per_s']:.1f} | {s.extra['peak_rss_mb']:.0f} MB |"
-                 for s in series]  # fmt: skip
-        return [*rows, ""]
+        series = self.of("B4")
+        return _section(
+            "B4 streaming: 200 MB of 100-byte lines from one server",
+            "Each measurement runs in its own process; peak RSS is that process's VmHWM. cronium_nb "
+            "splits the output into lines, stores every line in SQLite and counts them afterwards.",
+            ["tool", "median", "MB/s", "peak RSS"],
+            [[s.tool, _ms(s.median), f"{s.extra['mb_per_s']:.1f}", f"{s.extra['peak_rss_mb']:.0f} MB"]
+             for s in series],
+        ) if series else []  # fmt: skip
 
     def _b5(self) -> list[str]:
         if not self.phase_tables:
             return []
-        rows = ["## B5 where the time goes (cronium_nb's own metrics, median per phase)", "",
-                "connect: lease a pooled connection or open one; deploy: probe and check the cached runner; "
-                "upload: start the runner, send, verify and unpack the payload; run: the script; cleanup: "
-                "work dir removed, result back.", "",
-                "| run | " + " | ".join(PHASES) + " |", "|---|" + "---|" * len(PHASES)]  # fmt: skip
-        for label, phases in self.phase_tables.items():
-            rows.append(f"| {label} | " + " | ".join(_ms(phases[p]) for p in PHASES) + " |")
-        return [*rows, ""]
+        return _section(
+            "B5 where the time goes (cronium_nb's own metrics, median per phase)",
+            "connect: lease a pooled connection or open one; deploy: probe and check the cached runner; "
+            "upload: start the runner, send, verify and unpack the payload; run: the script; cleanup: "
+            "work dir removed, result back.",
+            ["run", *PHASES],
+            [[label, *(_ms(phases[p]) for p in PHASES)] for label, phases in self.phase_tables.items()],
+        )
 
     def _profile(self) -> list[str]:
         if self.profile_error:
@@ -309,13 +315,27 @@ class Report:
         if not self.profile:
             return []
         label, rows = self.profile
-        lines = ["## Profile: " + label, "",
-                 "Share of the busy samples (waiting in select/locks and start-up imports left out) in "
-                 "which a function was on the stack (inclusive; frames common to every stack left out) "
-                 "or on top (self).", "",
-                 "| function | inclusive | self |", "|---|---|---|"]  # fmt: skip
-        lines += [f"| `{name}` | {inclusive:.0%} | {own:.0%} |" for name, inclusive, own in rows]
-        return [*lines, ""]
+        return _section(
+            "Profile: " + label,
+            "Share of the busy samples (waiting in select/locks and start-up imports left out) in "
+            "which a function was on the stack (inclusive; frames common to every stack left out) "
+            "or on top (self).",
+            ["function", "inclusive", "self"],
+            [[f"`{name}`", f"{inclusive:.0%}", f"{own:.0%}"] for name, inclusive, own in rows],
+        )
+
+
+def _table(columns: list[str], rows: list[list[str]]) -> list[str]:
+    return [
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
+        *("| " + " | ".join(r) + " |" for r in rows),
+    ]
+
+
+def _section(heading: str, intro: str, columns: list[str], rows: list[list[str]]) -> list[str]:
+    """A RESULTS.md section: its heading, a paragraph, a table, a blank line."""
+    return [f"## {heading}", "", intro, "", *_table(columns, rows), ""]
 
 
 # Frames on (nearly) every stack, which say nothing about where the time goes.
@@ -332,7 +352,7 @@ def _frame_name(frame: str) -> str:
 
 
 def ours_vs(report: Report, ours: str, peers: list[str]):
-    for n in sorted({s.n for s in report.series if s.benchmark == "B2"}):
+    for n in sorted({s.n for s in report.of("B2")}):
         mine = report.find("B2", ours, n)
         for peer in peers:
             theirs = report.find("B2", peer, n)
