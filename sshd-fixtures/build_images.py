@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,6 +30,26 @@ SUITE = "bookworm"
 BASE_PACKAGES = ["openssh-server", "procps", "tini", "bash", "coreutils", "tar", "gzip"]
 PACKAGES = {"bare": BASE_PACKAGES, "full": [*BASE_PACKAGES, "python3", "nodejs"]}
 ENTRYPOINT = "/usr/local/sbin/cronium-sshd-entrypoint"
+
+
+# Host program -> the Debian package that provides it. arch-test is only a recommended dependency
+# of mmdebstrap, yet mmdebstrap needs it to build for a foreign architecture.
+BUILD_PROGRAMS = {"docker": "docker.io", "mmdebstrap": "mmdebstrap"}
+FOREIGN_BUILD_PROGRAMS = {"arch-test": "arch-test"}
+HOST_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
+
+
+def check_build_host(arches: set[str]) -> None:
+    """Fail at once, naming the missing Debian packages, when a build could not finish."""
+    needed = dict(BUILD_PROGRAMS)
+    if arches - {HOST_ARCH}:
+        needed.update(FOREIGN_BUILD_PROGRAMS)
+    missing = sorted({package for program, package in needed.items() if shutil.which(program) is None})
+    if missing:
+        raise SystemExit(
+            f"cannot build the sshd images: missing host packages {', '.join(missing)} "
+            f"(apt-get install {' '.join(missing)}, or run sshd-fixtures/host-setup.sh as root)"
+        )
 
 
 def recipe_hash(arch: str, variant: str) -> str:
@@ -99,10 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     for arch, variant in wanted:
         if arch not in ARCHES or variant not in VARIANTS:
             parser.error(f"unknown image {arch}/{variant}; known: {ARCHES} x {VARIANTS}")
+    stale = [(a, v) for a, v in wanted if not image_exists(f"{image_tag(a, v)}-{recipe_hash(a, v)}")]
     if args.check:
-        stale = [f"{a}/{v}" for a, v in wanted if not image_exists(f"{image_tag(a, v)}-{recipe_hash(a, v)}")]
-        print("to build: " + ", ".join(stale) if stale else "all images up to date")
+        print("to build: " + ", ".join(f"{a}/{v}" for a, v in stale) if stale else "all images up to date")
         return 1 if stale else 0
+    if stale:
+        check_build_host({arch for arch, _ in stale})
     # Two builds at a time: the machine has two cores and arm64 builds run emulated.
     with ThreadPoolExecutor(max_workers=2) as pool:
         for line in pool.map(lambda av: build(*av), wanted):

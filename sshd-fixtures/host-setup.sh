@@ -50,8 +50,11 @@ ensure_binfmt() {
     say "arm64 emulation registered"
 }
 
+# arch-test is only a *recommended* dependency of mmdebstrap, and --no-install-recommends leaves it
+# out, yet mmdebstrap needs it for every foreign-architecture (arm64) build.
 ensure_mmdebstrap() {
     command -v mmdebstrap >/dev/null || apt_install mmdebstrap
+    command -v arch-test >/dev/null || apt_install arch-test
 }
 
 # The browser test drives Debian's Chromium with Playwright (browser downloads are impossible here).
@@ -59,7 +62,26 @@ ensure_chromium() {
     command -v chromium >/dev/null || apt_install chromium
 }
 
+# Every host program the builds and tests need, with the Debian package that provides it. Checked
+# after the steps above, so a missing one stops here, by name, before any long build starts.
+REQUIRED_PROGRAMS=(
+    "docker:docker.io"
+    "mmdebstrap:mmdebstrap"
+    "arch-test:arch-test"
+    "chromium:chromium"
+)
+
+verify_host() {
+    local entry missing=()
+    for entry in "${REQUIRED_PROGRAMS[@]}"; do
+        command -v "${entry%%:*}" >/dev/null || missing+=("${entry#*:} (for ${entry%%:*})")
+    done
+    [ ${#missing[@]} = 0 ] || die "missing host packages: ${missing[*]}"
+    arch-test arm64 >/dev/null 2>&1 || die "arm64 binaries do not run on this host (arch-test arm64 failed): check the qemu-aarch64 binfmt registration"
+}
+
 ensure_docker
 ensure_binfmt
 ensure_mmdebstrap
 ensure_chromium
+verify_host
