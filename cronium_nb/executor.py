@@ -43,6 +43,7 @@ from cronium_nb.ssh.pool import ConnectError, ConnectionPool, PooledConnection
 from cronium_nb.ssh.remote_run import RemoteRun, RunnerUnavailable, RunOutcome, uncancel
 from cronium_nb.ssh.sessions import RunnerSessions
 from cronium_nb.store import SERVER_RESULT_FIELDS, LogBuffer, LogChunk, Store
+from cronium_nb.tools import ToolRegistry
 
 DEFAULT_RUNNER_DIST = Path(cronium_runner.__file__).resolve().parent.parent / "dist"
 DEFAULT_CONCURRENCY = 32
@@ -259,7 +260,8 @@ class Executor:
         self.sessions = RunnerSessions(self.deployer, self.ssh_options, self.store)
         accept_new = self.ssh_options.accept_new_known_hosts or self.state_dir / "known_hosts"
         self._metrics = Metrics()
-        self._runtime = RuntimeService()
+        self.tools = ToolRegistry()
+        self._runtime = RuntimeService(self.tools)
         self._loop_thread = _LoopThread()
         self.pool: ConnectionPool = self._loop_thread.call(self._make_pool(accept_new))
         self._closed = False
@@ -476,6 +478,7 @@ class Executor:
                 "input": state.input,
                 "variables": variables,
                 "env": dict(state.event.secrets),
+                "event": {"id": state.payload.event_id, "payload_version": state.payload.version},
             }
             api_run = await self._open_api(state, server, pooled, result, context, variables)
             state.status(result, "run")
@@ -555,14 +558,26 @@ class Executor:
             if state.callbacks.on_variable is not None:
                 state.callbacks.on_variable(server.name, name, value)
 
-        event = {"name": state.event.name, "type": state.event.type, "timeout": state.event.timeout}
+        def tool_called(tool: str, arguments: Any, started: float, duration_s: float, error: str | None) -> None:
+            text = json.dumps(arguments)
+            self.store.record_tool_call(
+                state.execution_id,
+                server.name,
+                tool,
+                started_at=started,
+                duration_s=duration_s,
+                error=None if error is None else state.redact(error),
+                arguments=None if state.redact(text) != text else text,  # never a secret in the store
+            )
+
         api_run = ApiRun(
             state.execution_id,
             server.name,
-            {**event, "execution_id": state.execution_id, "server": server.name},
+            state.event.name,
             state.input,
             dict(variables),
             on_variable=variable_set,
+            on_tool_call=tool_called,
         )
         token = self._runtime.register(api_run, state.event.timeout)
         context["api"] = {"url": f"http://127.0.0.1:{pooled.tunnel}", "token": token}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,13 +95,22 @@ class ExecutionResult:
     def summary(self) -> pd.DataFrame:
         return pd.DataFrame([r.row() for r in self.servers.values()], columns=list(SUMMARY_COLUMNS))
 
-    @property
-    def logs(self) -> pd.DataFrame:
+    def _from_store(self, query: Callable[[Store], pd.DataFrame]) -> pd.DataFrame:
         try:
-            return self._store.logs(self.execution_id)
+            return query(self._store)
         except sqlite3.ProgrammingError:  # the executor was closed: read the same file again
             with Store(self._store.path.parent) as store:
-                return store.logs(self.execution_id)
+                return query(store)
+
+    @property
+    def logs(self) -> pd.DataFrame:
+        return self._from_store(lambda store: store.logs(self.execution_id))
+
+    @property
+    def tool_calls(self) -> pd.DataFrame:
+        """The tool actions the scripts called (API mode): server, tool, started_at, duration_s,
+        ok, error, arguments (None where they held a secret)."""
+        return self._from_store(lambda store: store.tool_calls(self.execution_id))
 
     @property
     def outputs(self) -> dict[str, Any]:

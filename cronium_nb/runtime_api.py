@@ -6,8 +6,11 @@ the event and the server; a request with no token, a forged or expired one is re
 a valid token used for another execution with 403. The token travels on the runner's stdin
 and is kept in a 0600 file on the server: never on a command line, in a manifest or a log.
 
-Endpoints (all under ``/v1/executions/{execution_id}``, JSON bodies and answers):
-``GET input``, ``PUT output``, ``GET event``, ``GET variables/{name}``, ``PUT variables/{name}``.
+Endpoints (all under ``/v1/executions/{execution_id}``, JSON bodies and answers; errors are
+``{"error": message}``): ``GET input``, ``PUT output``, ``PUT output/{key}`` (one key of an
+output object), ``GET variables/{name}`` (404 when unset), ``PUT variables/{name}``,
+``POST tools/{name}`` (a tool action, see :mod:`cronium_nb.tools`). The event context is not
+served: it is fixed for the run and the helpers read it from the run's event.json.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from typing import Any
 import jwt
 from aiohttp import web
 
+from cronium_nb.tools import ToolError, ToolRegistry
+
 TOKEN_MARGIN_S = 300.0  # a token outlives the run's timeout by this much
 ALGORITHM = "HS256"
 
@@ -31,21 +36,29 @@ class ApiRun:
 
     execution_id: str
     server: str
-    event: dict[str, Any]
+    event_name: str
     input: Any
     variables: dict[str, Any]
     on_variable: Callable[[str, Any], None] | None = None  # live: (name, value) as it is set
+    # each tool call, once answered: (tool, arguments, started_at, duration_s, error or None)
+    on_tool_call: Callable[[str, Any, float, float, str | None], None] | None = None
     output: Any = None
     output_set: bool = False
 
 
 RUN_KEY = web.RequestKey("run", ApiRun)
+TOOL_ERROR_STATUS = {"unknown": 404, "bad_arguments": 400, "failed": 502, "timeout": 504}
+
+
+def error_response(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
 
 
 class RuntimeService:
     """The HTTP runtime API of one executor."""
 
-    def __init__(self) -> None:
+    def __init__(self, tools: ToolRegistry | None = None) -> None:
+        self.tools = tools or ToolRegistry()
         self._secret = secrets.token_bytes(32)
         self._runs: dict[tuple[str, str], ApiRun] = {}
         self._runner: web.AppRunner | None = None
@@ -60,9 +73,10 @@ class RuntimeService:
                 [
                     web.get(f"{prefix}/input", self._get_input),
                     web.put(f"{prefix}/output", self._put_output),
-                    web.get(f"{prefix}/event", self._get_event),
+                    web.put(f"{prefix}/output/{{key}}", self._put_output_key),
                     web.get(f"{prefix}/variables/{{name}}", self._get_variable),
                     web.put(f"{prefix}/variables/{{name}}", self._put_variable),
+                    web.post(f"{prefix}/tools/{{name}}", self._call_tool),
                 ]
             )
             runner = web.AppRunner(app, access_log=None)
@@ -88,7 +102,7 @@ class RuntimeService:
         claims = {
             "exec": run.execution_id,
             "srv": run.server,
-            "evt": run.event.get("name"),
+            "evt": run.event_name,
             "iat": now,
             "exp": now + int(timeout + TOKEN_MARGIN_S),
         }
@@ -141,11 +155,46 @@ class RuntimeService:
         run.output, run.output_set = await self._body(request), True
         return web.json_response({"ok": True})
 
-    async def _get_event(self, request: web.Request) -> web.Response:
-        return web.json_response(request[RUN_KEY].event)
+    async def _put_output_key(self, request: web.Request) -> web.Response:
+        run: ApiRun = request[RUN_KEY]
+        key = request.match_info["key"]
+        value = await self._body(request)
+        current = run.output if run.output_set else None
+        if current is None:
+            current = {}
+        if not isinstance(current, dict):
+            # The same words as the bundled helpers' (cronium.py merge_output_key).
+            return error_response(409, f"the output is already set to a non-object value: cannot set key '{key}'")
+        current[key] = value
+        run.output, run.output_set = current, True
+        return web.json_response({"ok": True})
 
     async def _get_variable(self, request: web.Request) -> web.Response:
-        return web.json_response(request[RUN_KEY].variables.get(request.match_info["name"]))
+        name = request.match_info["name"]
+        variables = request[RUN_KEY].variables
+        if name not in variables:
+            return error_response(404, f"variable '{name}' is not set")
+        return web.json_response(variables[name])
+
+    async def _call_tool(self, request: web.Request) -> web.Response:
+        run: ApiRun = request[RUN_KEY]
+        name = request.match_info["name"]
+        arguments = await self._body(request)
+        started, clock = time.time(), time.monotonic()
+        try:
+            result = await self.tools.call(name, arguments)
+        except ToolError as error:
+            self._record_tool_call(run, name, arguments, started, time.monotonic() - clock, str(error))
+            return error_response(TOOL_ERROR_STATUS[error.kind], str(error))
+        self._record_tool_call(run, name, arguments, started, time.monotonic() - clock, None)
+        return web.json_response(result)
+
+    @staticmethod
+    def _record_tool_call(
+        run: ApiRun, name: str, arguments: Any, started: float, duration_s: float, error: str | None
+    ) -> None:
+        if run.on_tool_call is not None:
+            run.on_tool_call(name, arguments, started, duration_s, error)
 
     async def _put_variable(self, request: web.Request) -> web.Response:
         run: ApiRun = request[RUN_KEY]

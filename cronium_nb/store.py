@@ -123,6 +123,20 @@ MIGRATIONS: tuple[str, ...] = (
         updated_at REAL NOT NULL
     );
     """,
+    # 5: tool actions called by scripts in API mode (arguments left out when they hold a secret)
+    """
+    CREATE TABLE tool_calls (
+        execution_id TEXT NOT NULL REFERENCES executions(id) ON DELETE CASCADE,
+        server TEXT NOT NULL,
+        tool TEXT NOT NULL,
+        started_at REAL NOT NULL,
+        duration_s REAL NOT NULL,
+        ok INTEGER NOT NULL,
+        error TEXT,
+        arguments TEXT
+    );
+    CREATE INDEX tool_calls_by_run ON tool_calls (execution_id, started_at);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 SERVER_RESULT_FIELDS = (
@@ -239,6 +253,11 @@ class Store:
                 (name, script_type, now, now),
             )
             return db.execute("SELECT id FROM events WHERE name = ?", (name,)).fetchone()[0]
+
+    def event_id(self, name: str) -> int | None:
+        """The stable id of the event called ``name`` (what ``cronium.event id`` prints), or None."""
+        rows = self._query("SELECT id FROM events WHERE name = ?", (name,))
+        return rows[0][0] if rows else None
 
     def event_payload_version(self, event_id: int) -> int:
         return self._query("SELECT payload_version FROM events WHERE id = ?", (event_id,))[0][0]
@@ -401,6 +420,38 @@ class Store:
         frame = frame.assign(seq=frame["first_seq"] + offset)[["server", "seq", "ts", "stream", "line"]]
         frame = frame.reset_index(drop=True).astype({"seq": "int64", "line": object})
         frame["ts"] = pd.to_datetime(frame["ts"], unit="s", utc=True)
+        return frame
+
+    # -- tool calls
+
+    def record_tool_call(
+        self,
+        execution_id: str,
+        server: str,
+        tool: str,
+        *,
+        started_at: float,
+        duration_s: float,
+        error: str | None,
+        arguments: str | None,
+    ) -> None:
+        """One tool action call; ``arguments`` is their JSON text, or None to leave them out."""
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO tool_calls VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (execution_id, server, tool, started_at, duration_s, error is None, error, arguments),
+            )
+
+    def tool_calls(self, execution_id: str) -> pd.DataFrame:
+        """server, tool, started_at, duration_s, ok, error, arguments (parsed; None when withheld)."""
+        frame = self._frame(
+            "SELECT server, tool, started_at, duration_s, ok, error, arguments FROM tool_calls "
+            "WHERE execution_id = ? ORDER BY started_at",
+            (execution_id,),
+        )
+        frame["started_at"] = pd.to_datetime(frame["started_at"], unit="s", utc=True)
+        frame["ok"] = frame["ok"].astype(bool)
+        frame["arguments"] = [None if text is None else json.loads(text) for text in frame["arguments"]]
         return frame
 
     # -- hosts

@@ -147,6 +147,12 @@ class CroniumMagics(Magics):
         return self.session.fleet.inventory.to_dataframe()
 
     @line_magic
+    def cronium_executor(self, line: str) -> Any:
+        """The executor the magics use (``ex = %cronium_executor``), e.g. to register tool
+        actions with ``ex.tools.register(name, fn)``."""
+        return self.session.executor
+
+    @line_magic
     def cronium_metrics(self, line: str) -> Any:
         """The executor's metrics as a DataFrame."""
         return self.session.executor.metrics()

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cronium_runner import helpers, payload, protocol
+from cronium_runner import __version__, helpers, payload, protocol
 from cronium_runner.exitcodes import RunnerError, RunnerExit
 from cronium_runner.manifest import Manifest, ManifestError, validate_env
 from cronium_runner.resources.cronium import (
@@ -139,6 +139,7 @@ class RunContext:
     variables: dict[str, Any] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)  # secret values: never in the manifest
     api: dict[str, str] | None = None  # API mode: {"url": ..., "token": ...}
+    event: dict[str, Any] = field(default_factory=dict)  # what only the orchestrator knows: id, payload_version
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunContext:
@@ -163,6 +164,10 @@ class RunContext:
         ):
             raise RunnerError(RunnerExit.USAGE, "run context 'api' needs a url and a token")
         context.api = api
+        event = data.get("event") or {}
+        if not isinstance(event, dict):
+            raise RunnerError(RunnerExit.USAGE, "run context 'event' must be a mapping")
+        context.event = event
         return context
 
 
@@ -523,12 +528,17 @@ def run_payload(
                 RunnerExit.INTERPRETER_MISSING, f"interpreter {manifest.interpreter!r} for {manifest.type} not found"
             )
         event = {
+            "id": None,
+            "payload_version": None,
             **manifest.event,
+            **context.event,
             "name": manifest.name,
             "type": manifest.type,
             "execution_id": context.execution_id,
             "server": context.server,
-            "timeout": manifest.timeout,
+            # whole seconds print as such in shell (`cronium.event timeout` gives 30, not 30.0)
+            "timeout": int(manifest.timeout) if float(manifest.timeout).is_integer() else manifest.timeout,
+            "runner_version": __version__,
         }
         input_value = manifest.input if context.input is _UNSET else context.input
         if helper_dir is None:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cronium_runner.resources.cronium import EVENT_FILE, INPUT_FILE, VARIABLES_FILE, Cronium, parse_value
+from cronium_runner.resources.cronium import EVENT_FILE, INPUT_FILE, VARIABLES_FILE, Cronium, HelperError, parse_value
 
 HELPER_DIR = ".cronium"
 # Shell command name -> the `cronium-runner helper` verb it runs.
@@ -20,6 +20,7 @@ SHELL_HELPERS = {
     "cronium.getVariable": "getVariable",
     "cronium.setVariable": "setVariable",
     "cronium.event": "event",
+    "cronium.tool": "tool",
 }
 RESOURCES = ("cronium.py", "bootstrap.py", "cronium.js")
 
@@ -67,28 +68,41 @@ def interpreter_argv(script_type: str, interpreter: str, helper_dir: Path, entry
     return [interpreter, entrypoint]
 
 
-def _print_value(value: Any, as_json: bool = False) -> None:
-    """Strings print as themselves (handy in shell), everything else as JSON; ``--json``: all JSON."""
-    print(value if isinstance(value, str) and not as_json else json.dumps(value, separators=(",", ":")))
+# verb -> (fewest arguments, most arguments, usage)
+USAGE = {
+    "input": (0, 1, "cronium.input [KEY]"),
+    "output": (1, 2, "cronium.output VALUE|-  or  cronium.output KEY VALUE|-"),
+    "getVariable": (1, 1, "cronium.getVariable NAME"),
+    "setVariable": (2, 2, "cronium.setVariable NAME VALUE|-"),
+    "event": (0, 1, "cronium.event [FIELD]"),
+    "tool": (1, 2, "cronium.tool NAME [JSON|-]"),
+}
+_MISSING = object()
+
+
+def _print_value(value: Any, envelope: bool) -> None:
+    """Strings print as themselves (handy in shell), everything else as compact JSON.
+
+    ``envelope`` (``--json``, for the Node helpers): ``{"value": V}``, or ``{}`` for a missing
+    input key or an unset variable, so that the caller can tell them from an error."""
+    if envelope:
+        print(json.dumps({} if value is _MISSING else {"value": value}, separators=(",", ":")))
+    elif isinstance(value, str):
+        print(value)
+    else:
+        print(json.dumps(value, separators=(",", ":")))
 
 
 def run_helper(verb: str, args: list[str]) -> int:
     """``cronium-runner helper VERB ARGS``: the shell helpers. Returns the exit code."""
     helpers = Cronium()
-    as_json = bool(args) and args[0] == "--json"  # for the Node helpers in API mode
-    if as_json:
+    envelope = bool(args) and args[0] == "--json"
+    if envelope:
         args = args[1:]
-    usage = {
-        "input": (0, 1, "cronium.input [KEY]"),
-        "output": (1, 1, "cronium.output VALUE|-"),
-        "getVariable": (1, 1, "cronium.getVariable NAME"),
-        "setVariable": (2, 2, "cronium.setVariable NAME VALUE|-"),
-        "event": (0, 1, "cronium.event [FIELD]"),
-    }
-    if verb not in usage:
+    if verb not in USAGE:
         print(f"cronium-runner: unknown helper {verb!r}", file=sys.stderr)
         return 64
-    low, high, text = usage[verb]
+    low, high, text = USAGE[verb]
     if not low <= len(args) <= high:
         print(f"usage: {text}", file=sys.stderr)
         return 64
@@ -96,18 +110,30 @@ def run_helper(verb: str, args: list[str]) -> int:
     def value_argument(text_value: str) -> Any:
         return parse_value(sys.stdin.read() if text_value == "-" else text_value)
 
+    # In the envelope form a missing key or variable is an answer, not an error.
     try:
         if verb == "input":
-            _print_value(helpers.input(*args), as_json)
+            if not args:
+                _print_value(helpers.input(), envelope)
+            elif envelope:
+                _print_value(helpers.input(args[0], default=_MISSING), envelope)
+            else:
+                _print_value(helpers.input_key(args[0]), envelope)
         elif verb == "output":
-            helpers.output(value_argument(args[0]))
+            helpers.output(*args[:-1], value_argument(args[-1]))
         elif verb == "getVariable":
-            _print_value(helpers.getVariable(args[0]), as_json)
+            found = helpers.variable(args[0], default=_MISSING) if envelope else helpers.variable(args[0])
+            _print_value(found, envelope)
         elif verb == "setVariable":
             helpers.setVariable(args[0], value_argument(args[1]))
+        elif verb == "event":
+            _print_value(helpers.event(*args), envelope)
         else:
-            _print_value(helpers.event(*args), as_json)
+            arguments = value_argument(args[1]) if len(args) > 1 else None
+            if isinstance(arguments, str):
+                raise HelperError("tool arguments must be a JSON object")
+            _print_value(helpers.tool(args[0], arguments), envelope)
     except (RuntimeError, ValueError, OSError) as error:  # urllib's errors are OSErrors
-        print(f"{text.split()[0]}: {error}", file=sys.stderr)
+        print(f"cronium.{verb}: {error}", file=sys.stderr)
         return 1
     return 0

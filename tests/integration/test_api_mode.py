@@ -95,8 +95,8 @@ def call(port: int, execution_id: str, token: str | None, path: str = "input") -
 def test_wrong_expired_and_foreign_tokens_are_refused(executor: Executor) -> None:
     service = executor._runtime
     port = executor._loop_thread.call(service.start())
-    run_a = ApiRun("exec-a", "srv", {"name": "a"}, {"n": 1}, {})
-    run_b = ApiRun("exec-b", "srv", {"name": "b"}, {"n": 2}, {})
+    run_a = ApiRun("exec-a", "srv", "a", {"n": 1}, {})
+    run_b = ApiRun("exec-b", "srv", "b", {"n": 2}, {})
     token_a = service.register(run_a, timeout=60)
     service.register(run_b, timeout=60)
     now = int(time.time())

@@ -24,7 +24,7 @@ SHELL_HELPER_SCRIPT = """
         cronium.output '{"sum": 3}'
         cronium.setVariable greeting "hello world"
         echo '[1, 2]' | cronium.setVariable list -
-        echo "got=$(cronium.getVariable greeting) missing=$(cronium.getVariable nope)"
+        echo "got=$(cronium.getVariable greeting) missing=$(cronium.getVariable nope 2>/dev/null || echo null)"
         echo "event=$(cronium.event name) server=$(cronium.event server)"
     """
 HELPER_SCRIPTS = {
@@ -89,9 +89,10 @@ def test_helpers_round_trip(script_type: str, workroot: str) -> None:
     check_helpers(run_local(archive, context=context, workroot=workroot), script_type)
 
 
-def test_no_input_gives_null(workroot: str) -> None:
-    report = run_local(make_payload('echo "[$(cronium.input)] [$(cronium.input key)]"'), workroot=workroot)
-    assert report.text == "[null] [null]\n"
+def test_no_input_gives_null_and_a_key_is_not_found(workroot: str) -> None:
+    report = run_local(make_payload('echo "[$(cronium.input)] [$(cronium.input key)] $?"'), workroot=workroot)
+    assert report.text == "[null] [] 1\n"
+    assert report.stderr.decode() == "cronium.input: key 'key' not found\n"
 
 
 def test_non_json_values_are_strings(workroot: str) -> None:

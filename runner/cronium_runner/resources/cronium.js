@@ -1,18 +1,39 @@
-// The `cronium` global for Node scripts (loaded with `node --require`). Bundled mode: JSON
-// files in $CRONIUM_DIR, the same ones the Python and shell helpers use. API mode
-// ($CRONIUM_API_URL set): each call goes through the shell helper commands, which speak to the
-// orchestrator's runtime service, so that the calls stay synchronous here.
+// The `cronium` global for Node scripts (loaded with `node --require`):
+//   cronium.input(key, fallback), cronium.output(value) / cronium.output(key, value),
+//   cronium.getVariable(name), cronium.setVariable(name, value), cronium.event(field),
+//   cronium.tool(name, args) (API mode only), and snake_case aliases.
+// Bundled mode: JSON files in $CRONIUM_DIR, the same ones the Python and shell helpers use.
+// API mode ($CRONIUM_API_URL set): each call goes through the shell helper commands, which speak
+// to the orchestrator's runtime service, so that the calls stay synchronous here. Values travel
+// on the helper's stdin, never on its command line (which every user of the server can read,
+// and which the kernel caps in size).
 "use strict";
 const fs = require("fs");
 const path = require("path");
 const { execFileSync } = require("child_process");
 
-function viaHelper(command, args) {
-  const printed = execFileSync(command, ["--json", ...args], { encoding: "utf8" });
-  return printed.trim() === "" ? null : JSON.parse(printed);
+const EVENT_FIELDS = ["id", "name", "type", "execution_id", "server", "payload_version", "runner_version", "timeout"];
+const TOOLS_NEED_API = "tool actions need API mode (run the event with api=True, or %%cronium --api)";
+
+function json(value) {
+  return JSON.stringify(value === undefined ? null : value);
 }
 
-const apiMode = Boolean(process.env.CRONIUM_API_URL);
+// Runs a shell helper in its envelope form: {"value": V}, or {} when the key or variable is missing.
+function viaHelper(command, args, stdin) {
+  let printed;
+  try {
+    printed = execFileSync(command, ["--json", ...args], {
+      encoding: "utf8",
+      input: stdin === undefined ? "" : stdin,
+      stdio: ["pipe", "pipe", "pipe"],
+    });
+  } catch (error) {
+    const message = String(error.stderr || "").trim() || error.message;
+    throw new Error(message);
+  }
+  return printed.trim() === "" ? {} : JSON.parse(printed);
+}
 
 function directory() {
   const dir = process.env.CRONIUM_DIR;
@@ -32,54 +53,90 @@ function read(name, fallback) {
 function write(name, value) {
   const target = path.join(directory(), name);
   const temporary = `${target}.tmp-${process.pid}`;
-  fs.writeFileSync(temporary, JSON.stringify(value === undefined ? null : value));
+  fs.writeFileSync(temporary, json(value));
   fs.renameSync(temporary, target);
 }
 
+function checkName(kind, name) {
+  if (typeof name !== "string" || !name) throw new Error(`${kind} must be a non-empty string`);
+}
+
+function mergeOutputKey(current, key, value) {
+  if (current === null || current === undefined) current = {};
+  if (typeof current !== "object" || Array.isArray(current)) {
+    throw new Error(`the output is already set to a non-object value: cannot set key '${key}'`);
+  }
+  current[key] = value === undefined ? null : value;
+  return current;
+}
+
 const apiCronium = {
-  input(key) {
-    return viaHelper("cronium.input", key === undefined ? [] : [String(key)]);
+  input(key, fallback = null) {
+    if (key === undefined) return viaHelper("cronium.input", []).value;
+    const found = viaHelper("cronium.input", [String(key)]);
+    return "value" in found ? found.value : fallback;
   },
-  output(value) {
-    viaHelper("cronium.output", [JSON.stringify(value === undefined ? null : value)]);
+  output(...args) {
+    if (args.length === 2) {
+      checkName("output key", args[0]);
+      viaHelper("cronium.output", [args[0], "-"], json(args[1]));
+    } else {
+      viaHelper("cronium.output", ["-"], json(args[0]));
+    }
   },
   getVariable(name) {
-    return viaHelper("cronium.getVariable", [String(name)]);
+    const found = viaHelper("cronium.getVariable", [String(name)]);
+    return "value" in found ? found.value : null;
   },
   setVariable(name, value) {
-    if (typeof name !== "string" || !name) throw new Error("variable name must be a non-empty string");
-    viaHelper("cronium.setVariable", [name, JSON.stringify(value === undefined ? null : value)]);
+    checkName("variable name", name);
+    viaHelper("cronium.setVariable", [name, "-"], json(value));
   },
-  event(field) {
-    return viaHelper("cronium.event", field === undefined ? [] : [String(field)]);
+  tool(name, args = {}) {
+    checkName("tool name", name);
+    return viaHelper("cronium.tool", [name, "-"], json(args)).value;
   },
 };
 
 const fileCronium = {
-  input(key) {
+  input(key, fallback = null) {
     const data = read("input.json", null);
     if (key === undefined) return data;
-    return data !== null && typeof data === "object" && key in data ? data[key] : null;
+    return data !== null && typeof data === "object" && key in data ? data[key] : fallback;
   },
-  output(value) {
-    write("output.json", value);
+  output(...args) {
+    if (args.length === 2) {
+      checkName("output key", args[0]);
+      write("output.json", mergeOutputKey(read("output.json", null), args[0], args[1]));
+    } else {
+      write("output.json", args[0]);
+    }
   },
   getVariable(name) {
     const variables = read("variables.json", {});
     return name in variables ? variables[name] : null;
   },
   setVariable(name, value) {
-    if (typeof name !== "string" || !name) throw new Error("variable name must be a non-empty string");
+    checkName("variable name", name);
     const variables = read("variables.json", {});
     variables[name] = value === undefined ? null : value;
     write("variables.json", variables);
   },
-  event(field) {
-    const data = read("event.json", {});
-    return field === undefined ? data : field in data ? data[field] : null;
+  tool() {
+    throw new Error(TOOLS_NEED_API);
   },
 };
-const cronium = apiMode ? apiCronium : fileCronium;
+
+const cronium = process.env.CRONIUM_API_URL ? apiCronium : fileCronium;
+// The event context is fixed for the run: read from event.json in both modes.
+cronium.event = function event(field) {
+  const data = read("event.json", {});
+  if (field === undefined) return data;
+  if (!EVENT_FIELDS.includes(field)) {
+    throw new Error(`unknown event field '${field}'; known: ${EVENT_FIELDS.join(", ")}`);
+  }
+  return field in data ? data[field] : null;
+};
 cronium.get_variable = cronium.getVariable;
 cronium.set_variable = cronium.setVariable;
 globalThis.cronium = cronium;

@@ -1,0 +1,76 @@
+"""The tool registry (no server needed) and the image build's host check."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import pytest
+
+from cronium_nb.tools import ToolError, ToolRegistry
+from tests.conftest import REPO_ROOT
+
+
+def call(registry: ToolRegistry, name: str, arguments: object) -> object:
+    return asyncio.run(registry.call(name, arguments))
+
+
+def test_sync_and_async_tools_get_keyword_arguments() -> None:
+    registry = ToolRegistry()
+    registry.register("add", lambda a, b=1: a + b)
+
+    @registry.register("greet", timeout=5)
+    async def greet(name: str) -> str:
+        return f"hi {name}"
+
+    assert call(registry, "add", {"a": 2}) == 3
+    assert call(registry, "greet", {"name": "x"}) == "hi x"
+    assert registry.names == ["add", "greet"] and "add" in registry
+
+
+@pytest.mark.parametrize(
+    ("name", "arguments", "kind", "message"),
+    [
+        ("missing", {}, "unknown", "unknown tool 'missing' (known: boom, slow)"),
+        ("boom", {}, "failed", "tool 'boom' failed: ZeroDivisionError: division by zero"),
+        ("boom", [1], "bad_arguments", "tool 'boom': arguments must be a JSON object"),
+        ("slow", {}, "timeout", "tool 'slow' did not answer within 0.2 s"),
+    ],
+)
+def test_errors_name_the_tool_and_the_cause(name: str, arguments: object, kind: str, message: str) -> None:
+    registry = ToolRegistry()
+    registry.register("boom", lambda: 1 / 0)
+
+    async def slow() -> None:
+        await asyncio.Event().wait()
+
+    registry.register("slow", slow, timeout=0.2)
+    with pytest.raises(ToolError) as raised:
+        call(registry, name, arguments)
+    assert (raised.value.kind, str(raised.value)) == (kind, message)
+
+
+@pytest.mark.parametrize("name", ["", "has space", "semi;colon", "x" * 65, 3])
+def test_bad_names_and_timeouts_are_refused_at_registration(name: object) -> None:
+    with pytest.raises(ValueError, match="invalid tool name"):
+        ToolRegistry().register(name, print)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("timeout", [0, -1, float("nan"), float("inf")])
+def test_bad_timeouts_are_refused(timeout: float) -> None:
+    with pytest.raises(ValueError, match="tool timeout"):
+        ToolRegistry().register("ok", print, timeout=timeout)
+
+
+def test_the_image_build_names_missing_host_packages(monkeypatch: pytest.MonkeyPatch) -> None:
+    sys.path.insert(0, str(REPO_ROOT / "sshd-fixtures"))
+    try:
+        import build_images
+    finally:
+        sys.path.pop(0)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    foreign = "arm64" if build_images.HOST_ARCH == "amd64" else "amd64"
+    with pytest.raises(SystemExit, match=r"missing host packages arch-test, docker\.io, mmdebstrap"):
+        build_images.check_build_host({build_images.HOST_ARCH, foreign})
+    with pytest.raises(SystemExit, match=r"missing host packages docker\.io, mmdebstrap \("):
+        build_images.check_build_host({build_images.HOST_ARCH})
