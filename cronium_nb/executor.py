@@ -35,6 +35,7 @@ from cronium_nb.config import state_dir as resolve_state_dir
 from cronium_nb.inventory import Inventory
 from cronium_nb.model import Event, EventError, Server, Status
 from cronium_nb.payload import PayloadService, PreparedPayload
+from cronium_nb.redaction import Redactor
 from cronium_nb.results import PHASES, ExecutionResult, ServerResult, overall_status
 from cronium_nb.runtime_api import ApiRun, RuntimeService
 from cronium_nb.ssh.deploy import DEFAULT_BACKOFF_S, Deployer, DeployError, RunnerBuild, RunnerBuilds
@@ -48,7 +49,6 @@ from cronium_nb.tools import ToolRegistry
 DEFAULT_RUNNER_DIST = Path(cronium_runner.__file__).resolve().parent.parent / "dist"
 DEFAULT_CONCURRENCY = 32
 LOG_FLUSH_INTERVAL_S = 0.5
-REDACTED = "***"
 _UNSET: Any = object()
 
 
@@ -200,17 +200,12 @@ class _Execution:
     results: dict[str, ServerResult] = field(default_factory=dict)
     seq: Counter[str] = field(default_factory=Counter)
 
-    def redact(self, text: str) -> str:
-        """Secret values replaced in a block of lines (line by line: a secret spanning lines,
-        which no single line can show whole, is left alone so the line count stays right)."""
-        for secret in self.event.secrets.values():
-            if secret and "\n" not in secret:
-                text = text.replace(secret, REDACTED)
-        return text
+    def __post_init__(self) -> None:
+        self.redactor = Redactor(self.event.secrets.values())
 
     def lines(self, server: str, stream: str, text: str, count: int, ts: float) -> None:
-        """``count`` lines of one stream, joined by newlines."""
-        text = self.redact(text)
+        """``count`` lines of one stream, joined by newlines (secrets already redacted, as they
+        streamed: see RemoteRun)."""
         first_seq = self.seq[server] + 1
         self.seq[server] += count
         self.log.add_chunk(LogChunk(self.execution_id, server, first_seq, count, ts, stream, text))
@@ -437,6 +432,8 @@ class Executor:
             result.status, result.error = Status.FAILED, f"connection to {server.address} failed: {reason}"
         except Exception as error:  # a bug here must not take the other servers down
             result.status, result.error = Status.FAILED, f"internal error: {error!r}"
+        if result.error:
+            result.error = state.redactor.text(result.error)
         result.duration_s = time.monotonic() - started
         self._metrics.record_server(result)
         self.store.update_server(
@@ -500,8 +497,8 @@ class Executor:
         self._apply_run(state, server, result, run, seeded=variables)
         if api_run is not None and run.result is not None:
             if api_run.output_set:
-                result.outputs = api_run.output
-            result.variables = dict(api_run.variables)
+                result.outputs = state.redactor.value(api_run.output)
+            result.variables = state.redactor.value(dict(api_run.variables))
 
     async def _run_payload(
         self, state: _Execution, server: Server, pooled: PooledConnection, build: RunnerBuild, context: dict[str, Any]
@@ -518,6 +515,7 @@ class Executor:
             timeout=state.event.timeout,
             grace=state.event.grace_period,
             on_lines=functools.partial(state.lines, server.name),
+            redactor=state.redactor,
         )
         try:
             outcome = await run.run()
@@ -553,6 +551,7 @@ class Executor:
             return None
 
         def variable_set(name: str, value: Any) -> None:
+            value = state.redactor.value(value)
             updated_by = f"{state.execution_id}/{server.name}"
             self.store.set_variable(self.variable_scope, name, value, updated_by=updated_by)
             if state.callbacks.on_variable is not None:
@@ -566,8 +565,8 @@ class Executor:
                 tool,
                 started_at=started,
                 duration_s=duration_s,
-                error=None if error is None else state.redact(error),
-                arguments=None if state.redact(text) != text else text,  # never a secret in the store
+                error=None if error is None else state.redactor.text(error),
+                arguments=None if state.redactor.text(text) != text else text,  # never a secret in the store
             )
 
         api_run = ApiRun(
@@ -604,8 +603,8 @@ class Executor:
             result.error = None if code == 0 else f"exit code {code}"
         if report is not None:
             result.exit_code = report.get("exit_code")
-            result.outputs = report.get("outputs")
-            result.variables = report.get("variables") or {}
+            result.outputs = state.redactor.value(report.get("outputs"))
+            result.variables = state.redactor.value(report.get("variables") or {})
             # Only what this run changed: rewriting the values it was given could undo what a
             # concurrent run set meanwhile (API mode stores its changes live, as they happen).
             for name, value in result.variables.items():

@@ -42,6 +42,9 @@ class Server:
                 raise ValueError(f"server {text_field} must be a non-empty string, got {value!r}")
             if "\0" in value:  # it reaches the script's environment, where NUL cannot be
                 raise ValueError(f"server {text_field} must not contain NUL bytes, got {value!r}")
+        if any(character.isspace() for character in self.host):
+            # It is written into known_hosts lines, where whitespace or a newline would forge entries.
+            raise ValueError(f"server {self.name!r}: host must not contain whitespace, got {self.host!r}")
         if isinstance(self.port, bool) or not isinstance(self.port, int):
             raise ValueError(f"server {self.name!r}: port must be an integer, got {self.port!r}")
         if not MIN_PORT <= self.port <= MAX_PORT:

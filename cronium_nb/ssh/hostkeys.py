@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import threading
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncssh
 
@@ -28,20 +29,59 @@ def _host_pattern(server: Server) -> str:
     return server.host if server.port == 22 else f"[{server.host}]:{server.port}"
 
 
-class _AcceptNewClient(asyncssh.SSHClient):
-    """Trusts a host's first key (recording it) and nothing else afterwards."""
+class KnownHostsMatch(NamedTuple):
+    """What known_hosts files say about one host: plain keys, ``@cert-authority`` keys and
+    ``@revoked`` keys whose patterns match it."""
 
-    def __init__(self, record_file: Path, pattern: str, had_keys: bool) -> None:
-        self._record_file, self._pattern, self._had_keys = record_file, pattern, had_keys
+    keys: list[asyncssh.SSHKey]
+    ca_keys: list[asyncssh.SSHKey]
+    revoked: list[asyncssh.SSHKey]
+
+    @property
+    def empty(self) -> bool:
+        return not (self.keys or self.ca_keys or self.revoked)
+
+    def as_connect_argument(self) -> tuple[list, list, list]:
+        return (self.keys, self.ca_keys, self.revoked)
+
+
+def match_known_hosts(paths: list[Path], server: Server) -> KnownHostsMatch:
+    found = KnownHostsMatch([], [], [])
+    for path in paths:
+        if path.is_file():
+            keys, ca_keys, revoked, *_x509 = parsed_file(path, asyncssh.read_known_hosts).match(
+                server.host, "", server.port
+            )
+            found.keys.extend(keys)
+            found.ca_keys.extend(ca_keys)
+            found.revoked.extend(revoked)
+    return found
+
+
+class _AcceptNewClient(asyncssh.SSHClient):
+    """Trust on first use: asyncssh asks it only about a key that no known_hosts line trusts and
+    none revokes. The key is recorded when the host matches nothing at all (no plain, CA or
+    revoked line), decided again under a lock that other threads and processes respect, so two
+    connections opened at once to a new host cannot record two different keys."""
+
+    def __init__(self, record_file: Path, sources: list[Path], server: Server) -> None:
+        self._record_file, self._sources, self._server = record_file, sources, server
 
     def validate_host_public_key(self, host: str, addr: str, port: int, key: asyncssh.SSHKey) -> bool:
-        if self._had_keys:
-            return False  # a known host presenting another key: refuse
-        line = f"{self._pattern} {key.export_public_key('openssh').decode().strip()}\n"
-        with _record_lock:
-            self._record_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            with open(self._record_file, "a", encoding="utf-8") as stream:
-                stream.write(line)
+        self._record_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with _record_lock, open(self._record_file, "a", encoding="utf-8") as stream:
+            fcntl.flock(stream, fcntl.LOCK_EX)  # other processes recording into the same file
+            now = match_known_hosts(self._sources, self._server)
+            if not now.empty:  # a known host presenting another key, or one recorded meanwhile
+                return key in now.keys and key not in now.revoked
+            stream.write(f"{_host_pattern(self._server)} {key.export_public_key('openssh').decode().strip()}\n")
+        return True
+
+
+class _AnyKeyClient(asyncssh.SSHClient):
+    """Policy "off": any key that no known_hosts line revokes."""
+
+    def validate_host_public_key(self, host: str, addr: str, port: int, key: asyncssh.SSHKey) -> bool:
         return True
 
 
@@ -62,19 +102,16 @@ def parsed_file(path: Path | str, parse: Any) -> Any:
     return cached[1]
 
 
-def _keys_for(path: Path, server: Server) -> list[asyncssh.SSHKey]:
-    if not path.is_file():
-        return []
-    trusted = asyncssh.read_known_hosts(str(path)).match(server.host, "", server.port)
-    return list(trusted[0])
-
-
 def connect_options(server: Server, policy: str, accept_new_file: Path) -> dict[str, Any]:
-    """The ``known_hosts`` / ``client_factory`` arguments of ``asyncssh.connect`` for a policy."""
+    """The ``known_hosts`` / ``client_factory`` arguments of ``asyncssh.connect`` for a policy.
+
+    A key listed as ``@revoked`` is refused under every policy; a host certificate signed by a
+    matching ``@cert-authority`` key is accepted under "strict" and "accept-new"."""
+    known_hosts = _known_hosts_file(server)
     if policy == "off":
         warnings.warn(f"host key checking is off for {server.name}: the connection can be intercepted", stacklevel=3)
-        return {"known_hosts": None}
-    known_hosts = _known_hosts_file(server)
+        revoked = match_known_hosts([known_hosts, accept_new_file], server).revoked
+        return {"known_hosts": ([], [], revoked), "client_factory": _AnyKeyClient}
     if policy == "strict":
         if not known_hosts.is_file():
             raise HostKeyError(
@@ -82,10 +119,10 @@ def connect_options(server: Server, policy: str, accept_new_file: Path) -> dict[
                 "or use host_key_policy='accept-new'"
             )
         return {"known_hosts": parsed_file(known_hosts, asyncssh.read_known_hosts)}
-    trusted = _keys_for(known_hosts, server) + _keys_for(accept_new_file, server)
+    sources = [known_hosts, accept_new_file]
     return {
-        "known_hosts": (trusted, [], []),
-        "client_factory": lambda: _AcceptNewClient(accept_new_file, _host_pattern(server), bool(trusted)),
+        "known_hosts": match_known_hosts(sources, server).as_connect_argument(),
+        "client_factory": lambda: _AcceptNewClient(accept_new_file, sources, server),
     }
 
 

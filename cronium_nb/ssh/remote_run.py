@@ -25,6 +25,7 @@ from typing import Any
 
 import asyncssh
 
+from cronium_nb.redaction import Redactor
 from cronium_runner.protocol import MESSAGE, STREAM_NAMES, Frame, FrameDecoder, LineSplitter, ProtocolError
 
 READ_SIZE = 65536
@@ -182,13 +183,15 @@ class RemoteRun:
         timeout: float,
         grace: float,
         on_lines: LinesHandler,
+        redactor: Redactor | None = None,
     ) -> None:
         self.session = session
         self.request = {**context, "op": "run", "sha256": sha256, "payload_size": len(payload)}
         self.payload = payload
         self.timeout, self.grace = timeout, grace
         self.on_lines = on_lines
-        self._splitters = {kind: LineSplitter(MAX_LINE) for kind in STREAM_NAMES}
+        redact, hold_back = (redactor.data, redactor.longest) if redactor else (None, 0)
+        self._splitters = {kind: LineSplitter(MAX_LINE, redact, hold_back) for kind in STREAM_NAMES}
         self._outcome = RunOutcome(result=None)
         self._done = asyncio.get_running_loop().create_future()
         self._stale: str | None = None

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,10 +98,18 @@ class LineSplitter:
     A line longer than ``max_line`` is emitted in pieces of ``max_line`` bytes, so nothing is
     lost or held forever. ``bytes.split`` does the work: Python-level work is per chunk, not
     per line, which is what keeps 100 MB/s of short lines affordable.
+
+    ``redact`` (bytes -> bytes) is applied to everything emitted, and to a long line *before* it
+    is cut, keeping ``hold_back`` bytes of an unfinished line back, so that no secret is ever
+    split between two pieces where a line-by-line replacement could not see it.
     """
 
-    def __init__(self, max_line: int = 1024 * 1024) -> None:
+    def __init__(
+        self, max_line: int = 1024 * 1024, redact: Callable[[bytes], bytes] | None = None, hold_back: int = 0
+    ) -> None:
         self.max_line = max_line
+        self._redact = redact
+        self._hold_back = hold_back if redact is not None else 0
         self._partial = bytearray()
 
     def feed(self, data: bytes) -> list[bytes]:
@@ -109,14 +118,19 @@ class LineSplitter:
             if self._partial:
                 lines[0] = bytes(self._partial) + lines[0]
             self._partial = bytearray(lines.pop())
+            if self._redact is not None:
+                lines = [self._redact(line) for line in lines]
             if max(map(len, lines)) > self.max_line:
                 lines = [piece for line in lines for piece in self._chop(line)]
         else:
             lines = []
             self._partial += data
-        while len(self._partial) > self.max_line:
-            lines.append(bytes(self._partial[: self.max_line]))
-            del self._partial[: self.max_line]
+        if len(self._partial) > self.max_line + self._hold_back:
+            if self._redact is not None:
+                self._partial = bytearray(self._redact(bytes(self._partial)))
+            while len(self._partial) > self.max_line + self._hold_back:
+                lines.append(bytes(self._partial[: self.max_line]))
+                del self._partial[: self.max_line]
         return lines
 
     def feed_block(self, data: bytes) -> tuple[bytes, int]:
@@ -128,11 +142,15 @@ class LineSplitter:
             return b"\n".join(lines), len(lines)
         block = bytes(self._partial) + data[:end] if self._partial else data[:end]
         self._partial = bytearray(data[end + 1 :])
+        if self._redact is not None:
+            block = self._redact(block)
         return block, block.count(b"\n") + 1
 
     def flush(self) -> list[bytes]:
         """The unterminated rest, at end of stream."""
         rest, self._partial = bytes(self._partial), bytearray()
+        if self._redact is not None:
+            rest = self._redact(rest)
         return self._chop(rest) if rest else []
 
     def _chop(self, line: bytes) -> list[bytes]:

@@ -1,0 +1,3 @@
+module cronium/runner
+
+go 1.27

@@ -1,0 +1,61 @@
+"""Secret redaction of streamed output, outputs, variables and errors (no server needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from cronium_nb.redaction import Redactor
+from cronium_runner.protocol import LineSplitter
+
+PEM = """-----BEGIN OPENSSH PRIVATE KEY-----
+b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtzc2gtZW
+QyNTUxOQAAACBzyGqkVBVqV2FsbGFjZWFuZGdyb21pdGFyZXByZXR0eWdvb2Q=
+-----END OPENSSH PRIVATE KEY-----
+"""
+
+
+def test_each_line_of_a_multi_line_secret_is_redacted() -> None:
+    redactor = Redactor([PEM, "tok3n"])
+    shown = redactor.text(f"key follows\n{PEM}done with tok3n\n")
+    assert "b3BlbnNzaC1rZXkt" not in shown and "BEGIN OPENSSH" not in shown and "tok3n" not in shown
+    assert shown.count("\n") == f"key follows\n{PEM}done with tok3n\n".count("\n")  # line count kept
+    assert shown.startswith("key follows\n***\n***\n***\n***\ndone with ***")
+
+
+def test_outputs_and_variables_are_redacted_everywhere_in_them() -> None:
+    redactor = Redactor(["s3cret-value"])
+    value = {"token": "s3cret-value", "list": ["a s3cret-value b", 1, None], "s3cret-value": True}
+    assert redactor.value(value) == {"token": "***", "list": ["a *** b", 1, None], "***": True}
+
+
+def test_no_secrets_changes_nothing() -> None:
+    redactor = Redactor(["", None or ""])
+    assert not redactor and redactor.text("abc") == "abc" and redactor.value({"a": "b"}) == {"a": "b"}
+
+
+@pytest.mark.parametrize("offset", range(-12, 3))
+@pytest.mark.parametrize("chunk", [1, 7, 4096])
+def test_a_secret_never_straddles_the_cut_of_a_long_line(offset: int, chunk: int) -> None:
+    secret = "SECRET-0123456789"
+    redactor = Redactor([secret])
+    max_line = 64
+    line = ("x" * (max_line + offset) + secret + "y" * 100).encode() + b"\n" + b"z" * 200
+    splitter = LineSplitter(max_line, redactor.data, redactor.longest)
+    pieces: list[bytes] = []
+    for start in range(0, len(line), chunk):
+        pieces += splitter.feed(line[start : start + chunk])
+    pieces += splitter.flush()
+    joined = b"".join(pieces)
+    assert b"SECRET" not in joined and b"0123456789" not in joined
+    assert all(len(piece) <= max_line for piece in pieces)
+    assert joined.count(b"***") == 1 and joined.count(b"z") == 200
+
+
+def test_blocks_of_short_lines_are_redacted() -> None:
+    redactor = Redactor(["pw123456"])
+    splitter = LineSplitter(1024, redactor.data, redactor.longest)
+    block, count = splitter.feed_block(b"a pw1234")
+    assert (block, count) == (b"", 0)
+    block, count = splitter.feed_block(b"56 b\nc\nd")
+    assert (block, count) == (b"a *** b\nc", 2)
+    assert splitter.flush() == [b"d"]
