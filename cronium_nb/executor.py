@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from cronium_nb.payload import PayloadService, PreparedPayload
 from cronium_nb.redaction import Redactor
 from cronium_nb.results import PHASES, ExecutionResult, ServerResult, overall_status
 from cronium_nb.runtime_api import ApiRun, RuntimeService
+from cronium_nb.ssh import api_forward
 from cronium_nb.ssh.deploy import DEFAULT_BACKOFF_S, Deployer, DeployError, RunnerBuild, RunnerBuilds
 from cronium_nb.ssh.options import SSHOptions
 from cronium_nb.ssh.pool import ConnectError, ConnectionPool, PooledConnection
@@ -65,6 +66,40 @@ class Callbacks:
     on_status: Callable[[ServerResult], None] | None = None
     on_deploy_failed: Callable[[str, int, str], None] | None = None
     on_variable: Callable[[str, str, Any], None] | None = None  # API mode: (server, name, value), live
+
+
+class SetupStalled(Exception):
+    """A step before the script (connect, probe, deploy, API forward, runner start) did not
+    finish within the event's timeout plus grace; the message names the step."""
+
+
+SETUP_STEPS = {
+    "connect": "connecting",
+    "probe": "probing the server",
+    "deploy": "deploying the runner",
+    "api": "opening the API forward",
+    "start": "starting the runner and waiting for its hello",
+}
+
+
+class SetupDeadline:
+    """What is left of one server's time for the steps before its script runs: the event's
+    timeout plus grace, shared by all of them (a stuck login shell, a hung NFS home or a silent
+    sshd must never keep a server, and so the execution, waiting for ever)."""
+
+    def __init__(self, event: Event) -> None:
+        self.budget = event.timeout + event.grace_period
+        self._at = asyncio.get_running_loop().time() + self.budget
+
+    async def bound(self, awaitable: Awaitable[Any], step: str) -> Any:
+        remaining = max(0.0, self._at - asyncio.get_running_loop().time())
+        try:
+            return await asyncio.wait_for(awaitable, remaining)
+        except asyncio.TimeoutError:
+            raise SetupStalled(
+                f"stalled while {SETUP_STEPS[step]} ({step}): no progress within the event's timeout "
+                f"plus grace ({self.budget:g} s)"
+            ) from None
 
 
 class Metrics:
@@ -425,7 +460,7 @@ class Executor:
         except asyncio.CancelledError:
             uncancel()
             result.status, result.error = Status.CANCELLED, result.error or "cancelled"
-        except (ConnectError, DeployError, RunnerUnavailable) as error:
+        except (ConnectError, DeployError, RunnerUnavailable, SetupStalled) as error:
             result.status, result.error = Status.FAILED, str(error)
         except (asyncssh.Error, OSError) as error:
             reason = getattr(error, "reason", None) or str(error) or type(error).__name__
@@ -444,11 +479,12 @@ class Executor:
 
     async def _connect_deploy_run(self, state: _Execution, server: Server, result: ServerResult) -> None:
         clock = time.monotonic()
-        async with self.pool.lease(server) as pooled:
+        deadline = SetupDeadline(state.event)
+        async with self.pool.lease(server, deadline.bound) as pooled:
             result.phases["connect"] = time.monotonic() - clock
             clock = time.monotonic()
             state.status(result, "deploy")
-            result.arch = (await self.sessions.probe(pooled, server)).machine
+            result.arch = (await deadline.bound(self.sessions.probe(pooled, server), "probe")).machine
 
             def deploy_failed(attempt: int, reason: str) -> None:
                 if state.callbacks.on_deploy_failed is not None:
@@ -466,7 +502,7 @@ class Executor:
                 result.attempts += outcome.attempts
                 return outcome
 
-            outcome = await deploy(force=False)
+            outcome = await deadline.bound(deploy(force=False), "deploy")
             result.phases["deploy"] = time.monotonic() - clock
             variables = self.store.get_variables(self.variable_scope)
             context = {
@@ -477,22 +513,25 @@ class Executor:
                 "env": dict(state.event.secrets),
                 "event": {"id": state.payload.event_id, "payload_version": state.payload.version},
             }
-            api_run = await self._open_api(state, server, pooled, result, context, variables)
+            api_run = await deadline.bound(self._open_api(state, server, pooled, result, context, variables), "api")
             state.status(result, "run")
             try:
                 try:
-                    run = await self._run_payload(state, server, pooled, outcome.build, context)
+                    run = await self._run_payload(state, server, pooled, outcome.build, context, deadline)
                 except RunnerUnavailable:
                     # Missing, broken or replaced on the server although we had it as good:
                     # deploy again, once.
                     self.deployer.invalidate(pooled.key, outcome.build)
                     clock = time.monotonic()
-                    outcome = await deploy(force=True)
+                    outcome = await SetupDeadline(state.event).bound(deploy(force=True), "deploy")
                     result.phases["deploy"] += time.monotonic() - clock
-                    run = await self._run_payload(state, server, pooled, outcome.build, context)
+                    run = await self._run_payload(
+                        state, server, pooled, outcome.build, context, SetupDeadline(state.event)
+                    )
             finally:
                 if api_run is not None:
                     self._runtime.unregister(state.execution_id, server.name)
+                    await api_forward.release(pooled)
             result.phases.update(run.phases)
         self._apply_run(state, server, result, run, seeded=variables)
         if api_run is not None and run.result is not None:
@@ -501,11 +540,17 @@ class Executor:
             result.variables = state.redactor.value(dict(api_run.variables))
 
     async def _run_payload(
-        self, state: _Execution, server: Server, pooled: PooledConnection, build: RunnerBuild, context: dict[str, Any]
+        self,
+        state: _Execution,
+        server: Server,
+        pooled: PooledConnection,
+        build: RunnerBuild,
+        context: dict[str, Any],
+        deadline: SetupDeadline,
     ) -> RunOutcome:
         """Run on the connection's idle runner session, or on a new one; keep it for the next run."""
         clock = time.monotonic()
-        session = await self.sessions.take(pooled, build)
+        session = await deadline.bound(self.sessions.take(pooled, build), "start")
         starting = time.monotonic() - clock
         run = RemoteRun(
             session,
@@ -538,16 +583,15 @@ class Executor:
         if not state.api:
             result.helpers = "bundled"
             return None
-        port = await self._runtime.start()
-        async with pooled.tunnel_lock:
-            if pooled.tunnel is None:
-                try:
-                    listener = await pooled.connection.forward_remote_port("127.0.0.1", 0, "127.0.0.1", port)
-                    pooled.tunnel = listener.get_port()
-                except (asyncssh.ChannelListenError, asyncssh.Error, OSError) as error:
-                    pooled.tunnel = getattr(error, "reason", None) or str(error) or type(error).__name__
-        if isinstance(pooled.tunnel, str):
-            result.helpers = f"bundled (API unavailable: the server refused the tunnel: {pooled.tunnel})"
+        service_path = await self._runtime.start()
+        home = getattr(pooled.info, "home", None)
+        if not home:
+            result.helpers = "bundled (API unavailable: the server did not say where its home directory is)"
+            return None
+        try:
+            socket_path = await api_forward.acquire(pooled, home, service_path)
+        except api_forward.ForwardRefused as error:
+            result.helpers = f"bundled (API unavailable: the server refused the forward: {error})"
             return None
 
         def variable_set(name: str, value: Any) -> None:
@@ -579,7 +623,7 @@ class Executor:
             on_tool_call=tool_called,
         )
         token = self._runtime.register(api_run, state.event.timeout)
-        context["api"] = {"url": f"http://127.0.0.1:{pooled.tunnel}", "token": token}
+        context["api"] = {"socket": socket_path, "token": token}
         result.helpers = "api"
         return api_run
 

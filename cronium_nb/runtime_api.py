@@ -1,8 +1,14 @@
-"""API mode: the runtime service that scripts reach through an SSH reverse tunnel.
+"""API mode: the runtime service that scripts reach through an SSH stream-local forward.
 
-The service is an aiohttp app on 127.0.0.1 and a free port, inside the executor's process and
-loop. Each server of an API-mode execution gets a short-lived HS256 JWT naming the execution,
-the event and the server; a request with no token, a forged or expired one is refused with 401,
+The service is an aiohttp app on a Unix socket in a private (0700) temporary directory, inside
+the executor's process and loop; each connection that carries API-mode runs forwards a Unix
+socket in the run user's private runner directory on the server to it (see
+:mod:`cronium_nb.ssh.api_forward`), so no other user of either machine can reach it. It caps
+its connections (``MAX_CONNECTIONS``) and drops one that has not sent a whole request within
+``REQUEST_HEAD_TIMEOUT_S``; a connection serves one request (the helpers open one per call).
+
+Each server of an API-mode execution gets a short-lived HS256 JWT naming the execution, the
+event and the server; a request with no token, a forged or expired one is refused with 401,
 a valid token used for another execution with 403. The token travels on the runner's stdin
 and is kept in a 0600 file on the server: never on a command line, in a manifest or a log.
 
@@ -15,10 +21,15 @@ served: it is fixed for the run and the helpers read it from the run's event.jso
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+import shutil
+import tempfile
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -27,6 +38,9 @@ from aiohttp import web
 from cronium_nb.tools import ToolError, ToolRegistry
 
 TOKEN_MARGIN_S = 300.0  # a token outlives the run's timeout by this much
+MAX_CONNECTIONS = 512
+REQUEST_HEAD_TIMEOUT_S = 10.0
+SOCKET_NAME = "runtime.sock"
 ALGORITHM = "HS256"
 
 
@@ -54,18 +68,75 @@ def error_response(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
+class _GuardedConnection(asyncio.Protocol):
+    """One connection to the service: aiohttp's request handler behind a connection cap and a
+    deadline for the first request's head."""
+
+    def __init__(self, service: RuntimeService, handler: asyncio.Protocol) -> None:
+        self._service, self._handler = service, handler
+        self._timer: asyncio.TimerHandle | None = None
+        self._admitted = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        service = self._service
+        service.open_connections += 1
+        if service.open_connections > service.max_connections:
+            service.refused_connections += 1
+            transport.abort()
+            return
+        self._timer = asyncio.get_running_loop().call_later(service.head_timeout, self._expire, transport)
+        self._admitted = True
+        self._handler.connection_made(transport)
+
+    def _expire(self, transport: asyncio.BaseTransport) -> None:
+        if transport not in self._service.served:
+            self._service.expired_connections += 1
+            transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        self._handler.data_received(data)  # type: ignore[attr-defined]
+
+    def eof_received(self) -> bool | None:
+        return self._handler.eof_received()  # type: ignore[attr-defined]
+
+    def pause_writing(self) -> None:
+        self._handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._handler.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._service.open_connections -= 1
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._admitted:
+            self._handler.connection_lost(exc)
+
+
 class RuntimeService:
     """The HTTP runtime API of one executor."""
 
-    def __init__(self, tools: ToolRegistry | None = None) -> None:
+    def __init__(
+        self,
+        tools: ToolRegistry | None = None,
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        head_timeout: float = REQUEST_HEAD_TIMEOUT_S,
+    ) -> None:
         self.tools = tools or ToolRegistry()
+        self.max_connections, self.head_timeout = max_connections, head_timeout
         self._secret = secrets.token_bytes(32)
         self._runs: dict[tuple[str, str], ApiRun] = {}
         self._runner: web.AppRunner | None = None
-        self.port: int | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._directory: Path | None = None
+        self.path: Path | None = None
+        # transports that got at least as far as a request; counters for tests and metrics
+        self.served: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()
+        self.open_connections = self.refused_connections = self.expired_connections = 0
 
-    async def start(self) -> int:
-        """Listen on 127.0.0.1 and a free port (once); returns the port."""
+    async def start(self) -> Path:
+        """Listen on a Unix socket in a new private directory (once); returns its path."""
         if self._runner is None:
             app = web.Application(middlewares=[self._authenticate], client_max_size=16 * 1024 * 1024)
             prefix = "/v1/executions/{execution_id}"
@@ -79,19 +150,30 @@ class RuntimeService:
                     web.post(f"{prefix}/tools/{{name}}", self._call_tool),
                 ]
             )
-            runner = web.AppRunner(app, access_log=None)
+            runner = web.AppRunner(app, access_log=None, keepalive_timeout=0)
             await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            self.port = runner.addresses[0][1]
+            assert runner.server is not None
+            handler_factory = runner.server
+            self._directory = Path(tempfile.mkdtemp(prefix="cronium-api-"))  # 0700
+            self.path = self._directory / SOCKET_NAME
+            self._server = await asyncio.get_running_loop().create_unix_server(
+                lambda: _GuardedConnection(self, handler_factory()), str(self.path)
+            )
+            self.path.chmod(0o600)
             self._runner = runner
-        assert self.port is not None
-        return self.port
+        assert self.path is not None
+        return self.path
 
     async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self._directory is not None:
+            shutil.rmtree(self._directory, ignore_errors=True)
+            self._directory = None
 
     # -- runs and tokens
 
@@ -117,6 +199,8 @@ class RuntimeService:
 
     @web.middleware
     async def _authenticate(self, request: web.Request, handler: Callable) -> web.StreamResponse:
+        if request.transport is not None:
+            self.served.add(request.transport)
         header = request.headers.get("Authorization", "")
         if not header.startswith("Bearer "):
             raise web.HTTPUnauthorized(text="missing bearer token")

@@ -16,7 +16,7 @@ import contextlib
 import itertools
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ class ConnectError(Exception):
 
 
 ServerKey = tuple[str, int, str, str | None, str | None]
+Bound = Callable[[Awaitable[Any], str], Awaitable[Any]]  # bound(awaitable, step): a deadline
 _serials = itertools.count(1)
 
 
@@ -48,7 +49,8 @@ class PooledConnection:
     last_used: float = field(default_factory=time.monotonic)
     info: Any = None  # what the deployer learned about the host, cached per connection
     probed_builds: dict[str, int] = field(default_factory=dict)  # the deployer's, see host_info
-    tunnel: int | str | None = None  # API mode: the remote forward's port, or why it failed
+    tunnel: Any = None  # API mode: the open ApiForward, see ssh/api_forward.py
+    tunnel_refused: str | None = None  # why the server refused the forward, once it did
     tunnel_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     serial: int = field(default_factory=lambda: next(_serials))  # unlike id(), never reused
     sessions: list[Any] = field(default_factory=list)  # idle runner sessions, each holding a channel
@@ -77,9 +79,14 @@ class ConnectionPool:
         self._connections[key] = [c for c in self._connections.get(key, []) if c.alive]
 
     @contextlib.asynccontextmanager
-    async def lease(self, server: Server) -> AsyncIterator[PooledConnection]:
-        """A connection with one channel reserved for the caller."""
-        pooled = await self._acquire(server)
+    async def lease(
+        self,
+        server: Server,
+        bound: Callable[[Awaitable[PooledConnection], str], Awaitable[PooledConnection]] | None = None,
+    ) -> AsyncIterator[PooledConnection]:
+        """A connection with one channel reserved for the caller. ``bound(awaitable, "connect")``,
+        if given, bounds the wait for it (see the executor's SetupDeadline)."""
+        pooled = await (bound(self._acquire(server), "connect") if bound else self._acquire(server))
         try:
             yield pooled
         finally:

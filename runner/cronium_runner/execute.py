@@ -26,8 +26,8 @@ from cronium_runner import __version__, helpers, payload, protocol
 from cronium_runner.exitcodes import RunnerError, RunnerExit
 from cronium_runner.manifest import Manifest, ManifestError, validate_env
 from cronium_runner.resources.cronium import (
+    API_SOCKET_VARIABLE,
     API_TOKEN_FILE_VARIABLE,
-    API_URL_VARIABLE,
     OUTPUT_FILE,
     VARIABLES_FILE,
 )
@@ -138,7 +138,7 @@ class RunContext:
     input: Any = _UNSET  # _UNSET: use the manifest's input
     variables: dict[str, Any] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)  # secret values: never in the manifest
-    api: dict[str, str] | None = None  # API mode: {"url": ..., "token": ...}
+    api: dict[str, str] | None = None  # API mode: {"socket": path of the forward, "token": ...}
     event: dict[str, Any] = field(default_factory=dict)  # what only the orchestrator knows: id, payload_version
 
     @classmethod
@@ -160,9 +160,9 @@ class RunContext:
         context.env = env
         api = data.get("api")
         if api is not None and not (
-            isinstance(api, dict) and isinstance(api.get("url"), str) and isinstance(api.get("token"), str)
+            isinstance(api, dict) and isinstance(api.get("socket"), str) and isinstance(api.get("token"), str)
         ):
-            raise RunnerError(RunnerExit.USAGE, "run context 'api' needs a url and a token")
+            raise RunnerError(RunnerExit.USAGE, "run context 'api' needs a socket and a token")
         context.api = api
         event = data.get("event") or {}
         if not isinstance(event, dict):
@@ -475,7 +475,7 @@ def _script_env(manifest: Manifest, context: RunContext, workdir: Path, bin_dir:
         fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as stream:
             stream.write(context.api["token"])
-        env.update({API_URL_VARIABLE: context.api["url"], API_TOKEN_FILE_VARIABLE: str(token_file)})
+        env.update({API_SOCKET_VARIABLE: context.api["socket"], API_TOKEN_FILE_VARIABLE: str(token_file)})
     env.update(
         {
             "CRONIUM_DIR": str(workdir),

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import http.client
 import json
+import socket
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import jwt
@@ -80,38 +80,49 @@ def test_two_concurrent_api_jobs_on_one_server(cronium_fleet: Fleet, executor: E
     assert [r[target].helpers for r in results] == ["api", "api"]
 
 
-def call(port: int, execution_id: str, token: str | None, path: str = "input") -> int:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/executions/{execution_id}/{path}")
-    if token is not None:
-        request.add_header("Authorization", f"Bearer {token}")
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP to the runtime service's Unix socket."""
+
+    def __init__(self, path: Path, timeout: float = 10) -> None:
+        super().__init__("cronium-api", timeout=timeout)
+        self.path = str(path)
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.path)
+
+
+def call(path: Path, execution_id: str, token: str | None, endpoint: str = "input") -> int:
+    connection = UnixHTTPConnection(path)
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
     try:
-        with opener.open(request, timeout=10) as response:
-            return response.status
-    except urllib.error.HTTPError as error:
-        return error.code
+        connection.request("GET", f"/v1/executions/{execution_id}/{endpoint}", headers=headers)
+        return connection.getresponse().status
+    finally:
+        connection.close()
 
 
 def test_wrong_expired_and_foreign_tokens_are_refused(executor: Executor) -> None:
     service = executor._runtime
-    port = executor._loop_thread.call(service.start())
+    socket_path = executor._loop_thread.call(service.start())
     run_a = ApiRun("exec-a", "srv", "a", {"n": 1}, {})
     run_b = ApiRun("exec-b", "srv", "b", {"n": 2}, {})
     token_a = service.register(run_a, timeout=60)
     service.register(run_b, timeout=60)
     now = int(time.time())
-    assert call(port, "exec-a", token_a) == 200
-    assert call(port, "exec-a", None) == 401
+    assert call(socket_path, "exec-a", token_a) == 200
+    assert call(socket_path, "exec-a", None) == 401
     forged = token_a[:-4] + ("AAAA" if not token_a.endswith("AAAA") else "BBBB")
-    assert call(port, "exec-a", forged) == 401
+    assert call(socket_path, "exec-a", forged) == 401
     expired = service.token_for_test({"exec": "exec-a", "srv": "srv", "iat": now - 100, "exp": now - 10})
-    assert call(port, "exec-a", expired) == 401
-    assert call(port, "exec-b", token_a) == 403  # a good token, for another execution
+    assert call(socket_path, "exec-a", expired) == 401
+    assert call(socket_path, "exec-b", token_a) == 403  # a good token, for another execution
     other_secret = "another secret, long enough for HS256 keys"
     alien = jwt.encode({"exec": "exec-a", "srv": "srv", "exp": now + 60}, other_secret, algorithm="HS256")
-    assert call(port, "exec-a", alien) == 401
+    assert call(socket_path, "exec-a", alien) == 401
     service.unregister("exec-a", "srv")
-    assert call(port, "exec-a", token_a) == 403  # the run is over
+    assert call(socket_path, "exec-a", token_a) == 403  # the run is over
 
 
 @pytest.mark.parametrize("arch", ["amd64", "arm64"])
@@ -144,7 +155,9 @@ def test_the_token_is_not_in_the_process_list(cronium_fleet: Fleet, executor: Ex
 
 
 def test_forbidden_forwarding_falls_back_to_bundled_mode(cronium_fleet_factory, tmp_path: Path) -> None:
-    fleet = cronium_fleet_factory(amd64=1, arm64=1, sshd_options={"AllowTcpForwarding": "no"}, name_prefix="nofwd-")
+    fleet = cronium_fleet_factory(
+        amd64=1, arm64=1, sshd_options={"AllowStreamLocalForwarding": "no"}, name_prefix="nofwd-"
+    )
     with Executor(fleet.inventory, state_dir=tmp_path / "state") as executor:
         result = executor.run(
             Event(name="fallback", script='cronium.output "$(cronium.input n)"'), input={"n": 3}, api=True
@@ -154,3 +167,33 @@ def test_forbidden_forwarding_falls_back_to_bundled_mode(cronium_fleet_factory, 
         assert result[name].helpers.startswith("bundled (API unavailable")
         assert result[name].outputs == 3
     assert json.dumps(result.outputs)
+
+
+@pytest.mark.parametrize("arch", ["amd64", "arm64"])
+def test_the_forward_is_a_private_socket_open_only_during_the_run(
+    cronium_fleet: Fleet, executor: Executor, arch: str
+) -> None:
+    """Only the run's user can reach the runtime service from the server, only while an API-mode
+    run is registered on the connection, and no TCP port is opened on the server for it."""
+    target = f"{arch}-1"
+    listen_before = cronium_fleet.exec(target, "cat /proc/net/tcp /proc/net/tcp6 | awk '$4 == \"0A\"' | wc -l").output
+    script = (
+        'echo "socket=$CRONIUM_API_SOCKET"\n'
+        'stat -c "%a %U" "$CRONIUM_API_SOCKET" "$(dirname "$CRONIUM_API_SOCKET")"\n'
+        "cat /proc/net/tcp /proc/net/tcp6 | awk '$4 == \"0A\"' | wc -l\n"
+        # another user of the server (uid 1001, no key to anything) tries to connect
+        "su intruder -s /bin/sh -c \"python3 -c 'import socket,sys; s = socket.socket(socket.AF_UNIX); "
+        's.connect(sys.argv[1])\' "$CRONIUM_API_SOCKET"" 2>&1 | tail -1\n'
+    )
+    result = executor.run(Event(name="forward", script=script), servers=[target], api=True)
+    assert result.ok, result.summary.to_string()
+    lines = result.logs["line"].tolist()
+    socket_path = lines[0].removeprefix("socket=")
+    assert socket_path.startswith("/root/.cache/cronium/runner/api-") and socket_path.endswith(".sock")
+    assert lines[1:3] == ["600 root", "700 root"]
+    assert lines[3] == listen_before.strip()  # no listening TCP socket added on the server
+    assert "PermissionError" in lines[4]
+    # the run is over: the forward is closed and its socket removed
+    assert cronium_fleet.exec(target, f"test -e {socket_path} && echo present || echo gone").output.strip() == "gone"
+    stale = cronium_fleet.exec(target, "ls /root/.cache/cronium/runner/ | grep -c '^api-' || true").output.strip()
+    assert stale == "0"
