@@ -49,6 +49,7 @@ from cronium_nb.tools import ToolRegistry
 
 DEFAULT_RUNNER_DIST = Path(cronium_runner.__file__).resolve().parent.parent / "dist"
 DEFAULT_CONCURRENCY = 32
+DEFAULT_MAX_LOG_BYTES = 2**30  # stored log text per execution; a runaway script cannot fill the disk
 LOG_FLUSH_INTERVAL_S = 0.5
 _UNSET: Any = object()
 
@@ -232,21 +233,44 @@ class _Execution:
     callbacks: Callbacks
     log: LogBuffer
     api: bool
+    max_log_bytes: int = DEFAULT_MAX_LOG_BYTES
     results: dict[str, ServerResult] = field(default_factory=dict)
     seq: Counter[str] = field(default_factory=Counter)
+    stored_bytes: int = 0  # of log text, all servers together
+    dropped: dict[str, list[int]] = field(default_factory=dict)  # server -> [lines, bytes] not stored
 
     def __post_init__(self) -> None:
         self.redactor = Redactor(self.event.secrets.values())
 
     def lines(self, server: str, stream: str, text: str, count: int, ts: float) -> None:
         """``count`` lines of one stream, joined by newlines (secrets already redacted, as they
-        streamed: see RemoteRun)."""
+        streamed: see RemoteRun). From the first chunk that would pass the execution's
+        ``max_log_bytes`` on, they are counted, not stored (see :meth:`truncation_marker`), so
+        what is stored is a prefix of the output; they are still shown live."""
         first_seq = self.seq[server] + 1
         self.seq[server] += count
-        self.log.add_chunk(LogChunk(self.execution_id, server, first_seq, count, ts, stream, text))
+        size = len(text)
+        if not self.dropped and self.stored_bytes + size <= self.max_log_bytes:
+            self.stored_bytes += size
+            self.log.add_chunk(LogChunk(self.execution_id, server, first_seq, count, ts, stream, text))
+        else:
+            dropped = self.dropped.setdefault(server, [0, 0])
+            dropped[0] += count
+            dropped[1] += size
         if self.callbacks.on_line is not None:
             for line in text.split("\n"):
                 self.callbacks.on_line(server, stream, line, ts)
+
+    def truncation_marker(self, server: str) -> None:
+        """Once a server is done: a last line saying how much of its output was not stored."""
+        if server in self.dropped:
+            lines, size = self.dropped[server]
+            self.seq[server] += 1
+            text = (
+                f"[cronium] output truncated: {lines} lines ({size / 2**20:.1f} MiB) not stored, over this "
+                f"execution's limit of {self.max_log_bytes / 2**20:.0f} MiB of stored output (max_log_bytes)"
+            )
+            self.log.add_chunk(LogChunk(self.execution_id, server, self.seq[server], 1, time.time(), "cronium", text))
 
     def status(self, result: ServerResult, phase: str | None = None) -> None:
         result.phase = phase
@@ -259,7 +283,9 @@ class Executor:
 
     ``deploy_attempts`` and ``deploy_backoff`` (seconds before each retry) govern runner
     deployment; ``concurrency`` bounds servers worked on at once; ``continue_on_failure=False``
-    cancels the other servers at the first failure.
+    cancels the other servers at the first failure; ``max_log_bytes`` bounds the output text
+    stored per execution (1 GiB): past it lines are counted, not stored, and each server's log
+    ends with a ``cronium`` stream line saying how much was dropped.
     """
 
     def __init__(
@@ -274,9 +300,13 @@ class Executor:
         deploy_backoff: Iterable[float] = DEFAULT_BACKOFF_S,
         runner_dist: str | Path | None = None,
         variable_scope: str = "global",
+        max_log_bytes: int = DEFAULT_MAX_LOG_BYTES,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
+        if max_log_bytes < 0:
+            raise ValueError("max_log_bytes must be 0 or more")
+        self.max_log_bytes = max_log_bytes
         self.inventory = inventory or Inventory()
         self.state_dir = resolve_state_dir(state_dir)
         self.ssh_options = ssh_options or SSHOptions()
@@ -415,7 +445,9 @@ class Executor:
             payload_version=payload.version,
             options={"timeout": event.timeout, "type": event.type, "continue_on_failure": keep_going, "api": api},
         )
-        state = _Execution(execution_id, event, payload, run_input, callbacks, LogBuffer(self.store), api)
+        state = _Execution(
+            execution_id, event, payload, run_input, callbacks, LogBuffer(self.store), api, self.max_log_bytes
+        )
         for server in targets:
             state.results[server.name] = ServerResult(server.name)
         limit = asyncio.Semaphore(self.concurrency)
@@ -469,6 +501,7 @@ class Executor:
             result.status, result.error = Status.FAILED, f"internal error: {error!r}"
         if result.error:
             result.error = state.redactor.text(result.error)
+        state.truncation_marker(server.name)
         result.duration_s = time.monotonic() - started
         self._metrics.record_server(result)
         self.store.update_server(

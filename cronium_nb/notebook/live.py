@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import os
 import queue
+import re
 import threading
 import time
 from collections import deque
@@ -21,6 +22,10 @@ from cronium_nb.results import ExecutionResult, ServerResult
 
 DISPLAY_ENV = "CRONIUM_DISPLAY"  # "text" forces prefixed lines (set for headless execution)
 PANEL_LINES = 200  # lines kept per server panel
+DISPLAY_LINE_CHARS = 2000  # a longer line is shortened on screen (the store keeps it whole)
+# C0 and C1 control characters but tab: a script's output must not move the cursor, retitle the
+# terminal or hide text in the view (ESC sequences), so they are shown as escapes.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 STATUS_COLOURS = {
     Status.PENDING: "#888",
     Status.RUNNING: "#1f6feb",
@@ -33,9 +38,16 @@ STATUS_COLOURS = {
 }
 
 
+def display_text(text: str) -> str:
+    """A line as it may be shown: control characters neutralised, a very long one shortened."""
+    if len(text) > DISPLAY_LINE_CHARS:
+        text = f"{text[:DISPLAY_LINE_CHARS]} … [{len(text) - DISPLAY_LINE_CHARS} more characters]"
+    return _CONTROL.sub(lambda match: repr(match.group())[1:-1], text)
+
+
 def line_html(stream: str, text: str) -> str:
     """One output line for an HTML panel; stderr in red."""
-    shown = html.escape(text)
+    shown = html.escape(display_text(text))
     return f'<span style="color:#cf222e">{shown}</span>' if stream == "stderr" else shown
 
 
@@ -136,7 +148,7 @@ class TextView(LiveView):
 
     def on_line(self, server: str, stream: str, text: str) -> None:
         marker = "!" if stream == "stderr" else ""
-        print(f"[{server}]{marker} {text}", flush=True)
+        print(f"[{server}]{marker} {display_text(text)}", flush=True)
 
     def on_status(self, server: str, status: Status, phase: str | None, exit_code: int | None) -> None:
         before = self.statuses[server]

@@ -59,3 +59,14 @@ def test_blocks_of_short_lines_are_redacted() -> None:
     block, count = splitter.feed_block(b"56 b\nc\nd")
     assert (block, count) == (b"a *** b\nc", 2)
     assert splitter.flush() == [b"d"]
+
+
+def test_the_text_view_neutralises_terminal_escapes_and_shortens_long_lines() -> None:
+    from cronium_nb.notebook.live import DISPLAY_LINE_CHARS, display_text, line_html
+
+    shown = display_text("red \x1b[31mtext\x1b]0;title\x07 tab\tok \x9b")
+    assert shown == "red \\x1b[31mtext\\x1b]0;title\\x07 tab\tok \\x9b"
+    long = display_text("y" * (DISPLAY_LINE_CHARS + 500))
+    assert long == "y" * DISPLAY_LINE_CHARS + " … [500 more characters]"
+    assert "\x1b" not in line_html("stdout", "\x1b[2J<b>")
+    assert line_html("stdout", "\x1b[2J<b>") == "\\x1b[2J&lt;b&gt;"

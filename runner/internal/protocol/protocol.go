@@ -105,3 +105,7 @@ func head(b []byte) []byte {
 	}
 	return b
 }
+
+// RunnerVersion is the runner's version: in hello, `version`, and cronium.event runner_version.
+// It must equal the Python runner's __version__ while both exist (a test checks it).
+const RunnerVersion = "0.1.0"

@@ -1,0 +1,306 @@
+package execute
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"cronium/runner/internal/exitcode"
+	"cronium/runner/internal/proctree"
+	"cronium/runner/internal/protocol"
+	"cronium/runner/internal/pyjson"
+)
+
+// Timing of the process-tree stop.
+const (
+	readSize   = 65536
+	pipeDrain  = 2 * time.Second        // how long to read pipes that outlive every process of the run
+	killRepeat = 200 * time.Millisecond // SIGKILL again, should anything have been born since
+	checkEvery = time.Second
+)
+
+var signalNames = map[syscall.Signal]string{syscall.SIGTERM: "SIGTERM", syscall.SIGINT: "SIGINT", syscall.SIGHUP: "SIGHUP"}
+
+// Outcome is how the script ended.
+type Outcome struct {
+	ExitCode   int
+	Signal     int // 0: not killed by a signal
+	TimedOut   bool
+	StopReason string
+	Stopped    bool // StopReason is set
+	ScriptS    float64
+}
+
+// Supervisor runs the script, forwards its output, and makes sure none of its processes
+// outlives it.
+type Supervisor struct {
+	Argv     []string
+	Dir      string
+	Env      []string
+	Timeout  time.Duration
+	Grace    time.Duration
+	Reporter Reporter
+	Input    *Input // nil: no control channel (local mode)
+
+	mark     []byte
+	pid      int
+	outcome  Outcome
+	killAt   time.Time
+	killing  bool
+	controls bool // still reading control lines
+}
+
+// Seconds converts seconds to a Duration, capped at about a century.
+func Seconds(s float64) time.Duration {
+	const limit = 100 * 365 * 24 * time.Hour
+	if s >= limit.Seconds() {
+		return limit
+	}
+	return time.Duration(s * float64(time.Second))
+}
+
+// NewMark returns a fresh run mark value.
+func NewMark() string {
+	var b [8]byte
+	rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+func (s *Supervisor) signalTree(sig syscall.Signal) {
+	syscall.Kill(-s.pid, sig)
+	for pid, state := range proctree.Processes(os.Getpid(), s.mark) {
+		if state != 'Z' {
+			syscall.Kill(pid, sig)
+		}
+	}
+}
+
+// reapOrphans reaps zombie orphans and says whether a process of the run other than the
+// script is alive.
+func (s *Supervisor) reapOrphans() bool {
+	alive := false
+	for pid, state := range proctree.Processes(os.Getpid(), s.mark) {
+		if pid == s.pid {
+			continue
+		}
+		if state == 'Z' {
+			var ws syscall.WaitStatus
+			syscall.Wait4(pid, &ws, syscall.WNOHANG, nil)
+		} else {
+			alive = true
+		}
+	}
+	return alive
+}
+
+// stop sends sig to the whole tree now, SIGKILL after the grace period.
+func (s *Supervisor) stop(sig syscall.Signal, reason string) {
+	if !s.outcome.Stopped {
+		s.outcome.Stopped, s.outcome.StopReason = true, reason
+	}
+	s.signalTree(sig)
+	if !s.killing {
+		s.killing, s.killAt = true, time.Now().Add(s.Grace)
+	}
+}
+
+type chunk struct {
+	kind byte
+	data []byte // nil: end of the stream
+}
+
+func readPipe(f *os.File, kind byte, out chan<- chunk, done <-chan struct{}) {
+	for {
+		buf := make([]byte, readSize)
+		n, err := f.Read(buf)
+		if n > 0 {
+			select {
+			case out <- chunk{kind, buf[:n]}:
+			case <-done:
+				return
+			}
+		}
+		if err != nil {
+			select {
+			case out <- chunk{kind, nil}:
+			case <-done:
+			}
+			return
+		}
+	}
+}
+
+// Run runs the script to its end and returns how it ended.
+func (s *Supervisor) Run() (Outcome, error) {
+	proctree.BecomeSubreaper()
+	mark := NewMark()
+	s.mark = []byte(proctree.MarkVariable + "=" + mark)
+	env := append(append([]string(nil), s.Env...), string(s.mark))
+	signals := make(chan os.Signal, 16)
+	signal.Notify(signals, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP, syscall.SIGCHLD)
+	defer signal.Stop(signals)
+
+	devnull, err := os.Open(os.DevNull)
+	if err != nil {
+		return s.outcome, err
+	}
+	defer devnull.Close()
+	outR, outW, err := os.Pipe()
+	if err != nil {
+		return s.outcome, err
+	}
+	errR, errW, err := os.Pipe()
+	if err != nil {
+		outR.Close()
+		outW.Close()
+		return s.outcome, err
+	}
+	started := time.Now()
+	process, err := os.StartProcess(s.Argv[0], s.Argv, &os.ProcAttr{
+		Dir: s.Dir, Env: env, Files: []*os.File{devnull, outW, errW},
+		Sys: &syscall.SysProcAttr{Setsid: true},
+	})
+	outW.Close()
+	errW.Close()
+	if err != nil {
+		outR.Close()
+		errR.Close()
+		return s.outcome, exitcode.New(exitcode.InterpreterMissing, "cannot start %s: %v", s.Argv[0], err)
+	}
+	s.pid = process.Pid
+	if s.Reporter.Message(pyjson.NewObject().Set("type", "started").Set("pid", process.Pid)) != nil {
+		s.stop(syscall.SIGTERM, "orchestrator connection lost")
+	}
+
+	done := make(chan struct{})
+	defer close(done)
+	chunks := make(chan chunk, 4)
+	go readPipe(outR, protocol.Stdout, chunks, done)
+	go readPipe(errR, protocol.Stderr, chunks, done)
+	defer outR.Close()
+	defer errR.Close()
+	exited := make(chan *os.ProcessState, 1)
+	go func() {
+		state, _ := process.Wait()
+		exited <- state
+	}()
+
+	var control <-chan []byte
+	if s.Input != nil {
+		if s.Input.ended {
+			s.stop(syscall.SIGTERM, "orchestrator connection lost")
+		} else {
+			control = s.Input.chunks
+			s.handleControl()
+		}
+	}
+	deadline := started.Add(s.Timeout)
+	open := 2
+	var state *os.ProcessState
+	orphansSignalled := false
+	var drainSince time.Time
+	var pending []syscall.Signal
+	for {
+		now := time.Now()
+		next := now.Add(checkEvery)
+		if deadline.Before(next) {
+			next = deadline
+		}
+		if s.killing && s.killAt.Before(next) {
+			next = s.killAt
+		}
+		timer := time.NewTimer(max(0, next.Sub(now)))
+		select {
+		case c := <-chunks:
+			if c.data == nil {
+				open--
+			} else if s.Reporter.Stream(c.kind, Now(), c.data) != nil {
+				s.stop(syscall.SIGTERM, "orchestrator connection lost")
+			}
+		case sig := <-signals:
+			if sig != syscall.SIGCHLD {
+				pending = append(pending, sig.(syscall.Signal))
+			}
+		case st := <-exited:
+			state = st
+			s.outcome.ScriptS = time.Since(started).Seconds()
+		case data := <-control:
+			if data == nil {
+				s.Input.ended = true
+				control = nil
+				s.stop(syscall.SIGTERM, "orchestrator connection lost")
+			} else {
+				s.Input.buf = append(s.Input.buf, data...)
+				s.handleControl()
+			}
+		case <-timer.C:
+		}
+		timer.Stop()
+		for _, sig := range pending {
+			s.stop(sig, "runner received "+signalNames[sig])
+		}
+		pending = pending[:0]
+		now = time.Now()
+		if state == nil && !now.Before(deadline) {
+			s.outcome.TimedOut = true
+			s.stop(syscall.SIGTERM, "timeout")
+		}
+		if s.killing && !now.Before(s.killAt) {
+			s.signalTree(syscall.SIGKILL)
+			s.killAt = now.Add(killRepeat)
+		}
+		if state == nil {
+			continue
+		}
+		if s.reapOrphans() {
+			if !orphansSignalled { // the script ended but left processes behind: they go too
+				orphansSignalled = true
+				s.signalTree(syscall.SIGTERM)
+				if !s.killing {
+					s.killing, s.killAt = true, time.Now().Add(s.Grace)
+				}
+			}
+			continue
+		}
+		if open == 0 {
+			break
+		}
+		// Nothing of ours is alive, yet a pipe is open: some process outside our tree holds
+		// it. Read what comes for a while, then stop waiting.
+		if drainSince.IsZero() {
+			drainSince = now
+		}
+		if now.Sub(drainSince) > pipeDrain {
+			break
+		}
+	}
+	ws := state.Sys().(syscall.WaitStatus)
+	if ws.Signaled() {
+		s.outcome.ExitCode, s.outcome.Signal = 128+int(ws.Signal()), int(ws.Signal())
+	} else {
+		s.outcome.ExitCode = ws.ExitStatus()
+	}
+	return s.outcome, nil
+}
+
+// handleControl acts on the control lines now buffered: {"op": "stop", "reason": ...}.
+func (s *Supervisor) handleControl() {
+	for _, message := range s.Input.controlMessages() {
+		obj, ok := message.(*pyjson.Object)
+		if !ok {
+			continue
+		}
+		if op, _ := obj.Get("op"); op != "stop" {
+			continue
+		}
+		reason := "stop requested"
+		if v, ok := obj.Get("reason"); ok {
+			reason = pyjson.Str(v)
+		}
+		s.outcome.TimedOut = s.outcome.TimedOut || reason == "timeout"
+		s.stop(syscall.SIGTERM, reason)
+	}
+}

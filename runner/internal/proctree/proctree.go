@@ -1,0 +1,128 @@
+// Package proctree owns finding a run's processes: the child-subreaper setting that keeps a
+// script's double-forked and setsid descendants in the runner's process tree where the kernel
+// gives one, and the per-run mark in every process's environment (CRONIUM_RUN_MARK) that finds
+// them where it does not (qemu-user emulation), both read from /proc.
+package proctree
+
+import (
+	"bytes"
+	"os"
+	"strconv"
+	"syscall"
+)
+
+// MarkVariable is the environment variable that carries a run's mark.
+const MarkVariable = "CRONIUM_RUN_MARK"
+
+const prSetChildSubreaper = 36
+
+// BecomeSubreaper makes this process a child subreaper: orphaned descendants are reparented
+// to it instead of init. Errors (an old kernel, emulation) are ignored: the mark still finds
+// the escaped processes.
+func BecomeSubreaper() {
+	syscall.RawSyscall6(syscall.SYS_PRCTL, prSetChildSubreaper, 1, 0, 0, 0, 0)
+}
+
+type entry struct {
+	ppid  int
+	state byte
+}
+
+// table is pid -> (ppid, state) from /proc; empty where there is no /proc.
+func table() map[int]entry {
+	t := map[int]entry{}
+	dir, err := os.Open("/proc")
+	if err != nil {
+		return t
+	}
+	names, _ := dir.Readdirnames(-1)
+	dir.Close()
+	buf := make([]byte, 1024)
+	for _, name := range names {
+		if name == "" || name[0] < '0' || name[0] > '9' {
+			continue
+		}
+		pid, err := strconv.Atoi(name)
+		if err != nil {
+			continue
+		}
+		n, err := readFile("/proc/"+name+"/stat", buf)
+		if err != nil {
+			continue
+		}
+		stat := buf[:n]
+		end := bytes.LastIndexByte(stat, ')')
+		if end < 0 || end+2 >= len(stat) {
+			continue
+		}
+		fields := bytes.Fields(stat[end+2:])
+		if len(fields) < 2 {
+			continue
+		}
+		ppid, _ := strconv.Atoi(string(fields[1]))
+		t[pid] = entry{ppid, fields[0][0]}
+	}
+	return t
+}
+
+func readFile(path string, buf []byte) (int, error) {
+	fd, err := syscall.Open(path, syscall.O_RDONLY|syscall.O_CLOEXEC, 0)
+	if err != nil {
+		return 0, err
+	}
+	defer syscall.Close(fd)
+	total := 0
+	for total < len(buf) {
+		n, err := syscall.Read(fd, buf[total:])
+		if n <= 0 || err != nil {
+			break
+		}
+		total += n
+	}
+	return total, nil
+}
+
+func hasMark(pid int, mark []byte) bool {
+	data, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/environ")
+	if err != nil {
+		return false
+	}
+	for _, item := range bytes.Split(data, []byte{0}) {
+		if bytes.Equal(item, mark) {
+			return true
+		}
+	}
+	return false
+}
+
+// Processes returns the processes of a run, pid -> state ('Z' for a zombie): every descendant
+// of root, and every process whose environment carries mark ("CRONIUM_RUN_MARK=<hex>") with
+// its descendants.
+func Processes(root int, mark []byte) map[int]byte {
+	t := table()
+	children := map[int][]int{}
+	for pid, e := range t {
+		children[e.ppid] = append(children[e.ppid], pid)
+	}
+	found := map[int]byte{}
+	pending := append([]int(nil), children[root]...)
+	for pid := range t {
+		if pid != root && hasMark(pid, mark) {
+			pending = append(pending, pid)
+		}
+	}
+	for len(pending) > 0 {
+		pid := pending[len(pending)-1]
+		pending = pending[:len(pending)-1]
+		if _, seen := found[pid]; seen {
+			continue
+		}
+		e, ok := t[pid]
+		if !ok {
+			continue
+		}
+		found[pid] = e.state
+		pending = append(pending, children[pid]...)
+	}
+	return found
+}
