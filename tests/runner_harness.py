@@ -23,7 +23,7 @@ from cronium_nb.payload import PayloadArchive, build_archive
 from cronium_runner.manifest import SCRIPT_TYPES, Manifest
 from cronium_runner.protocol import MESSAGE, STREAM_NAMES, FrameDecoder, LineSplitter
 
-LOCAL_RUNNER = [sys.executable, "-m", "cronium_runner"]
+LOCAL_RUNNER = shlex.split(os.environ.get("CRONIUM_TEST_RUNNER", "")) or [sys.executable, "-m", "cronium_runner"]
 
 
 def make_payload(

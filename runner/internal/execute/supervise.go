@@ -5,6 +5,7 @@ import (
 	"encoding/hex"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 	"time"
 
@@ -138,7 +139,13 @@ func (s *Supervisor) Run() (Outcome, error) {
 	proctree.BecomeSubreaper()
 	mark := NewMark()
 	s.mark = []byte(proctree.MarkVariable + "=" + mark)
-	env := append(append([]string(nil), s.Env...), string(s.mark))
+	var env []string
+	for _, kv := range s.Env {
+		if !strings.HasPrefix(kv, proctree.MarkVariable+"=") {
+			env = append(env, kv)
+		}
+	}
+	env = append(env, string(s.mark))
 	signals := make(chan os.Signal, 16)
 	signal.Notify(signals, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP, syscall.SIGCHLD)
 	defer signal.Stop(signals)

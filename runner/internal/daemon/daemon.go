@@ -1,0 +1,206 @@
+// Package daemon owns `cronium-runner daemon`: runner sessions without a runner start per SSH
+// connection. The daemon listens on a Unix socket in the runner's private directory (0600
+// socket, 0700 directory) and starts one session process per connection (the runner binary
+// again, its input and output the connection), which serves it exactly as `serve` does.
+//
+// Starting is race-free: under a lock beside the socket, a daemon that already answers is
+// left alone ("ready (already running)"); otherwise the new socket is bound under a temporary
+// name and renamed over the old path, so two daemons starting at once never unlink each
+// other's live socket. The daemon exits after its idle timeout, and within 5 s once its socket
+// or its runner binary is removed or replaced.
+package daemon
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"cronium/runner/internal/session"
+)
+
+// CheckInterval is how often an idle daemon checks its socket and its binary.
+const CheckInterval = 5 * time.Second
+
+func fileIdentity(path string) (uint64, uint64, bool) {
+	var st syscall.Stat_t
+	if err := syscall.Stat(path, &st); err != nil {
+		return 0, 0, false
+	}
+	return st.Ino, st.Dev, true
+}
+
+func answers(path string) bool {
+	conn, err := net.DialTimeout("unix", path, 2*time.Second)
+	if err != nil {
+		return false
+	}
+	conn.Close()
+	return true
+}
+
+// Bind returns a listening socket at path, or nil when a live daemon already answers there.
+func Bind(path string) (*net.UnixListener, error) {
+	old := syscall.Umask(0o077)
+	defer syscall.Umask(old)
+	lock, err := os.OpenFile(path+".lock", os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	defer lock.Close()
+	for {
+		err = syscall.Flock(int(lock.Fd()), syscall.LOCK_EX)
+		if err != syscall.EINTR {
+			break
+		}
+	}
+	if err != nil {
+		return nil, err
+	}
+	if answers(path) {
+		return nil, nil
+	}
+	temporary := fmt.Sprintf("%s.%d.tmp", path, os.Getpid())
+	os.Remove(temporary)
+	listener, err := net.ListenUnix("unix", &net.UnixAddr{Name: temporary, Net: "unix"})
+	if err != nil {
+		return nil, err
+	}
+	listener.SetUnlinkOnClose(false)
+	if err := os.Chmod(temporary, 0o600); err == nil {
+		err = os.Rename(temporary, path)
+	}
+	if err != nil {
+		listener.Close()
+		os.Remove(temporary)
+		return nil, err
+	}
+	return listener, nil
+}
+
+// Config is what the daemon needs.
+type Config struct {
+	Socket         string
+	IdleTimeout    time.Duration
+	Workroot       string
+	Identity       session.Identity
+	MaxResultBytes int64
+	Argv0          string
+}
+
+// Start binds the socket and starts the detached daemon process that serves it (the runner
+// binary again, in its own session, given the listening socket), then says "ready".
+func Start(c Config) int {
+	listener, err := Bind(c.Socket)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "cronium-runner: cannot bind the daemon socket %s: %v\n", c.Socket, err)
+		return 1
+	}
+	if listener == nil {
+		fmt.Println("ready (already running)")
+		return 0
+	}
+	file, err := listener.File()
+	listener.Close()
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "cronium-runner: %v\n", err)
+		return 1
+	}
+	devnull, err := os.OpenFile(os.DevNull, os.O_RDWR, 0)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "cronium-runner: %v\n", err)
+		return 1
+	}
+	cmd := exec.Command("/proc/self/exe", c.args("--listen-fd", "3")...)
+	cmd.Args[0] = c.Argv0
+	cmd.Dir = "/"
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = devnull, devnull, devnull // the SSH channel must be able to close
+	cmd.ExtraFiles = []*os.File{file}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		os.Remove(c.Socket)
+		fmt.Fprintf(os.Stderr, "cronium-runner: cannot start the daemon: %v\n", err)
+		return 1
+	}
+	fmt.Println("ready")
+	return 0
+}
+
+func (c Config) args(extra ...string) []string {
+	args := []string{"daemon", "--socket", c.Socket, "--idle-timeout", fmt.Sprint(c.IdleTimeout.Seconds()),
+		"--workroot", c.Workroot, "--executable", c.Identity.Path, "--identity", c.Identity.String()}
+	if c.MaxResultBytes > 0 {
+		args = append(args, "--max-result-bytes", fmt.Sprint(c.MaxResultBytes))
+	}
+	return append(args, extra...)
+}
+
+// Serve is the detached daemon: it accepts connections on the inherited listener until idle.
+func Serve(c Config, listenFD int) int {
+	file := os.NewFile(uintptr(listenFD), "daemon.sock")
+	generic, err := net.FileListener(file)
+	file.Close()
+	if err != nil {
+		return 1
+	}
+	listener := generic.(*net.UnixListener)
+	listener.SetUnlinkOnClose(false)
+	ino, dev, _ := fileIdentity(c.Socket)
+	ours := func() bool {
+		i, d, ok := fileIdentity(c.Socket)
+		return ok && i == ino && d == dev
+	}
+	helperDir := session.HelperDir(c.Workroot, c.Identity.Path)
+	if helperDir != "" {
+		defer os.RemoveAll(filepath.Dir(helperDir))
+	}
+	lastConnection := time.Now()
+	for {
+		listener.SetDeadline(time.Now().Add(CheckInterval))
+		conn, err := listener.AcceptUnix()
+		if err == nil {
+			lastConnection = time.Now()
+			startSession(c, conn, helperDir)
+			continue
+		}
+		var netErr net.Error
+		if !errors.As(err, &netErr) || !netErr.Timeout() {
+			time.Sleep(100 * time.Millisecond) // e.g. out of file descriptors: try again soon
+		}
+		idle := time.Since(lastConnection) > c.IdleTimeout
+		if idle || !ours() || !c.Identity.Current() {
+			if ours() {
+				os.Remove(c.Socket)
+			}
+			return 0
+		}
+	}
+}
+
+// startSession starts a session process for one connection: its stdin and stdout are the
+// connection. The session's command line is the daemon's (plus --session), so that it is
+// seen as the daemon's child.
+func startSession(c Config, conn *net.UnixConn, helperDir string) {
+	file, err := conn.File()
+	conn.Close()
+	if err != nil {
+		return
+	}
+	defer file.Close()
+	args := c.args("--session")
+	if helperDir != "" {
+		args = append(args, "--helper-dir", helperDir)
+	}
+	cmd := exec.Command("/proc/self/exe", args...)
+	cmd.Args[0] = c.Argv0
+	cmd.Stdin, cmd.Stdout = file, file
+	cmd.Dir = "/"
+	if err := cmd.Start(); err != nil {
+		return
+	}
+	go cmd.Wait() // reaped when it ends
+}
