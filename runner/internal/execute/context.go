@@ -17,7 +17,7 @@ type Context struct {
 	HasInput       bool // false: use the manifest's input
 	Variables      *pyjson.Object
 	Env            *pyjson.Object // secret values: never in the manifest
-	APIURL         string
+	APISocket      string
 	APIToken       string
 	HasAPI         bool
 	Event          *pyjson.Object // what only the orchestrator knows: id, payload_version
@@ -75,17 +75,17 @@ func ContextFrom(data any) (*Context, error) {
 	}
 	if v, ok := obj.Get("api"); ok && v != nil {
 		api, isObj := v.(*pyjson.Object)
-		var url, token any
+		var socket, token any
 		if isObj {
-			url, _ = api.Get("url")
+			socket, _ = api.Get("socket")
 			token, _ = api.Get("token")
 		}
-		u, okURL := url.(string)
+		s, okSocket := socket.(string)
 		t, okToken := token.(string)
-		if !okURL || !okToken {
-			return nil, exitcode.New(exitcode.Usage, "run context 'api' needs a url and a token")
+		if !okSocket || !okToken {
+			return nil, exitcode.New(exitcode.Usage, "run context 'api' needs a socket and a token")
 		}
-		c.APIURL, c.APIToken, c.HasAPI = u, t, true
+		c.APISocket, c.APIToken, c.HasAPI = s, t, true
 	}
 	if v, _ := obj.Get("event"); truthy(v) {
 		event, ok := v.(*pyjson.Object)

@@ -226,7 +226,7 @@ func scriptEnv(m *manifest.Manifest, ctx *Context, workdir, binDir string) ([]st
 		if err != nil {
 			return nil, err
 		}
-		env[helpers.APIURLVar], env[helpers.APITokenFileVar] = ctx.APIURL, tokenFile
+		env[helpers.APISocketVar], env[helpers.APITokenFileVar] = ctx.APISocket, tokenFile
 	}
 	path := env["PATH"]
 	if path == "" {

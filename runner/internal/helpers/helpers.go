@@ -2,8 +2,8 @@
 // for a runner session (the embedded Python and Node helper objects, and the shell commands
 // cronium.input, cronium.output, ... which are links to the runner binary itself), the run's
 // data files, the interpreter command line per script type, and the shell helpers' behaviour
-// in bundled mode (JSON files in $CRONIUM_DIR, under a file lock) and API mode (HTTP to the
-// orchestrator's runtime service, the token read from a file).
+// in bundled mode (JSON files in $CRONIUM_DIR, under a file lock) and API mode (HTTP over the
+// run's Unix socket to the orchestrator's runtime service, the token read from a file).
 package helpers
 
 import (
@@ -40,7 +40,7 @@ const (
 	VariablesFile    = "variables.json"
 	EventFile        = "event.json"
 	LockFile         = ".helpers.lock"
-	APIURLVar        = "CRONIUM_API_URL"
+	APISocketVar     = "CRONIUM_API_SOCKET"
 	APITokenFileVar  = "CRONIUM_API_TOKEN_FILE"
 	toolsNeedAPI     = "tool actions need API mode (run the event with api=True, or %%cronium --api)"
 	needsCroniumDir  = "cronium helpers need CRONIUM_DIR (they run inside cronium-runner)"

@@ -2,9 +2,11 @@ package helpers
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/url"
 	"os"
@@ -180,14 +182,15 @@ type cronium struct {
 func (c *cronium) client() (*apiClient, error) {
 	if !c.apiDone {
 		c.apiDone = true
-		if u := os.Getenv(APIURLVar); u != "" {
+		if socket := os.Getenv(APISocketVar); socket != "" {
 			token, err := os.ReadFile(os.Getenv(APITokenFileVar))
 			if err != nil {
 				return nil, osError(err)
 			}
 			c.api = &apiClient{
-				base:  strings.TrimRight(u, "/") + defaultAPIPrefix + quote(os.Getenv("CRONIUM_EXECUTION_ID")) + "/",
-				token: strings.TrimSpace(string(token)),
+				socket: socket,
+				base:   defaultAPIPrefix + quote(os.Getenv("CRONIUM_EXECUTION_ID")) + "/",
+				token:  strings.TrimSpace(string(token)),
 			}
 		}
 	}
@@ -410,7 +413,7 @@ func (c *cronium) tool(name string, arguments any) (any, error) {
 		if _, isObject := arguments.(*pyjson.Object); arguments != nil && !isObject {
 			return nil, fail("tool arguments must be a JSON object")
 		}
-		return nil, fail(toolsNeedAPI)
+		return nil, fail("%s", toolsNeedAPI)
 	}
 	if arguments == nil {
 		arguments = pyjson.NewObject()
@@ -420,25 +423,30 @@ func (c *cronium) tool(name string, arguments any) (any, error) {
 	return api.call("POST", "tools/"+quote(name), arguments, true, 0)
 }
 
-// apiClient speaks to the orchestrator's runtime service (no proxies: it is on loopback).
+// apiClient speaks HTTP to the orchestrator's runtime service over the run's Unix socket, one
+// connection per call (what the service expects).
 type apiClient struct {
-	base, token string
+	socket, base, token string
 }
-
-var transport = &http.Transport{Proxy: nil, DisableKeepAlives: true}
 
 func (a *apiClient) call(method, path string, body any, hasBody bool, timeout time.Duration) (any, error) {
 	var reader io.Reader
 	if hasBody {
 		reader = bytes.NewReader(pyjson.Dumps(body, pyjson.Options{}))
 	}
-	request, err := http.NewRequest(method, a.base+path, reader)
+	request, err := http.NewRequest(method, "http://cronium-api"+a.base+path, reader)
 	if err != nil {
 		return nil, err
 	}
 	request.Header.Set("Authorization", "Bearer "+a.token)
 	request.Header.Set("Content-Type", "application/json")
-	client := &http.Client{Transport: transport, Timeout: timeout}
+	transport := &http.Transport{Proxy: nil, DisableKeepAlives: true,
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var dialer net.Dialer
+			return dialer.DialContext(ctx, "unix", a.socket)
+		}}
+	client := &http.Client{Transport: transport, Timeout: timeout,
+		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
 	response, err := client.Do(request)
 	if err != nil {
 		var urlErr *url.Error
@@ -452,7 +460,7 @@ func (a *apiClient) call(method, path string, body any, hasBody bool, timeout ti
 	if err != nil {
 		return nil, fmt.Errorf("cannot read the runtime service's answer: %v", err)
 	}
-	if response.StatusCode >= 400 {
+	if response.StatusCode >= 300 {
 		message := strings.TrimSpace(string(data))
 		if v, err := pyjson.Parse(data); err == nil {
 			if obj, ok := v.(*pyjson.Object); ok {

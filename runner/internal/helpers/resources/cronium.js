@@ -3,7 +3,7 @@
 //   cronium.getVariable(name), cronium.setVariable(name, value), cronium.event(field),
 //   cronium.tool(name, args) (API mode only), and snake_case aliases.
 // Bundled mode: JSON files in $CRONIUM_DIR, the same ones the Python and shell helpers use.
-// API mode ($CRONIUM_API_URL set): each call goes through the shell helper commands, which speak
+// API mode ($CRONIUM_API_SOCKET set): each call goes through the shell helper commands, which speak
 // to the orchestrator's runtime service, so that the calls stay synchronous here. Values travel
 // on the helper's stdin, never on its command line (which every user of the server can read,
 // and which the kernel caps in size).
@@ -127,7 +127,7 @@ const fileCronium = {
   },
 };
 
-const cronium = process.env.CRONIUM_API_URL ? apiCronium : fileCronium;
+const cronium = process.env.CRONIUM_API_SOCKET ? apiCronium : fileCronium;
 // The event context is fixed for the run: read from event.json in both modes.
 cronium.event = function event(field) {
   const data = read("event.json", {});

@@ -5,8 +5,8 @@ Scripts get it with no import: ``cronium.input(key=None, default=None)``,
 ``cronium.setVariable(name, value)``, ``cronium.event(field=None)``, ``cronium.tool(name, args)``
 (API mode only), and snake_case aliases. Bundled mode keeps everything in JSON files in
 ``$CRONIUM_DIR``: input.json, output.json, variables.json, event.json. API mode
-(``$CRONIUM_API_URL`` and a token in the file ``$CRONIUM_API_TOKEN_FILE``) asks the
-orchestrator's runtime service instead, through the SSH forward, so that variables set here are
+(``$CRONIUM_API_SOCKET``, a Unix socket, and a token in the file ``$CRONIUM_API_TOKEN_FILE``)
+asks the orchestrator's runtime service instead, through the SSH forward, so that variables set here are
 seen there at once. The event context never changes during a run: it is read from event.json in
 both modes.
 
@@ -23,7 +23,7 @@ OUTPUT_FILE = "output.json"
 VARIABLES_FILE = "variables.json"
 EVENT_FILE = "event.json"
 LOCK_FILE = ".helpers.lock"
-API_URL_VARIABLE = "CRONIUM_API_URL"
+API_SOCKET_VARIABLE = "CRONIUM_API_SOCKET"
 API_TOKEN_FILE_VARIABLE = "CRONIUM_API_TOKEN_FILE"
 EVENT_FIELDS = ("id", "name", "type", "execution_id", "server", "payload_version", "runner_version", "timeout")
 TOOLS_NEED_API = "tool actions need API mode (run the event with api=True, or %%cronium --api)"
@@ -46,36 +46,45 @@ def _quote(text):
 
 
 class _Api:
-    """The orchestrator's runtime service (stdlib HTTP; proxies ignored, it is on loopback)."""
+    """The orchestrator's runtime service: HTTP over the run's Unix socket (one connection per
+    call, which is what the service expects)."""
 
-    def __init__(self, url, token_file, execution_id):
-        import urllib.request  # here: bundled mode, and the runner's own start-up, never need it
-
+    def __init__(self, socket_path, token_file, execution_id):
         with open(token_file, encoding="utf-8") as stream:
             self._token = stream.read().strip()
-        self._base = url.rstrip("/") + "/v1/executions/" + _quote(execution_id) + "/"
-        self._request = urllib.request.Request
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        self._socket_path = socket_path
+        self._base = "/v1/executions/" + _quote(execution_id) + "/"
 
     def call(self, method, path, body=_NO_BODY, timeout=60):
-        import urllib.error
+        import http.client  # here: bundled mode, and the runner's own start-up, never need it
+        import socket
 
+        socket_path = self._socket_path
+
+        class UnixConnection(http.client.HTTPConnection):
+            def connect(self):
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.settimeout(self.timeout)
+                self.sock.connect(socket_path)
+
+        connection = UnixConnection("cronium-api", timeout=timeout)
+        headers = {"Authorization": "Bearer " + self._token, "Content-Type": "application/json"}
         data = None if body is _NO_BODY else json.dumps(body).encode()
-        request = self._request(self._base + path, data=data, method=method)
-        request.add_header("Authorization", "Bearer " + self._token)
-        request.add_header("Content-Type", "application/json")
         try:
-            with self._opener.open(request, timeout=timeout) as response:
-                return json.loads(response.read() or b"null")
-        except urllib.error.HTTPError as error:
-            text = error.read().decode("utf-8", "replace")
-            try:
-                message = json.loads(text)["error"]
-            except (ValueError, KeyError, TypeError):
-                message = text.strip() or error.reason
-            if error.code == 404 and path.startswith("variables/"):
-                raise _NotFound(message) from None
-            raise HelperError(message) from None
+            connection.request(method, self._base + path, body=data, headers=headers)
+            response = connection.getresponse()
+            text = response.read()
+        finally:
+            connection.close()
+        if response.status < 300:
+            return json.loads(text or b"null")
+        try:
+            message = json.loads(text)["error"]
+        except (ValueError, KeyError, TypeError):
+            message = text.decode("utf-8", "replace").strip() or response.reason
+        if response.status == 404 and path.startswith("variables/"):
+            raise _NotFound(message)
+        raise HelperError(message)
 
 
 def parse_value(text):
@@ -96,9 +105,9 @@ class Cronium:
     @property
     def _api(self):
         """The API client in API mode, else None."""
-        if self._api_client is None and os.environ.get(API_URL_VARIABLE):
+        if self._api_client is None and os.environ.get(API_SOCKET_VARIABLE):
             self._api_client = _Api(
-                os.environ[API_URL_VARIABLE],
+                os.environ[API_SOCKET_VARIABLE],
                 os.environ[API_TOKEN_FILE_VARIABLE],
                 os.environ.get("CRONIUM_EXECUTION_ID", ""),
             )

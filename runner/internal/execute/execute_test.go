@@ -1,0 +1,182 @@
+package execute
+
+import (
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"cronium/runner/internal/pyjson"
+)
+
+func TestResultFilesAreNotTrusted(t *testing.T) {
+	dir := t.TempDir()
+	const limit = 1024
+	write := func(name, text string) { os.WriteFile(filepath.Join(dir, name), []byte(text), 0o600) }
+	check := func(name string, object bool, want string) {
+		t.Helper()
+		done := make(chan error, 1)
+		go func() { _, err := ReadResultFile(dir, name, nil, limit, object); done <- err }()
+		select {
+		case err := <-done:
+			if want == "" && err != nil || want != "" && (err == nil || !strings.Contains(err.Error(), want)) {
+				t.Errorf("%s: got %v, want %q", name, err, want)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("%s: reading blocked", name)
+		}
+	}
+	check("absent.json", false, "")
+	syscall.Mkfifo(filepath.Join(dir, "fifo.json"), 0o600) // nobody writes: a blocking open would hang
+	check("fifo.json", false, "fifo.json is a FIFO, not a regular file")
+	os.Symlink("/dev/zero", filepath.Join(dir, "zero.json"))
+	check("zero.json", false, "zero.json is a symbolic link, not a regular file")
+	os.Mkdir(filepath.Join(dir, "dir.json"), 0o700)
+	check("dir.json", false, "dir.json is a directory")
+	write("big.json", `"`+strings.Repeat("x", 2000)+`"`)
+	check("big.json", false, "big.json is 2002 bytes, over the 1024 bytes limit")
+	write("bad.json", "{nope")
+	check("bad.json", false, "bad.json is not valid JSON")
+	write("list.json", "[1, 2]")
+	check("list.json", true, "list.json holds a list, not a JSON object")
+	check("list.json", false, "")
+	write("deep.json", strings.Repeat("[", 600))
+	check("deep.json", false, "nested deeper than 512 levels")
+	if got := humanSize(40 * 1000 * 1000); got != "40 MB" {
+		t.Errorf("humanSize: %s", got)
+	}
+	if got := limitText(DefaultMaxResultBytes); got != "16 MiB" {
+		t.Errorf("limitText: %s", got)
+	}
+}
+
+type recorder struct {
+	mu       sync.Mutex
+	stdout   []byte
+	messages []*pyjson.Object
+}
+
+func (r *recorder) Stream(kind byte, _ float64, data []byte) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if kind == 'O' {
+		r.stdout = append(r.stdout, data...)
+	}
+	return nil
+}
+
+func (r *recorder) Message(m *pyjson.Object) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.messages = append(r.messages, m)
+	return nil
+}
+
+func alive(pid int) bool {
+	stat, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return false
+	}
+	fields := strings.Fields(string(stat[strings.LastIndexByte(string(stat), ')')+1:]))
+	return fields[0] != "Z"
+}
+
+func pids(out []byte) []int {
+	var found []int
+	for _, line := range strings.Split(string(out), "\n") {
+		if rest, ok := strings.CutPrefix(line, "pid "); ok {
+			pid, _ := strconv.Atoi(rest)
+			found = append(found, pid)
+		}
+	}
+	return found
+}
+
+// A timeout stops the whole tree: a child, a grandchild, and a setsid escapee.
+func TestTimeoutStopsTheWholeTreeIncludingSetsidChildren(t *testing.T) {
+	script := `sleep 4001 & echo "pid $!"
+( sleep 4002 & echo "pid $!"; wait ) &
+setsid sh -c 'sleep 4003 & echo "pid $!"; wait' &
+sleep 0.3; echo ready; wait
+`
+	r := &recorder{}
+	s := &Supervisor{Argv: []string{"/bin/sh", "-c", script}, Dir: t.TempDir(), Env: os.Environ(),
+		Timeout: 1500 * time.Millisecond, Grace: time.Second, Reporter: r}
+	outcome, err := s.Run()
+	if err != nil {
+		t.Fatal(err)
+	}
+	found := pids(r.stdout)
+	if len(found) != 3 || !outcome.TimedOut || outcome.StopReason != "timeout" || outcome.ExitCode != 128+15 {
+		t.Fatalf("pids %v, outcome %+v, output %q", found, outcome, r.stdout)
+	}
+	for _, pid := range found {
+		if alive(pid) {
+			t.Errorf("pid %d outlived the run", pid)
+		}
+	}
+}
+
+// The script ends but leaves a setsid child behind: the child goes too, the exit code stays.
+func TestLeftoverChildrenAreStoppedAndExitCodeKept(t *testing.T) {
+	r := &recorder{}
+	s := &Supervisor{Argv: []string{"/bin/sh", "-c", `nohup setsid sleep 4004 >/dev/null 2>&1 & echo "pid $!"; exit 3`},
+		Dir: t.TempDir(), Env: os.Environ(), Timeout: time.Minute, Grace: time.Second, Reporter: r}
+	outcome, err := s.Run()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if outcome.ExitCode != 3 || outcome.TimedOut {
+		t.Fatalf("%+v", outcome)
+	}
+	for _, pid := range pids(r.stdout) {
+		if alive(pid) {
+			t.Errorf("pid %d outlived the run", pid)
+		}
+	}
+}
+
+// A script that traps SIGTERM is killed after the grace period; the signal is reported.
+func TestTrappedTermIsKilledAfterGrace(t *testing.T) {
+	r := &recorder{}
+	s := &Supervisor{Argv: []string{"/bin/sh", "-c", `trap 'echo got TERM' TERM; while true; do sleep 0.05; done`},
+		Dir: t.TempDir(), Env: os.Environ(), Timeout: 300 * time.Millisecond, Grace: 500 * time.Millisecond, Reporter: r}
+	started := time.Now()
+	outcome, _ := s.Run()
+	if outcome.Signal != int(syscall.SIGKILL) || outcome.ExitCode != 137 || time.Since(started) < 800*time.Millisecond {
+		t.Fatalf("%+v after %v", outcome, time.Since(started))
+	}
+	if !strings.Contains(string(r.stdout), "got TERM") {
+		t.Errorf("output %q", r.stdout)
+	}
+}
+
+func TestContext(t *testing.T) {
+	parse := func(text string) (*Context, error) {
+		v, err := pyjson.Parse([]byte(text))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ContextFrom(v)
+	}
+	c, err := parse(`{"execution_id": 5, "server": null, "input": null, "variables": [], "env": {"A": "b"}, "api": {"socket": "/s", "token": "t"}, "max_result_bytes": 100}`)
+	if err != nil || c.ExecutionID != "5" || c.Server != "None" || !c.HasInput || c.Variables.Len() != 0 || !c.HasAPI || c.MaxResultBytes != 100 {
+		t.Fatalf("%+v %v", c, err)
+	}
+	for text, want := range map[string]string{
+		`{"variables": [1]}`:         "run context 'variables' must be a mapping",
+		`{"env": {"CRONIUM_X": ""}}`: "run context: env name 'CRONIUM_X' uses the reserved prefix",
+		`{"api": {"url": "u"}}`:      "run context 'api' needs a socket and a token",
+		`{"event": "x"}`:             "run context 'event' must be a mapping",
+		`{"max_result_bytes": 1.5}`:  "max_result_bytes",
+		`[]`:                         "must be a JSON object",
+	} {
+		if _, err := parse(text); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("%s: got %v, want %q", text, err, want)
+		}
+	}
+}
