@@ -347,7 +347,7 @@ class Executor:
         Everything is checked before anything is sent: unknown servers or groups, the event, the
         input and the timeout raise here. ``api=True`` gives the script's helpers a live line to
         this process (variables set on the server are seen here at once, see ``on_variable``);
-        where the SSH tunnel cannot be opened the run falls back to bundled mode and says so.
+        where the SSH forward cannot be opened the run falls back to bundled mode and says so.
         """
         self._check_open()
         event, targets, run_input = self._validate(event, servers, input, timeout)
@@ -611,7 +611,7 @@ class Executor:
         context: dict[str, Any],
         variables: dict[str, Any],
     ) -> ApiRun | None:
-        """API mode: make sure the runtime service and this connection's tunnel are up, register
+        """API mode: make sure the runtime service and this connection's forward are up, register
         the run and put its endpoint and token into the context; else fall back to bundled."""
         if not state.api:
             result.helpers = "bundled"

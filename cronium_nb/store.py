@@ -451,7 +451,7 @@ class Store:
         )
         frame["started_at"] = pd.to_datetime(frame["started_at"], unit="s", utc=True)
         frame["ok"] = frame["ok"].astype(bool)
-        frame["arguments"] = [None if text is None else json.loads(text) for text in frame["arguments"]]
+        frame["arguments"] = [json.loads(text) if isinstance(text, str) else None for text in frame["arguments"]]
         return frame
 
     # -- hosts

@@ -57,7 +57,7 @@ class CroniumMagics(Magics):
     @argument("-I", "--input-from", dest="input_var", help="input of the run: this notebook variable's value")
     @argument("-o", "--output", dest="output_var", help="store the result (or --bg handle) in this variable")
     @argument("--bg", action="store_true", help="return at once with a cancellable handle")
-    @argument("--api", action="store_true", help="API mode: live variables through an SSH tunnel")
+    @argument("--api", action="store_true", help="API mode: live variables and tool actions through an SSH forward")
     @cell_magic
     def cronium(self, line: str, cell: str) -> Any:
         """Run the cell's script on servers over SSH, with live output per server.

@@ -1,4 +1,4 @@
-"""API mode: helpers talk to the executor's runtime service through an SSH reverse tunnel."""
+"""API mode: helpers talk to the executor's runtime service through an SSH stream-local forward."""
 
 from __future__ import annotations
 

@@ -11,9 +11,7 @@
 package daemon
 
 import (
-	"errors"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -34,22 +32,31 @@ func fileIdentity(path string) (uint64, uint64, bool) {
 	return st.Ino, st.Dev, true
 }
 
+func unixSocket() (int, error) {
+	return syscall.Socket(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+}
+
+// answers says whether a live daemon accepts connections at path.
 func answers(path string) bool {
-	conn, err := net.DialTimeout("unix", path, 2*time.Second)
+	fd, err := unixSocket()
 	if err != nil {
 		return false
 	}
-	conn.Close()
-	return true
+	defer syscall.Close(fd)
+	tv := syscall.Timeval{Sec: 2}
+	syscall.SetsockoptTimeval(fd, syscall.SOL_SOCKET, syscall.SO_SNDTIMEO, &tv) // bounds connect
+	return syscall.Connect(fd, &syscall.SockaddrUnix{Name: path}) == nil
 }
 
-// Bind returns a listening socket at path, or nil when a live daemon already answers there.
-func Bind(path string) (*net.UnixListener, error) {
+// Bind returns a listening socket's fd at path, or -1 when a live daemon already answers there.
+// Under a lock beside the socket, a new socket is bound under a temporary name and renamed over
+// path: a daemon starting at the same time never unlinks this one's socket, nor this one its.
+func Bind(path string) (int, error) {
 	old := syscall.Umask(0o077)
 	defer syscall.Umask(old)
 	lock, err := os.OpenFile(path+".lock", os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
-		return nil, err
+		return -1, err
 	}
 	defer lock.Close()
 	for {
@@ -59,27 +66,33 @@ func Bind(path string) (*net.UnixListener, error) {
 		}
 	}
 	if err != nil {
-		return nil, err
+		return -1, err
 	}
 	if answers(path) {
-		return nil, nil
+		return -1, nil
 	}
 	temporary := fmt.Sprintf("%s.%d.tmp", path, os.Getpid())
 	os.Remove(temporary)
-	listener, err := net.ListenUnix("unix", &net.UnixAddr{Name: temporary, Net: "unix"})
+	fd, err := unixSocket()
 	if err != nil {
-		return nil, err
+		return -1, err
 	}
-	listener.SetUnlinkOnClose(false)
-	if err := os.Chmod(temporary, 0o600); err == nil {
+	err = syscall.Bind(fd, &syscall.SockaddrUnix{Name: temporary})
+	if err == nil {
+		err = os.Chmod(temporary, 0o600)
+	}
+	if err == nil {
+		err = syscall.Listen(fd, 64)
+	}
+	if err == nil {
 		err = os.Rename(temporary, path)
 	}
 	if err != nil {
-		listener.Close()
+		syscall.Close(fd)
 		os.Remove(temporary)
-		return nil, err
+		return -1, err
 	}
-	return listener, nil
+	return fd, nil
 }
 
 // Config is what the daemon needs.
@@ -95,21 +108,17 @@ type Config struct {
 // Start binds the socket and starts the detached daemon process that serves it (the runner
 // binary again, in its own session, given the listening socket), then says "ready".
 func Start(c Config) int {
-	listener, err := Bind(c.Socket)
+	fd, err := Bind(c.Socket)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "cronium-runner: cannot bind the daemon socket %s: %v\n", c.Socket, err)
 		return 1
 	}
-	if listener == nil {
+	if fd < 0 {
 		fmt.Println("ready (already running)")
 		return 0
 	}
-	file, err := listener.File()
-	listener.Close()
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "cronium-runner: %v\n", err)
-		return 1
-	}
+	file := os.NewFile(uintptr(fd), "daemon.sock")
+	defer file.Close()
 	devnull, err := os.OpenFile(os.DevNull, os.O_RDWR, 0)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "cronium-runner: %v\n", err)
@@ -141,14 +150,8 @@ func (c Config) args(extra ...string) []string {
 
 // Serve is the detached daemon: it accepts connections on the inherited listener until idle.
 func Serve(c Config, listenFD int) int {
-	file := os.NewFile(uintptr(listenFD), "daemon.sock")
-	generic, err := net.FileListener(file)
-	file.Close()
-	if err != nil {
-		return 1
-	}
-	listener := generic.(*net.UnixListener)
-	listener.SetUnlinkOnClose(false)
+	tv := syscall.NsecToTimeval(CheckInterval.Nanoseconds())
+	syscall.SetsockoptTimeval(listenFD, syscall.SOL_SOCKET, syscall.SO_RCVTIMEO, &tv) // bounds accept
 	ino, dev, _ := fileIdentity(c.Socket)
 	ours := func() bool {
 		i, d, ok := fileIdentity(c.Socket)
@@ -160,15 +163,16 @@ func Serve(c Config, listenFD int) int {
 	}
 	lastConnection := time.Now()
 	for {
-		listener.SetDeadline(time.Now().Add(CheckInterval))
-		conn, err := listener.AcceptUnix()
+		conn, _, err := syscall.Accept4(listenFD, syscall.SOCK_CLOEXEC)
 		if err == nil {
 			lastConnection = time.Now()
 			startSession(c, conn, helperDir)
 			continue
 		}
-		var netErr net.Error
-		if !errors.As(err, &netErr) || !netErr.Timeout() {
+		if err == syscall.EINTR || err == syscall.ECONNABORTED {
+			continue
+		}
+		if err != syscall.EAGAIN {
 			time.Sleep(100 * time.Millisecond) // e.g. out of file descriptors: try again soon
 		}
 		idle := time.Since(lastConnection) > c.IdleTimeout
@@ -184,12 +188,8 @@ func Serve(c Config, listenFD int) int {
 // startSession starts a session process for one connection: its stdin and stdout are the
 // connection. The session's command line is the daemon's (plus --session), so that it is
 // seen as the daemon's child.
-func startSession(c Config, conn *net.UnixConn, helperDir string) {
-	file, err := conn.File()
-	conn.Close()
-	if err != nil {
-		return
-	}
+func startSession(c Config, conn int, helperDir string) {
+	file := os.NewFile(uintptr(conn), "connection")
 	defer file.Close()
 	args := c.args("--session")
 	if helperDir != "" {

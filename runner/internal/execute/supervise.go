@@ -1,8 +1,9 @@
 package execute
 
 import (
-	"crypto/rand"
+	"encoding/binary"
 	"encoding/hex"
+	"math/rand/v2"
 	"os"
 	"os/signal"
 	"strings"
@@ -66,7 +67,7 @@ func Seconds(s float64) time.Duration {
 // NewMark returns a fresh run mark value.
 func NewMark() string {
 	var b [8]byte
-	rand.Read(b[:])
+	binary.LittleEndian.PutUint64(b[:], rand.Uint64()) // math/rand/v2: seeded from the OS
 	return hex.EncodeToString(b[:])
 }
 

@@ -1,14 +1,11 @@
 package helpers
 
 import (
+	"bufio"
 	"bytes"
-	"context"
 	"errors"
 	"fmt"
 	"io"
-	"net"
-	"net/http"
-	"net/url"
 	"os"
 	"path/filepath"
 	"slices"
@@ -430,61 +427,149 @@ type apiClient struct {
 }
 
 func (a *apiClient) call(method, path string, body any, hasBody bool, timeout time.Duration) (any, error) {
-	var reader io.Reader
+	var payload []byte
 	if hasBody {
-		reader = bytes.NewReader(pyjson.Dumps(body, pyjson.Options{}))
+		payload = pyjson.Dumps(body, pyjson.Options{})
 	}
-	request, err := http.NewRequest(method, "http://cronium-api"+a.base+path, reader)
+	status, reason, data, err := httpOverUnix(a.socket, method, a.base+path, a.token, payload, hasBody, timeout)
 	if err != nil {
 		return nil, err
 	}
-	request.Header.Set("Authorization", "Bearer "+a.token)
-	request.Header.Set("Content-Type", "application/json")
-	transport := &http.Transport{Proxy: nil, DisableKeepAlives: true,
-		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			var dialer net.Dialer
-			return dialer.DialContext(ctx, "unix", a.socket)
-		}}
-	client := &http.Client{Transport: transport, Timeout: timeout,
-		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
-	response, err := client.Do(request)
-	if err != nil {
-		var urlErr *url.Error
-		if errors.As(err, &urlErr) {
-			err = urlErr.Err
+	if status < 300 {
+		if len(bytes.TrimSpace(data)) == 0 {
+			return nil, nil
 		}
-		return nil, fmt.Errorf("cannot reach the runtime service: %v", err)
+		v, err := pyjson.Parse(data)
+		if err != nil {
+			return nil, fmt.Errorf("the runtime service's answer is not JSON: %v", err)
+		}
+		return v, nil
 	}
-	defer response.Body.Close()
-	data, err := io.ReadAll(response.Body)
-	if err != nil {
-		return nil, fmt.Errorf("cannot read the runtime service's answer: %v", err)
-	}
-	if response.StatusCode >= 300 {
-		message := strings.TrimSpace(string(data))
-		if v, err := pyjson.Parse(data); err == nil {
-			if obj, ok := v.(*pyjson.Object); ok {
-				if text, ok := obj.Get("error"); ok {
-					message = pyjson.Str(text)
-				}
+	message := strings.TrimSpace(string(data))
+	if v, err := pyjson.Parse(data); err == nil {
+		if obj, ok := v.(*pyjson.Object); ok {
+			if text, ok := obj.Get("error"); ok {
+				message = pyjson.Str(text)
 			}
 		}
-		if message == "" {
-			message = http.StatusText(response.StatusCode)
-		}
-		if response.StatusCode == 404 && strings.HasPrefix(path, "variables/") {
-			return nil, errNotFound
-		}
-		return nil, &helperError{message}
 	}
-	if len(data) == 0 {
-		return nil, nil
+	if message == "" {
+		message = reason
 	}
-	v, err := pyjson.Parse(data)
+	if status == 404 && strings.HasPrefix(path, "variables/") {
+		return nil, errNotFound
+	}
+	return nil, &helperError{message}
+}
+
+// httpOverUnix makes one HTTP/1.1 request on a new connection to a Unix socket (the standard
+// library's HTTP client would bring TLS and much else into the binary for this one use):
+// status, reason phrase and body of the answer. timeout bounds each read and write (0: none),
+// as a Python socket timeout does.
+func httpOverUnix(socket, method, target, token string, body []byte, hasBody bool, timeout time.Duration) (int, string, []byte, error) {
+	fd, err := syscall.Socket(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
 	if err != nil {
-		return nil, fmt.Errorf("the runtime service's answer is not JSON: %v", err)
+		return 0, "", nil, osError(err)
 	}
-	return v, nil
+	conn := os.NewFile(uintptr(fd), socket)
+	defer conn.Close()
+	if timeout > 0 {
+		tv := syscall.NsecToTimeval(timeout.Nanoseconds())
+		syscall.SetsockoptTimeval(fd, syscall.SOL_SOCKET, syscall.SO_RCVTIMEO, &tv)
+		syscall.SetsockoptTimeval(fd, syscall.SOL_SOCKET, syscall.SO_SNDTIMEO, &tv)
+	}
+	for {
+		err = syscall.Connect(fd, &syscall.SockaddrUnix{Name: socket})
+		if err != syscall.EINTR {
+			break
+		}
+	}
+	if err != nil {
+		return 0, "", nil, osError(err)
+	}
+	var request bytes.Buffer
+	fmt.Fprintf(&request, "%s %s HTTP/1.1\r\nHost: cronium-api\r\nAccept-Encoding: identity\r\n", method, target)
+	fmt.Fprintf(&request, "Authorization: Bearer %s\r\nContent-Type: application/json\r\nConnection: close\r\n", token)
+	if hasBody {
+		fmt.Fprintf(&request, "Content-Length: %d\r\n", len(body))
+	}
+	request.WriteString("\r\n")
+	request.Write(body)
+	if _, err := conn.Write(request.Bytes()); err != nil {
+		return 0, "", nil, osError(err)
+	}
+	reader := bufio.NewReader(conn)
+	statusLine, err := reader.ReadString('\n')
+	if err != nil {
+		return 0, "", nil, fmt.Errorf("the runtime service closed the connection: %v", osError(err))
+	}
+	parts := strings.SplitN(strings.TrimRight(statusLine, "\r\n"), " ", 3)
+	if len(parts) < 2 || !strings.HasPrefix(parts[0], "HTTP/") {
+		return 0, "", nil, fmt.Errorf("bad status line from the runtime service: %q", statusLine)
+	}
+	status, err := strconv.Atoi(parts[1])
+	if err != nil {
+		return 0, "", nil, fmt.Errorf("bad status line from the runtime service: %q", statusLine)
+	}
+	reason := ""
+	if len(parts) == 3 {
+		reason = parts[2]
+	}
+	length, chunked := int64(-1), false
+	for {
+		line, err := reader.ReadString('\n')
+		if err != nil {
+			return 0, "", nil, fmt.Errorf("the runtime service closed the connection: %v", osError(err))
+		}
+		line = strings.TrimRight(line, "\r\n")
+		if line == "" {
+			break
+		}
+		name, value, _ := strings.Cut(line, ":")
+		value = strings.TrimSpace(value)
+		switch strings.ToLower(strings.TrimSpace(name)) {
+		case "content-length":
+			if length, err = strconv.ParseInt(value, 10, 64); err != nil || length < 0 {
+				return 0, "", nil, fmt.Errorf("bad Content-Length from the runtime service: %q", value)
+			}
+		case "transfer-encoding":
+			chunked = strings.Contains(strings.ToLower(value), "chunked")
+		}
+	}
+	var data []byte
+	switch {
+	case method == "HEAD" || status == 204 || status == 304:
+	case chunked:
+		for {
+			line, err := reader.ReadString('\n')
+			if err != nil {
+				return 0, "", nil, osError(err)
+			}
+			size, err := strconv.ParseInt(strings.TrimSpace(strings.SplitN(line, ";", 2)[0]), 16, 64)
+			if err != nil || size < 0 {
+				return 0, "", nil, fmt.Errorf("bad chunk from the runtime service: %q", line)
+			}
+			if size == 0 {
+				break
+			}
+			chunk := make([]byte, size)
+			if _, err := io.ReadFull(reader, chunk); err != nil {
+				return 0, "", nil, osError(err)
+			}
+			data = append(data, chunk...)
+			reader.ReadString('\n')
+		}
+	case length >= 0:
+		data = make([]byte, length)
+		if _, err := io.ReadFull(reader, data); err != nil {
+			return 0, "", nil, osError(err)
+		}
+	default:
+		if data, err = io.ReadAll(reader); err != nil {
+			return 0, "", nil, osError(err)
+		}
+	}
+	return status, reason, data, nil
 }
 
 // quote is Python's urllib.parse.quote(text, safe="").
