@@ -30,31 +30,46 @@ def _host_pattern(server: Server) -> str:
 
 
 class KnownHostsMatch(NamedTuple):
-    """What known_hosts files say about one host: plain keys, ``@cert-authority`` keys and
-    ``@revoked`` keys whose patterns match it."""
+    """What known_hosts files say about one host: plain keys and ``@cert-authority`` keys whose
+    patterns match it, ``@revoked`` keys whose patterns match it, and every ``@revoked`` key of
+    the files (a revoked key is refused for every host, as OpenSSH's RevokedHostKeys are)."""
 
     keys: list[asyncssh.SSHKey]
     ca_keys: list[asyncssh.SSHKey]
     revoked: list[asyncssh.SSHKey]
+    all_revoked: list[asyncssh.SSHKey]
 
     @property
     def empty(self) -> bool:
+        """Nothing names the host: only then is it new, for trust on first use."""
         return not (self.keys or self.ca_keys or self.revoked)
 
     def as_connect_argument(self) -> tuple[list, list, list]:
-        return (self.keys, self.ca_keys, self.revoked)
+        return (self.keys, self.ca_keys, self.all_revoked)
+
+
+def _revocations(path: str) -> tuple[list[asyncssh.SSHKey], asyncssh.SSHKnownHosts]:
+    """A file's ``@revoked`` keys, and its revoked lines as plain entries, to ask which hosts they
+    name (asyncssh drops revoked keys of ``[host]:port`` patterns when the host has no trusted key)."""
+    entries = [
+        line.split(None, 1)[1]
+        for line in Path(path).read_text(encoding="utf-8").splitlines()
+        if line.strip().startswith("@revoked ") and len(line.split()) >= 4
+    ]
+    keys = [asyncssh.import_public_key(" ".join(entry.split()[1:3])) for entry in entries]
+    return keys, asyncssh.import_known_hosts("\n".join(entries) + "\n")
 
 
 def match_known_hosts(paths: list[Path], server: Server) -> KnownHostsMatch:
-    found = KnownHostsMatch([], [], [])
+    found = KnownHostsMatch([], [], [], [])
     for path in paths:
         if path.is_file():
-            keys, ca_keys, revoked, *_x509 = parsed_file(path, asyncssh.read_known_hosts).match(
-                server.host, "", server.port
-            )
+            keys, ca_keys, *_others = parsed_file(path, asyncssh.read_known_hosts).match(server.host, "", server.port)
+            all_revoked, revoked_entries = parsed_file(path, _revocations)
             found.keys.extend(keys)
             found.ca_keys.extend(ca_keys)
-            found.revoked.extend(revoked)
+            found.revoked.extend(revoked_entries.match(server.host, "", server.port)[0])
+            found.all_revoked.extend(all_revoked)
     return found
 
 
@@ -73,7 +88,7 @@ class _AcceptNewClient(asyncssh.SSHClient):
             fcntl.flock(stream, fcntl.LOCK_EX)  # other processes recording into the same file
             now = match_known_hosts(self._sources, self._server)
             if not now.empty:  # a known host presenting another key, or one recorded meanwhile
-                return key in now.keys and key not in now.revoked
+                return key in now.keys and key not in now.all_revoked
             stream.write(f"{_host_pattern(self._server)} {key.export_public_key('openssh').decode().strip()}\n")
         return True
 
@@ -110,7 +125,7 @@ def connect_options(server: Server, policy: str, accept_new_file: Path) -> dict[
     known_hosts = _known_hosts_file(server)
     if policy == "off":
         warnings.warn(f"host key checking is off for {server.name}: the connection can be intercepted", stacklevel=3)
-        revoked = match_known_hosts([known_hosts, accept_new_file], server).revoked
+        revoked = match_known_hosts([known_hosts, accept_new_file], server).all_revoked
         return {"known_hosts": ([], [], revoked), "client_factory": _AnyKeyClient}
     if policy == "strict":
         if not known_hosts.is_file():
@@ -118,7 +133,7 @@ def connect_options(server: Server, policy: str, accept_new_file: Path) -> dict[
                 f"no known_hosts file {known_hosts} to verify {server.address}: add the host key there, "
                 "or use host_key_policy='accept-new'"
             )
-        return {"known_hosts": parsed_file(known_hosts, asyncssh.read_known_hosts)}
+        return {"known_hosts": match_known_hosts([known_hosts], server).as_connect_argument()}
     sources = [known_hosts, accept_new_file]
     return {
         "known_hosts": match_known_hosts(sources, server).as_connect_argument(),

@@ -4,13 +4,14 @@
 package hostid
 
 import (
-	"crypto/sha256"
 	"encoding/hex"
 	"os"
 	"strconv"
 	"strings"
 	"sync"
 	"syscall"
+
+	"cronium/runner/internal/sha256"
 )
 
 var (

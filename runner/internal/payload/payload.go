@@ -9,8 +9,6 @@ import (
 	"archive/tar"
 	"bytes"
 	"compress/gzip"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -25,6 +23,7 @@ import (
 	"cronium/runner/internal/hostid"
 	"cronium/runner/internal/manifest"
 	"cronium/runner/internal/pyjson"
+	"cronium/runner/internal/sha256"
 )
 
 // Limits of a payload.
@@ -36,8 +35,7 @@ const (
 
 // SHA256Hex is the hex SHA-256 of data.
 func SHA256Hex(data []byte) string {
-	sum := sha256.Sum256(data)
-	return hex.EncodeToString(sum[:])
+	return sha256.Hex(data)
 }
 
 // Verify checks data against the expected checksum ("" : none expected).
