@@ -14,8 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from cronium_nb.manifest import Manifest
 from cronium_nb.payload import build_archive
-from cronium_runner.manifest import Manifest
 
 DIST = Path(__file__).resolve().parent.parent / "runner" / "dist"
 

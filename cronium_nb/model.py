@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
 
-from cronium_runner.manifest import (
+from cronium_nb.manifest import (
     DEFAULT_GRACE_S,
     DEFAULT_TIMEOUT_S,
     SCRIPT_TYPES,

@@ -15,9 +15,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cronium_nb.manifest import MANIFEST_NAME, Manifest
 from cronium_nb.model import Event
 from cronium_nb.store import PayloadRow, Store
-from cronium_runner.manifest import MANIFEST_NAME, Manifest
 
 FIXED_MTIME = 0
 DEFAULT_KEEP_VERSIONS = 5

@@ -18,10 +18,10 @@ from typing import Any
 import asyncssh
 
 import cronium_nb
+from cronium_nb.manifest import SCRIPT_TYPES, Manifest
 from cronium_nb.model import Server
 from cronium_nb.payload import PayloadArchive, build_archive
-from cronium_runner.manifest import SCRIPT_TYPES, Manifest
-from cronium_runner.protocol import MESSAGE, STREAM_NAMES, FrameDecoder, LineSplitter
+from cronium_nb.protocol import MESSAGE, STREAM_NAMES, FrameDecoder, LineSplitter
 
 LOCAL_RUNNER = shlex.split(os.environ.get("CRONIUM_TEST_RUNNER", "")) or [sys.executable, "-m", "cronium_runner"]
 

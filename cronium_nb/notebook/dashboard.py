@@ -10,10 +10,10 @@ import ipywidgets as widgets
 
 from cronium_nb.executor import Callbacks, Executor, Job
 from cronium_nb.inventory import UnknownServerError
+from cronium_nb.manifest import SCRIPT_TYPES
 from cronium_nb.model import Event, EventError
 from cronium_nb.notebook.live import line_html
 from cronium_nb.results import ExecutionResult
-from cronium_runner.manifest import SCRIPT_TYPES
 
 PANEL_LINES = 300
 

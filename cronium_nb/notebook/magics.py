@@ -14,10 +14,10 @@ from IPython.display import display
 
 from cronium_nb.fleet import VARIANTS, FleetError
 from cronium_nb.inventory import InventoryError, UnknownServerError
+from cronium_nb.manifest import SCRIPT_TYPES
 from cronium_nb.model import Event, EventError
 from cronium_nb.notebook.live import BackgroundRun, EventQueue, WidgetView, make_view
 from cronium_nb.notebook.session import NotebookSession
-from cronium_runner.manifest import SCRIPT_TYPES
 
 
 def _parse(magic: Any, line: str) -> Any:

@@ -4,7 +4,7 @@ A :class:`RunnerSession` is one runner session on one SSH channel: a forked chil
 daemon reached through the daemon's Unix socket (a stream-local channel: no process start on the
 server), or a ``cronium-runner serve`` process on an exec channel where there is no daemon. Its
 input carries run requests (a JSON line, then the payload) and control lines; its output carries
-the runner's frames (:mod:`cronium_runner.protocol`), read in 64 KiB chunks and split into lines
+the runner's frames (:mod:`cronium_nb.protocol`), read in 64 KiB chunks and split into lines
 here. A session runs one payload at a time and stays for the next.
 
 A :class:`RemoteRun` is one run on a session. A timeout or a cancel asks the runner to stop (it
@@ -25,8 +25,8 @@ from typing import Any
 
 import asyncssh
 
+from cronium_nb.protocol import MESSAGE, STREAM_NAMES, Frame, FrameDecoder, LineSplitter, ProtocolError
 from cronium_nb.redaction import Redactor
-from cronium_runner.protocol import MESSAGE, STREAM_NAMES, Frame, FrameDecoder, LineSplitter, ProtocolError
 
 READ_SIZE = 65536
 STOP_MARGIN_S = 5.0

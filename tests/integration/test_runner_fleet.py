@@ -14,7 +14,7 @@ import pytest
 
 from cronium_nb import Fleet
 from cronium_nb.model import Server
-from cronium_runner.exitcodes import RunnerExit
+from cronium_nb.protocol import RunnerExit
 from tests.conftest import REPO_ROOT
 from tests.runner_harness import (
     SshRun,

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from cronium_runner.protocol import LineSplitter
+from cronium_nb.protocol import LineSplitter
 
 
 def pieces_of(rng: random.Random) -> list[bytes]:

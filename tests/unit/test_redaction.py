@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from cronium_nb.protocol import LineSplitter
 from cronium_nb.redaction import Redactor
-from cronium_runner.protocol import LineSplitter
 
 PEM = """-----BEGIN OPENSSH PRIVATE KEY-----
 b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtzc2gtZW

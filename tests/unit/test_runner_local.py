@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cronium_runner.exitcodes import RunnerExit
-from cronium_runner.protocol import MAGIC, encode
+from cronium_nb.protocol import MAGIC, RunnerExit, encode
 from tests.runner_harness import LOCAL_RUNNER, LocalRun, grandchildren_script, make_payload, run_local
 
 SHELL_HELPER_SCRIPT = """
