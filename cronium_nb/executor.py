@@ -30,7 +30,6 @@ from typing import Any
 import asyncssh
 import pandas as pd
 
-import cronium_runner
 from cronium_nb.config import state_dir as resolve_state_dir
 from cronium_nb.inventory import Inventory
 from cronium_nb.model import Event, EventError, Server, Status
@@ -47,7 +46,7 @@ from cronium_nb.ssh.sessions import RunnerSessions
 from cronium_nb.store import SERVER_RESULT_FIELDS, LogBuffer, LogChunk, Store
 from cronium_nb.tools import ToolRegistry
 
-DEFAULT_RUNNER_DIST = Path(cronium_runner.__file__).resolve().parent.parent / "dist"
+DEFAULT_RUNNER_DIST = Path(__file__).resolve().parent.parent / "runner" / "dist"  # `make runner` builds it
 DEFAULT_CONCURRENCY = 32
 DEFAULT_MAX_LOG_BYTES = 2**30  # stored log text per execution; a runaway script cannot fill the disk
 LOG_FLUSH_INTERVAL_S = 0.5

@@ -8,7 +8,6 @@ import re
 import shlex
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -22,8 +21,13 @@ from cronium_nb.manifest import SCRIPT_TYPES, Manifest
 from cronium_nb.model import Server
 from cronium_nb.payload import PayloadArchive, build_archive
 from cronium_nb.protocol import MESSAGE, STREAM_NAMES, FrameDecoder, LineSplitter
+from tests.conftest import REPO_ROOT
 
-LOCAL_RUNNER = shlex.split(os.environ.get("CRONIUM_TEST_RUNNER", "")) or [sys.executable, "-m", "cronium_runner"]
+HOST_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}.get(os.uname().machine, os.uname().machine)
+# The runner binary for this machine (`make runner`); CRONIUM_TEST_RUNNER overrides it.
+LOCAL_RUNNER = shlex.split(os.environ.get("CRONIUM_TEST_RUNNER", "")) or [
+    str(REPO_ROOT / "runner" / "dist" / f"cronium-runner-linux-{HOST_ARCH}")
+]
 
 
 def make_payload(
@@ -159,8 +163,9 @@ def processes_matching(fleet: Any, name: str, pattern: str) -> list[str]:
     return [line for line in output.splitlines() if re.search(pattern, line) and "ps -eo" not in line]
 
 
-RUNNER_PROCESS = re.compile(r"cronium-runner(\.pyz)? (run|serve)\b")
-RUNNER_DAEMON = re.compile(r"cronium-runner(\.pyz)? daemon\b")
+# A daemon's sessions are the binary started again with `daemon ... --session`: a job's, not the daemon.
+RUNNER_PROCESS = re.compile(r"cronium-runner (run|serve)\b|cronium-runner daemon\b.* --session\b")
+RUNNER_DAEMON = re.compile(r"cronium-runner daemon\b(?!.* --session\b)")
 
 
 def _process_rows(fleet: Any, name: str) -> list[list[str]]:
@@ -170,8 +175,8 @@ def _process_rows(fleet: Any, name: str) -> list[list[str]]:
 
 
 def runner_daemons(fleet: Any, name: str) -> list[str]:
-    """Pids of the runner daemons on a fleet server (not of their sessions, which share the
-    daemon's command line: they are its forked children)."""
+    """Pids of the runner daemons on a fleet server (not of their sessions: the daemon's
+    children, started as ``daemon ... --session``)."""
     rows = _process_rows(fleet, name)
     daemons = {row[0] for row in rows if RUNNER_DAEMON.search(row[3])}
     return [row[0] for row in rows if row[0] in daemons and row[1] not in daemons]
@@ -179,8 +184,8 @@ def runner_daemons(fleet: Any, name: str) -> list[str]:
 
 def leftover_processes(fleet: Any, name: str, pattern: str) -> list[str]:
     """Processes of a job still on a fleet server: those matching ``pattern``, runner processes,
-    and sessions of the runner daemon (its forked children). The idle daemon itself belongs to
-    no job and is not listed."""
+    and sessions of the runner daemon (its children). The idle daemon itself belongs to no job
+    and is not listed."""
     rows = _process_rows(fleet, name)
     daemons = {row[0] for row in rows if RUNNER_DAEMON.search(row[3])}
     return [

@@ -28,7 +28,7 @@ from tests.runner_harness import leftover_processes, processes_matching
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 FAULTS = ("none", "cancel", "kill_sshd", "pause", "delete_runner")
 SCRIPT = "echo soak on $(hostname); sleep 10; echo done"  # `sleep 10` is the job's marker below
-MARKER = r"sleep 10$|cronium-runner(\.pyz)? run\b"  # a run's script or one-shot runner
+MARKER = r"sleep 10$|cronium-runner run\b"  # a run's script or one-shot runner
 # While the executor is open its connections keep idle runner sessions: only once it is closed
 # must they be gone too (leftover_processes counts them).
 KEEPALIVE = SSHOptions(keepalive_interval=1, keepalive_count_max=3)  # a dead link is noticed in ~3-4 s

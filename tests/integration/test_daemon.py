@@ -12,7 +12,7 @@ from tests.runner_harness import leftover_processes, processes_matching, runner_
 
 # The script reports the process that runs it (its session) and that process's parent.
 WHO_RUNS_ME = 'echo "session $PPID $(ps -o args= -p $PPID)"; echo "parent $(ps -o ppid= -p $PPID | tr -d " ")"'
-DAEMON = r"cronium-runner(\.pyz)? daemon"
+DAEMON = r"cronium-runner daemon"
 
 
 def who_runs(executor: Executor, server: str) -> dict[str, str]:

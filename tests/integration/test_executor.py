@@ -4,6 +4,7 @@ cancellation that leave nothing running, dead links, concurrency."""
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import threading
 import time
@@ -86,26 +87,34 @@ def test_a_runner_damaged_on_the_server_is_redeployed(cronium_fleet: Fleet, exec
     assert all(line == "fine" for line in result.logs["line"])
 
 
-def test_zipapp_is_deployed_where_no_bundle_fits(cronium_fleet: Fleet, executor_factory, tmp_path: Path) -> None:
+def test_a_server_of_an_architecture_without_a_build_fails_clearly(
+    cronium_fleet: Fleet, executor_factory, tmp_path: Path
+) -> None:
+    """The probe finds the machine before anything is sent: no build for it is that server's
+    clear error, and the others run."""
     dist = tmp_path / "dist"
     dist.mkdir()
-    for name in ("cronium-runner-zipapp.tar.gz", "cronium-runner-zipapp.tar.gz.sha256"):
-        shutil.copy(DEFAULT_RUNNER_DIST / name, dist / name)
+    info = json.loads((DEFAULT_RUNNER_DIST / "runner.json").read_text())
+    info["binaries"] = {"amd64": info["binaries"]["amd64"]}
+    (dist / "runner.json").write_text(json.dumps(info))
+    shutil.copy(DEFAULT_RUNNER_DIST / "cronium-runner-linux-amd64", dist / "cronium-runner-linux-amd64")
     executor = executor_factory(cronium_fleet.inventory, runner_dist=dist)
-    result = executor.run(Event(name="zipapp", script="print(cronium.event('server'))", type="python"))
-    assert result.ok, result.summary.to_string()
-    assert sorted(result.logs["line"]) == sorted(cronium_fleet.names)
+    result = executor.run(Event(name="nothing-fits", script="true"))
+    assert result.status == Status.PARTIAL
+    assert result["amd64-1"].status == Status.SUCCESS
+    assert result["arm64-1"].error == "no runner for architecture aarch64: the runner is built for linux/amd64"
 
 
-def test_no_runner_for_a_bare_server_without_bundle(cronium_bare_fleet: Fleet, executor_factory, tmp_path) -> None:
-    dist = tmp_path / "dist"
-    dist.mkdir()
-    for name in ("cronium-runner-zipapp.tar.gz", "cronium-runner-zipapp.tar.gz.sha256"):
-        shutil.copy(DEFAULT_RUNNER_DIST / name, dist / name)
-    executor = executor_factory(cronium_bare_fleet.inventory, runner_dist=dist)
-    result = executor.run(Event(name="nothing-fits", script="true"), servers="arm64")
+def test_a_home_where_nothing_may_run_fails_with_the_reason(cronium_fleet_factory, executor_factory) -> None:
+    fleet = cronium_fleet_factory(amd64=1, arm64=1, name_prefix="noexec-", tmpfs={"/root/.cache": "noexec,mode=0700"})
+    executor = executor_factory(fleet.inventory)
+    result = executor.run(Event(name="noexec", script="echo never"))
     assert result.status == Status.FAILED
-    assert "no runner for architecture aarch64 (no python3)" in result.summary["error"][0]
+    for server in fleet.names:
+        error = result[server].error
+        assert error.startswith("the runner cannot run on this server (")
+        assert "Permission denied" in error
+    assert result.logs.empty
 
 
 def test_deploy_fails_twice_then_works(cronium_fleet_factory, executor_factory) -> None:

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-import cronium_runner
 from cronium_nb import Event, Executor, Fleet, Status
+from cronium_nb.executor import DEFAULT_RUNNER_DIST
 
 pytestmark = pytest.mark.fleet
 
@@ -26,6 +26,7 @@ COMPLEX_INPUT = {
 }
 EVENT_FIELDS = ("id", "name", "type", "execution_id", "server", "payload_version", "runner_version", "timeout")
 BIG = "x" * 200_000  # over the kernel's 128 KiB cap on one command-line argument
+RUNNER_VERSION = json.loads((DEFAULT_RUNNER_DIST / "runner.json").read_text())["version"]
 
 
 @dataclass
@@ -96,7 +97,7 @@ CASES: dict[str, Case] = {
             "execution_id={execution_id}",
             "server={server}",
             "payload_version={payload_version}",
-            f"runner_version={cronium_runner.__version__}",
+            f"runner_version={RUNNER_VERSION}",
             "timeout=120",
             "True",
         ],

@@ -1,6 +1,6 @@
-"""The runner inside fleet containers of both architectures: the standalone bundle on the bare
-variant (no Python there) and the zipapp on the full variant, driven over SSH as the executor
-drives it (payload and control on stdin, frames on stdout)."""
+"""The runner binary inside fleet containers of both architectures, on the bare variant (no
+Python, no Node) and the full one, driven over SSH as the executor drives it (payload and
+control on stdin, frames on stdout)."""
 
 from __future__ import annotations
 
@@ -30,13 +30,14 @@ from tests.unit.test_runner_local import HELPER_EXPECTED_STDOUT, HELPER_SCRIPTS,
 pytestmark = pytest.mark.fleet
 DIST = REPO_ROOT / "runner" / "dist"
 REMOTE_DIR = "/opt/cronium-test"
+MACHINES = {"amd64": "x86_64", "arm64": "aarch64", "riscv64": "riscv64"}
 
 
 @dataclass(frozen=True)
 class Target:
     fleet: Fleet
     server: Server
-    flavour: str
+    variant: str
     runner: list[str]
 
     @property
@@ -44,48 +45,40 @@ class Target:
         return self.server.name
 
 
-def artifact(name: str) -> Path:
-    path = DIST / name
+def binary(arch: str) -> Path:
+    path = DIST / f"cronium-runner-linux-{arch}"
     if not path.is_file():
         pytest.fail(f"{path} is missing: run `make runner`")
     return path
 
 
-async def install_runner(server: Server, flavour: str, arch: str) -> list[str]:
-    """Copy a runner build to the server by SFTP (the executor's cached deployment comes later)."""
-    name = f"cronium-runner-linux-{arch}.tar.gz" if flavour == "bundle" else "cronium-runner-zipapp.tar.gz"
+async def install_runner(server: Server, arch: str) -> list[str]:
+    """Copy the runner binary to the server by SFTP (the executor's cached deployment comes later)."""
+    local = binary(arch)
+    digest = hashlib.sha256(local.read_bytes()).hexdigest()
     async with await connect(server) as connection:
         await connection.run(f"mkdir -p {REMOTE_DIR}", check=True)
-        await asyncssh_put(connection, artifact(name), f"{REMOTE_DIR}/runner.tar.gz")
-        verify = (
-            f"cd {REMOTE_DIR} && tar xzf runner.tar.gz && rm runner.tar.gz "
-            "&& cd cronium-runner && sha256sum -c --quiet SHA256SUMS"
-        )
-        await connection.run(verify, check=True)
-    if flavour == "bundle":
-        return [f"{REMOTE_DIR}/cronium-runner/cronium-runner"]
-    return ["python3", f"{REMOTE_DIR}/cronium-runner/cronium-runner.pyz"]
-
-
-async def asyncssh_put(connection, local: Path, remote: str) -> None:
-    async with connection.start_sftp_client() as sftp:
-        await sftp.put(str(local), remote)
+        async with connection.start_sftp_client() as sftp:
+            await sftp.put(str(local), f"{REMOTE_DIR}/cronium-runner")
+        check = f"cd {REMOTE_DIR} && echo '{digest}  cronium-runner' | sha256sum -c --quiet && chmod 700 cronium-runner"
+        await connection.run(check, check=True)
+    return [f"{REMOTE_DIR}/cronium-runner"]
 
 
 class Targets:
-    """Runner installs on the fleets, made on first use: ``targets["arm64-bundle"]``."""
+    """Runner installs on the fleets, made on first use: ``targets["arm64-bare"]``."""
 
     def __init__(self, full: Fleet, bare: Fleet) -> None:
-        self._fleets = {"bundle": bare, "zipapp": full}
+        self._fleets = {"bare": bare, "full": full}
         self._installed: dict[str, Target] = {}
 
     def __getitem__(self, key: str) -> Target:
         if key not in self._installed:
-            arch, flavour = key.split("-")
-            fleet = self._fleets[flavour]
+            arch, variant = key.split("-")
+            fleet = self._fleets[variant]
             server = next(s for s in fleet.servers if fleet.member(s.name).arch == arch)
-            runner = asyncio.run(install_runner(server, flavour, arch))
-            self._installed[key] = Target(fleet, server, flavour, runner)
+            runner = asyncio.run(install_runner(server, arch))
+            self._installed[key] = Target(fleet, server, variant, runner)
         return self._installed[key]
 
 
@@ -94,7 +87,7 @@ def targets(cronium_fleet: Fleet, cronium_bare_fleet: Fleet) -> Targets:
     return Targets(cronium_fleet, cronium_bare_fleet)
 
 
-TARGET_IDS = ["amd64-bundle", "arm64-bundle", "amd64-zipapp", "arm64-zipapp"]
+TARGET_IDS = ["amd64-bare", "arm64-bare", "amd64-full", "arm64-full"]
 
 
 @pytest.fixture(params=TARGET_IDS)
@@ -106,19 +99,19 @@ def run(target: Target, archive, **kwargs):
     return asyncio.run(run_over_ssh(target.server, target.runner, archive, **kwargs))
 
 
-def test_version_reports_flavour_and_architecture(target: Target) -> None:
+def test_version_reports_the_static_build_and_architecture(target: Target) -> None:
     async def version() -> str:
         async with await connect(target.server) as connection:
             result = await connection.run(" ".join([*target.runner, "version", "--json"]), check=True)
             return str(result.stdout)
 
     info = json.loads(asyncio.run(version()))
-    assert info["flavour"] == target.flavour
-    assert info["arch"] == {"amd64": "x86_64", "arm64": "aarch64"}[target.fleet.member(target.name).arch]
+    assert info["flavour"] == "static"
+    assert info["arch"] == MACHINES[target.fleet.member(target.name).arch]
 
 
-def test_bundle_needs_no_python(targets: Targets) -> None:
-    for key in ("amd64-bundle", "arm64-bundle"):
+def test_the_runner_needs_no_python(targets: Targets) -> None:
+    for key in ("amd64-bare", "arm64-bare"):
         target = targets[key]
         assert "python3" not in target.fleet.exec(target.name, "command -v python3 || echo none").output
         report = run(target, make_payload("echo ok"))
@@ -132,7 +125,7 @@ def test_exit_codes(target: Target, script: str, code: int) -> None:
 
 
 def test_helpers_round_trip(target: Target) -> None:
-    types = ["bash", "sh"] if target.flavour == "bundle" else ["bash", "sh", "python", "node"]
+    types = ["bash", "sh"] if target.variant == "bare" else ["bash", "sh", "python", "node"]
     context = {"execution_id": "exec-1", "server": "srv-1", "input": {"n": 5}, "variables": {"seeded": True}}
     for script_type in types:
         script = HELPER_SCRIPTS[script_type]
@@ -145,7 +138,7 @@ def test_helpers_round_trip(target: Target) -> None:
 
 
 def test_python_script_on_bare_server_names_the_missing_interpreter(targets: Targets) -> None:
-    report = run(targets["arm64-bundle"], make_payload("print(1)", "python"))
+    report = run(targets["arm64-bare"], make_payload("print(1)", "python"))
     assert report.exit_status == RunnerExit.INTERPRETER_MISSING
     assert "python3" in report.result["runner_error"]["message"]
 

@@ -9,7 +9,6 @@ import shutil
 import signal
 import stat
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -176,14 +175,32 @@ def test_links_in_payload_are_refused(workroot: str) -> None:
     assert "not a regular file" in report.result["runner_error"]["message"]
 
 
-def test_invalid_manifest_is_refused(workroot: str) -> None:
-    # extra_files replaces the generated manifest with a hand-written YAML one
-    archive = make_payload(
-        "echo hi", extra_files={"manifest.yaml": b"version: 1\nname: x\ntype: cobol\nentrypoint: script.sh\n"}
-    )
+DEEP = b"[" * 600 + b"]" * 600
+
+
+@pytest.mark.parametrize(
+    ("manifest", "message"),
+    [
+        (b'{"version": 1, "name": "x", "type": "cobol", "entrypoint": "script.sh"}', "'type'"),
+        (b'{"version": 1, "name": "x", "type": "bash", "entrypoint": "script.sh", "timeout": 1e999}', "'timeout'"),
+        (b'{"version": 1, "name": "x", "type": "bash", "entrypoint": "script.sh", "timeout": NaN}', "JSON"),
+        # YAML is never parsed on a server: aliases, tags and the rest are refused
+        (b"version: 1\nname: &n x\ntype: bash\nentrypoint: *n\n", "JSON"),
+        (
+            b'{"version": 1, "name": "x", "type": "bash", "entrypoint": "s.sh", "input": '
+            + b"[" * 600
+            + b"]" * 600
+            + b"}",
+            "nest",
+        ),
+    ],
+    ids=["unknown-type", "infinite-timeout", "nan-timeout", "yaml-alias", "deep-nesting"],
+)
+def test_invalid_manifest_is_refused(workroot: str, manifest: bytes, message: str) -> None:
+    archive = make_payload("echo hi", extra_files={"manifest.yaml": manifest})  # replaces the generated one
     report = run_local(archive, workroot=workroot)
     assert report.exit_status == RunnerExit.BAD_MANIFEST
-    assert "type" in report.result["runner_error"]["message"]
+    assert message in report.result["runner_error"]["message"]
 
 
 def test_not_an_archive(workroot: str) -> None:
@@ -340,6 +357,5 @@ def test_env_and_cronium_variables(workroot: str) -> None:
 def test_version_json() -> None:
     completed = subprocess.run([*LOCAL_RUNNER, "version", "--json"], capture_output=True, text=True, check=True)
     info = json.loads(completed.stdout)
-    assert info["flavour"] == "source" and info["version"]
+    assert info["flavour"] == "static" and info["version"]
     assert info["arch"] == os.uname().machine
-    assert sys.executable

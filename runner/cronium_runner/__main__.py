@@ -1,5 +1,0 @@
-import sys
-
-from cronium_runner.cli import main
-
-sys.exit(main())
