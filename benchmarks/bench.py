@@ -171,35 +171,26 @@ def bench_fanout(report: Report, fleet: Fleet, state: Path, plan: Plan) -> None:
 # --- B3 ---------------------------------------------------------------------------------------
 
 
-def _only_zipapp(root: Path) -> Path:
-    """A runner dist with the zipapp alone, so that the executor must deploy it."""
-    for name in ("cronium-runner-zipapp.tar.gz", "cronium-runner-zipapp.tar.gz.sha256"):
-        shutil.copy2(RUNNER_DIST / name, root / name)
-    return root
-
-
 def bench_deploy(report: Report, fleet: Fleet, state: Path, plan: Plan) -> None:
+    """Cold deployment: the runner removed from every server, then one event deploys and runs."""
     event = Event(name="bench-deploy", script="true", type="sh")
-    with tempfile.TemporaryDirectory() as zipapp_dist:
-        dists = {"bundle": RUNNER_DIST, "zipapp": _only_zipapp(Path(zipapp_dist))}
-        for flavour, dist in dists.items():
-            for n in plan.deploy_sizes:
-                servers = fleet.servers[:n]
-                sent: list[int] = []
+    for n in plan.deploy_sizes:
+        servers = fleet.servers[:n]
+        sent: list[int] = []
 
-                def deploy() -> None:
-                    for server in servers:
-                        fleet.exec(server.name, "rm -rf /root/.cache/cronium")
-                    with Executor(fleet.inventory, state_dir=state, runner_dist=dist) as executor:
-                        result = executor.run(event, servers)
-                        check(result, servers)
-                        if any(r.deploy != "deployed" for r in result.servers.values()):
-                            raise RuntimeError("expected a fresh deployment on every server")
-                        metrics = executor.metrics().set_index("metric")["value"]
-                        sent.append(int(metrics["deployments.bytes_sent"]))
+        def deploy() -> None:
+            for server in servers:
+                fleet.exec(server.name, "pkill -f 'cronium-runner daemon'; rm -rf /root/.cache/cronium")
+            with Executor(fleet.inventory, state_dir=state) as executor:
+                result = executor.run(event, servers)
+                check(result, servers)
+                if any(r.deploy != "deployed" for r in result.servers.values()):
+                    raise RuntimeError("expected a fresh deployment on every server")
+                metrics = executor.metrics().set_index("metric")["value"]
+                sent.append(int(metrics["deployments.bytes_sent"]))
 
-                report.add("B3", f"cronium_nb deploy, {flavour}", n, timed(deploy, plan.deploy_runs),
-                           extra={"bytes_sent": statistics.median(sent)})  # fmt: skip
+        report.add("B3", "cronium_nb deploy, static binary", n, timed(deploy, plan.deploy_runs),
+                   extra={"bytes_sent": statistics.median(sent)})  # fmt: skip
 
 
 # --- B4 ---------------------------------------------------------------------------------------
@@ -288,7 +279,7 @@ def profile_cold_fanout(report: Report, fleet: Fleet, state: Path, n: int, runs:
     """Where the orchestrator's CPU goes in a cold fan-out: py-spy samples every thread."""
     py_spy = Path(sys.executable).parent / "py-spy"
     servers = fleet.servers[:n]
-    with Executor(fleet.inventory, state_dir=state) as executor:  # B3 left the zipapp: deploy first
+    with Executor(fleet.inventory, state_dir=state) as executor:  # deploy first where B3 did not
         check(executor.run(Event(name="bench-fanout", script=FANOUT_COMMAND, type="sh"), servers), servers)
     with tempfile.TemporaryDirectory() as out:
         stacks = Path(out) / "stacks.txt"

@@ -1,15 +1,18 @@
-"""Runner start-up on this machine: `version`, and a whole framed run of a `true` script.
+"""Runner start-up on this machine: `version`, and a whole framed run of a `true` script, with
+the static Go binary for this machine's architecture; and each binary's size, gzip-compressed
+as it goes on the wire.
 
 Usage: python benchmarks/runner_startup.py [RUNS]   (needs `make runner`; prints medians)
 """
 
 from __future__ import annotations
 
+import gzip
 import json
+import os
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -18,6 +21,7 @@ from cronium_nb.manifest import Manifest
 from cronium_nb.payload import build_archive
 
 DIST = Path(__file__).resolve().parent.parent / "runner" / "dist"
+HOST_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}.get(os.uname().machine, os.uname().machine)
 
 
 def median_ms(command: list[str], runs: int, stdin: bytes = b"") -> float:
@@ -32,23 +36,15 @@ def median_ms(command: list[str], runs: int, stdin: bytes = b"") -> float:
 def main(runs: int = 20) -> None:
     archive = build_archive(Manifest(name="true", type="sh", entrypoint="script.sh"), "true\n")
     stdin = json.dumps({"payload_size": archive.size}).encode() + b"\n" + archive.data
+    runner = [str(DIST / f"cronium-runner-linux-{HOST_ARCH}")]
     with tempfile.TemporaryDirectory() as folder:
-        with tarfile.open(DIST / "cronium-runner-linux-amd64.tar.gz") as bundle:
-            bundle.extractall(folder, filter="tar")
-        flavours = {
-            "bundle": [f"{folder}/cronium-runner/cronium-runner"],
-            "zipapp": [sys.executable, str(DIST / "cronium-runner.pyz")],
-        }
-        workroot = ["--workroot", f"{folder}/runs"]
-        for flavour, runner in flavours.items():
-            version = median_ms([*runner, "version"], runs)
-            run = median_ms([*runner, "run", "-", "--framed", *workroot], runs, stdin)
-            print(f"{flavour:7s} version {version:6.1f} ms   run of `true` {run:6.1f} ms   (median of {runs})")
-    sizes = {p.name: p.stat().st_size for p in sorted(DIST.glob("*.tar.gz"))} | {
-        "cronium-runner.pyz": (DIST / "cronium-runner.pyz").stat().st_size
-    }
-    for name, size in sizes.items():
-        print(f"{name}: {size / 1e6:.1f} MB")
+        version = median_ms([*runner, "version"], runs)
+        run = median_ms([*runner, "run", "-", "--framed", "--workroot", f"{folder}/runs"], runs, stdin)
+    print(f"linux/{HOST_ARCH}: version {version:.1f} ms, run of `true` {run:.1f} ms (median of {runs})")
+    for binary in sorted(p for p in DIST.glob("cronium-runner-linux-*") if p.suffix != ".sha256"):
+        data = binary.read_bytes()
+        packed = len(gzip.compress(data, compresslevel=6, mtime=0))
+        print(f"{binary.name}: {len(data) / 1e6:.2f} MB, {packed / 1e6:.2f} MB gzip-compressed (as deployed)")
 
 
 if __name__ == "__main__":

@@ -43,8 +43,7 @@ class FleetFactory:
     def __call__(self, amd64: int = 1, arm64: int = 1, variant: str = "full", **options: Any) -> Fleet:
         key = (amd64, arm64, variant, tuple(sorted((k, repr(v)) for k, v in options.items())))
         if key not in self._fleets:
-            prefix = options.pop("name_prefix", "")
-            self._fleets[key] = Fleet.up(amd64=amd64, arm64=arm64, variant=variant, name_prefix=prefix, **options)
+            self._fleets[key] = Fleet.up(amd64=amd64, arm64=arm64, variant=variant, **options)
         return self._fleets[key]
 
     def close(self) -> None:

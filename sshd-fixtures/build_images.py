@@ -1,6 +1,8 @@
 """Build the sshd test images with no image registry: mmdebstrap rootfs -> ``docker import``.
 
-Four images, {amd64, arm64} x {full, bare}. Each is tagged with a hash of its recipe (this
+Five images: {amd64, arm64} x {full, bare} from Debian bookworm, and riscv64 bare from Debian
+trixie (riscv64 became an official architecture there; only its main suite is used, as the
+updates and security indexes for riscv64 have been seen mid-sync). Each is tagged with a hash of its recipe (this
 file, the entrypoint, the sshd settings, the architecture and the variant), plus a moving tag
 ``cronium-sshd:<arch>-<variant>`` that :class:`cronium_nb.Fleet` starts. An image whose recipe
 hash already exists is not rebuilt.
@@ -22,11 +24,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from cronium_nb.fleet import ARCHES, FIXTURE_USERS, IMAGE_REPOSITORY, VARIANTS, image_tag
+from cronium_nb.fleet import ARCHES, FIXTURE_USERS, IMAGE_REPOSITORY, IMAGES, VARIANTS, image_tag
 
 HERE = Path(__file__).resolve().parent
 RECIPE_FILES = ("build_images.py", "entrypoint.sh", "sshd_config.conf")
-SUITE = "bookworm"
+SUITES = {"amd64": "bookworm", "arm64": "bookworm", "riscv64": "trixie"}
 BASE_PACKAGES = ["openssh-server", "procps", "tini", "bash", "coreutils", "tar", "gzip"]
 PACKAGES = {"bare": BASE_PACKAGES, "full": [*BASE_PACKAGES, "python3", "nodejs"]}
 ENTRYPOINT = "/usr/local/sbin/cronium-sshd-entrypoint"
@@ -53,7 +55,7 @@ def check_build_host(arches: set[str]) -> None:
 
 
 def recipe_hash(arch: str, variant: str) -> str:
-    digest = hashlib.sha256(f"{SUITE}/{arch}/{variant}/{sorted(FIXTURE_USERS.items())}\n".encode())
+    digest = hashlib.sha256(f"{SUITES[arch]}/{arch}/{variant}/{sorted(FIXTURE_USERS.items())}\n".encode())
     for name in RECIPE_FILES:
         digest.update((HERE / name).read_bytes())
     return digest.hexdigest()[:16]
@@ -83,9 +85,26 @@ def mmdebstrap_command(arch: str, variant: str, output: Path) -> list[str]:
         "--dpkgopt=path-exclude=/usr/share/man/*",
         "--dpkgopt=path-exclude=/usr/share/locale/*",
         *(f"--customize-hook={hook}" for hook in hooks),
-        SUITE,
+        SUITES[arch],
         str(output),
+        *([f"deb {debian_mirror()} {SUITES[arch]} main"] if SUITES[arch] != "bookworm" else []),
     ]
+
+
+def debian_mirror() -> str:
+    """The Debian mirror this machine's apt uses (for a suite other than its own: mmdebstrap
+    takes the machine's sources for its own suite, and a sources line for another)."""
+    for path in sorted(Path("/etc/apt").glob("sources.list.d/*.sources")):
+        for line in path.read_text().splitlines():
+            if line.startswith("URIs:") and "security" not in line:
+                return line.split()[1]
+    for path in [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt").glob("sources.list.d/*.list"))]:
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                words = line.split()
+                if words[:1] == ["deb"] and "security" not in line:
+                    return next(word for word in words[1:] if "://" in word)
+    raise SystemExit("cannot find a Debian mirror in /etc/apt: needed to build the riscv64 (trixie) image")
 
 
 def build(arch: str, variant: str) -> str:
@@ -117,10 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", default=",".join(VARIANTS))
     parser.add_argument("--check", action="store_true", help="only report whether a build is needed")
     args = parser.parse_args(argv)
-    wanted = [(a, v) for a in args.arch.split(",") for v in args.variant.split(",")]
-    for arch, variant in wanted:
-        if arch not in ARCHES or variant not in VARIANTS:
-            parser.error(f"unknown image {arch}/{variant}; known: {ARCHES} x {VARIANTS}")
+    wanted = [(a, v) for a in args.arch.split(",") for v in args.variant.split(",") if (a, v) in IMAGES]
+    for arch in args.arch.split(","):
+        if arch not in ARCHES:
+            parser.error(f"unknown architecture {arch}; known: {', '.join(ARCHES)}")
+    for variant in args.variant.split(","):
+        if variant not in VARIANTS:
+            parser.error(f"unknown variant {variant}; known: {', '.join(VARIANTS)}")
     stale = [(a, v) for a, v in wanted if not image_exists(f"{image_tag(a, v)}-{recipe_hash(a, v)}")]
     if args.check:
         print("to build: " + ", ".join(f"{a}/{v}" for a, v in stale) if stale else "all images up to date")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Make this machine able to run the sshd test fleet: a Docker daemon that answers,
-# arm64 emulation through qemu-user binfmt, mmdebstrap for the image builds, and Chromium for
+# arm64 and riscv64 emulation through qemu-user binfmt, mmdebstrap for the image builds, and Chromium for
 # the browser test.
 # Idempotent: every step checks first and does nothing when already done.
 set -euo pipefail
@@ -37,17 +37,19 @@ ensure_docker() {
     die "dockerd did not answer within 60 s"
 }
 
+# Emulation of a foreign architecture through qemu-user and binfmt_misc (flag F: the interpreter
+# is opened at registration, so it works inside containers too).
 ensure_binfmt() {
-    local entry=/proc/sys/fs/binfmt_misc/qemu-aarch64
+    local qemu=$1 entry=/proc/sys/fs/binfmt_misc/$1
     if [ -e "$entry" ] && grep -q enabled "$entry"; then return; fi
-    [ -f /usr/lib/binfmt.d/qemu-aarch64.conf ] || apt_install qemu-user-static
-    [ "$(id -u)" = 0 ] || die "arm64 emulation is not registered; as root: mount binfmt_misc and register qemu-aarch64"
+    [ -f "/usr/lib/binfmt.d/$qemu.conf" ] || apt_install qemu-user-static
+    [ "$(id -u)" = 0 ] || die "$qemu emulation is not registered; as root: mount binfmt_misc and register $qemu"
     if [ ! -e /proc/sys/fs/binfmt_misc/register ]; then
         mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
     fi
-    [ -e "$entry" ] || cat /usr/lib/binfmt.d/qemu-aarch64.conf >/proc/sys/fs/binfmt_misc/register
-    grep -q enabled "$entry" || die "qemu-aarch64 binfmt entry is not enabled"
-    say "arm64 emulation registered"
+    [ -e "$entry" ] || cat "/usr/lib/binfmt.d/$qemu.conf" >/proc/sys/fs/binfmt_misc/register
+    grep -q enabled "$entry" || die "$qemu binfmt entry is not enabled"
+    say "$qemu emulation registered"
 }
 
 # arch-test is only a *recommended* dependency of mmdebstrap, and --no-install-recommends leaves it
@@ -77,11 +79,15 @@ verify_host() {
         command -v "${entry%%:*}" >/dev/null || missing+=("${entry#*:} (for ${entry%%:*})")
     done
     [ ${#missing[@]} = 0 ] || die "missing host packages: ${missing[*]}"
-    arch-test arm64 >/dev/null 2>&1 || die "arm64 binaries do not run on this host (arch-test arm64 failed): check the qemu-aarch64 binfmt registration"
+    local arch
+    for arch in arm64 riscv64; do
+        arch-test "$arch" >/dev/null 2>&1 || die "$arch binaries do not run on this host (arch-test $arch failed): check its qemu binfmt registration"
+    done
 }
 
 ensure_docker
-ensure_binfmt
+ensure_binfmt qemu-aarch64
+ensure_binfmt qemu-riscv64
 ensure_mmdebstrap
 ensure_chromium
 verify_host
