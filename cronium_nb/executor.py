@@ -32,7 +32,7 @@ import pandas as pd
 
 from cronium_nb.config import state_dir as resolve_state_dir
 from cronium_nb.inventory import Inventory
-from cronium_nb.model import Event, EventError, Server, Status
+from cronium_nb.model import Event, Server, Status, check_input
 from cronium_nb.payload import PayloadService, PreparedPayload
 from cronium_nb.redaction import Redactor
 from cronium_nb.results import PHASES, ExecutionResult, ServerResult, overall_status
@@ -413,10 +413,7 @@ class Executor:
         if run_input is _UNSET:
             run_input = event.input
         else:
-            try:
-                json.dumps(run_input, allow_nan=False)
-            except (TypeError, ValueError) as error:
-                raise EventError(f"input is not JSON-able: {error}") from None
+            check_input(run_input)
         if servers is not None and not isinstance(servers, str):
             servers = list(servers)
             if servers and all(isinstance(s, Server) for s in servers):

@@ -69,6 +69,27 @@ class EventError(ValueError):
     """An event that cannot run, found before anything is sent to a server."""
 
 
+MAX_JSON_DEPTH = 512  # the runner refuses JSON nested deeper (runner/PROTOCOL.md)
+
+
+def check_input(value: Any) -> None:
+    """Raise :class:`EventError` unless ``value`` is JSON the runner accepts: JSON-able, no NaN
+    or infinity, nested at most ``MAX_JSON_DEPTH`` levels."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except RecursionError:
+        raise EventError(f"input is nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except (TypeError, ValueError) as error:
+        raise EventError(f"input is not JSON-able: {error}") from None
+    level, depth = [value], 0
+    while level:
+        level = [item for node in level if isinstance(node, (list, dict)) for item in
+                 (node.values() if isinstance(node, dict) else node)]  # fmt: skip
+        depth += 1
+        if depth > MAX_JSON_DEPTH:
+            raise EventError(f"input is nested deeper than {MAX_JSON_DEPTH} levels")
+
+
 @dataclass(frozen=True)
 class Event:
     """What to run: a named script of one type, with its limits and data.
@@ -100,9 +121,9 @@ class Event:
             if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
                 raise EventError(f"event {self.name!r}: {label} must be a positive number of seconds, got {seconds!r}")
         try:
-            json.dumps(self.input, allow_nan=False)
-        except (TypeError, ValueError) as error:
-            raise EventError(f"event {self.name!r}: input is not JSON-able: {error}") from None
+            check_input(self.input)
+        except EventError as error:
+            raise EventError(f"event {self.name!r}: {error}") from None
         overlap = set(self.env) & set(self.secrets)
         if overlap:
             raise EventError(f"event {self.name!r}: {', '.join(sorted(overlap))} set both in env and secrets")

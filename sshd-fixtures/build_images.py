@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import platform
 import shutil
 import subprocess
@@ -27,11 +28,12 @@ from pathlib import Path
 from cronium_nb.fleet import ARCHES, FIXTURE_USERS, IMAGE_REPOSITORY, IMAGES, VARIANTS, image_tag
 
 HERE = Path(__file__).resolve().parent
-RECIPE_FILES = ("build_images.py", "entrypoint.sh", "sshd_config.conf")
+RECIPE_FILES = ("entrypoint.sh", "sshd_config.conf")
 SUITES = {"amd64": "bookworm", "arm64": "bookworm", "riscv64": "trixie"}
 BASE_PACKAGES = ["openssh-server", "procps", "tini", "bash", "coreutils", "tar", "gzip"]
 PACKAGES = {"bare": BASE_PACKAGES, "full": [*BASE_PACKAGES, "python3", "nodejs"]}
 ENTRYPOINT = "/usr/local/sbin/cronium-sshd-entrypoint"
+IMAGE_SETTINGS = [f'ENTRYPOINT ["/usr/bin/tini", "--", "{ENTRYPOINT}"]']  # `docker import --change`
 
 
 # Host program -> the Debian package that provides it. arch-test is only a recommended dependency
@@ -55,7 +57,11 @@ def check_build_host(arches: set[str]) -> None:
 
 
 def recipe_hash(arch: str, variant: str) -> str:
-    digest = hashlib.sha256(f"{SUITES[arch]}/{arch}/{variant}/{sorted(FIXTURE_USERS.items())}\n".encode())
+    """A hash of what defines an image: the mmdebstrap command (suite, packages, users, hooks),
+    the image settings and the files installed, not this script's other code (editing it
+    rebuilds nothing) nor where the checkout is."""
+    command = [part.replace(str(HERE), "@FIXTURES@") for part in mmdebstrap_command(arch, variant, Path("rootfs"))]
+    digest = hashlib.sha256(json.dumps([command, IMAGE_SETTINGS]).encode())
     for name in RECIPE_FILES:
         digest.update((HERE / name).read_bytes())
     return digest.hexdigest()[:16]
@@ -120,7 +126,7 @@ def build(arch: str, variant: str) -> str:
         if result.returncode != 0:
             raise RuntimeError(f"mmdebstrap failed for {arch}/{variant}:\n{result.stderr[-4000:]}")
         changes = [
-            f'ENTRYPOINT ["/usr/bin/tini", "--", "{ENTRYPOINT}"]',
+            *IMAGE_SETTINGS,
             f"LABEL cronium.sshd.arch={arch} cronium.sshd.variant={variant}"
             f" cronium.sshd.recipe={recipe_hash(arch, variant)}",
         ]

@@ -8,7 +8,7 @@ import sys
 import docker
 import pytest
 
-from cronium_nb.fleet import ARCHES, VARIANTS, image_tag
+from cronium_nb.fleet import IMAGES, image_tag
 from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.fleet
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.fleet
 
 def image_ids() -> dict[str, str]:
     client = docker.from_env()
-    return {tag: client.images.get(tag).id for tag in (image_tag(a, v) for a in ARCHES for v in VARIANTS)}
+    return {tag: client.images.get(tag).id for tag in (image_tag(a, v) for a, v in IMAGES)}
 
 
 def test_second_make_fixtures_rebuilds_nothing() -> None:
@@ -24,7 +24,7 @@ def test_second_make_fixtures_rebuilds_nothing() -> None:
     result = subprocess.run(["make", "-s", "fixtures"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stdout.splitlines() if line.startswith("cronium-sshd")]
-    assert len(lines) == len(ARCHES) * len(VARIANTS)
+    assert len(lines) == len(IMAGES)
     assert all(line.endswith(": up to date") for line in lines), result.stdout
     assert image_ids() == before
     check = subprocess.run(
@@ -35,10 +35,9 @@ def test_second_make_fixtures_rebuilds_nothing() -> None:
 
 def test_images_carry_their_recipe_label() -> None:
     client = docker.from_env()
-    for arch in ARCHES:
-        for variant in VARIANTS:
-            labels = client.images.get(image_tag(arch, variant)).labels
-            assert labels["cronium.sshd.arch"] == arch
-            assert labels["cronium.sshd.variant"] == variant
-            tags = client.images.get(image_tag(arch, variant)).tags
-            assert any(tag.endswith(labels["cronium.sshd.recipe"]) for tag in tags)
+    for arch, variant in IMAGES:
+        labels = client.images.get(image_tag(arch, variant)).labels
+        assert labels["cronium.sshd.arch"] == arch
+        assert labels["cronium.sshd.variant"] == variant
+        tags = client.images.get(image_tag(arch, variant)).tags
+        assert any(tag.endswith(labels["cronium.sshd.recipe"]) for tag in tags)
