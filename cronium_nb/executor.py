@@ -32,7 +32,7 @@ import pandas as pd
 
 from cronium_nb.config import state_dir as resolve_state_dir
 from cronium_nb.inventory import Inventory
-from cronium_nb.model import Event, Server, Status, check_input
+from cronium_nb.model import MAX_VARIABLE_DEPTH, Event, Server, Status, check_input, json_depth
 from cronium_nb.payload import PayloadService, PreparedPayload
 from cronium_nb.redaction import Redactor
 from cronium_nb.results import PHASES, ExecutionResult, ServerResult, overall_status
@@ -494,7 +494,7 @@ class Executor:
             reason = getattr(error, "reason", None) or str(error) or type(error).__name__
             result.status, result.error = Status.FAILED, f"connection to {server.address} failed: {reason}"
         except Exception as error:  # a bug here must not take the other servers down
-            result.status, result.error = Status.FAILED, f"internal error: {error!r}"
+            result.status, result.error = Status.FAILED, f"internal error: {type(error).__name__}: {error}"
         if result.error:
             result.error = state.redactor.text(result.error)
         state.truncation_marker(server.name)
@@ -552,11 +552,9 @@ class Executor:
                     # deploy again, once.
                     self.deployer.invalidate(pooled.key, outcome.build)
                     clock = time.monotonic()
-                    outcome = await SetupDeadline(state.event).bound(deploy(force=True), "deploy")
+                    outcome = await deadline.bound(deploy(force=True), "deploy")
                     result.phases["deploy"] += time.monotonic() - clock
-                    run = await self._run_payload(
-                        state, server, pooled, outcome.build, context, SetupDeadline(state.event)
-                    )
+                    run = await self._run_payload(state, server, pooled, outcome.build, context, deadline)
             finally:
                 if api_run is not None:
                     self._runtime.unregister(state.execution_id, server.name)
@@ -624,22 +622,22 @@ class Executor:
             return None
 
         def variable_set(name: str, value: Any) -> None:
-            value = state.redactor.value(value)
+            name, value = state.redactor.text(name), state.redactor.value(value)
             updated_by = f"{state.execution_id}/{server.name}"
             self.store.set_variable(self.variable_scope, name, value, updated_by=updated_by)
             if state.callbacks.on_variable is not None:
                 state.callbacks.on_variable(server.name, name, value)
 
         def tool_called(tool: str, arguments: Any, started: float, duration_s: float, error: str | None) -> None:
-            text = json.dumps(arguments)
+            holds_secret = state.redactor.value(arguments) != arguments
             self.store.record_tool_call(
                 state.execution_id,
                 server.name,
-                tool,
+                state.redactor.text(tool),
                 started_at=started,
                 duration_s=duration_s,
                 error=None if error is None else state.redactor.text(error),
-                arguments=None if state.redactor.text(text) != text else text,  # never a secret in the store
+                arguments=None if holds_secret else json.dumps(arguments),  # never a secret in the store
             )
 
         api_run = ApiRun(
@@ -681,7 +679,13 @@ class Executor:
             # Only what this run changed: rewriting the values it was given could undo what a
             # concurrent run set meanwhile (API mode stores its changes live, as they happen).
             for name, value in result.variables.items():
-                if name not in seeded or seeded[name] != value:
-                    self.store.set_variable(
-                        self.variable_scope, name, value, updated_by=f"{state.execution_id}/{server.name}"
-                    )
+                if name in seeded and seeded[name] == value:
+                    continue
+                if json_depth(value, MAX_VARIABLE_DEPTH) > MAX_VARIABLE_DEPTH:
+                    # stored, it would make the run context of every later run too deep for the runner
+                    result.status = Status.FAILED
+                    result.error = f"variable '{name}' is nested deeper than {MAX_VARIABLE_DEPTH} levels: not stored"
+                    continue
+                self.store.set_variable(
+                    self.variable_scope, name, value, updated_by=f"{state.execution_id}/{server.name}"
+                )

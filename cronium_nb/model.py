@@ -42,9 +42,12 @@ class Server:
                 raise ValueError(f"server {text_field} must be a non-empty string, got {value!r}")
             if "\0" in value:  # it reaches the script's environment, where NUL cannot be
                 raise ValueError(f"server {text_field} must not contain NUL bytes, got {value!r}")
-        if any(character.isspace() for character in self.host):
-            # It is written into known_hosts lines, where whitespace or a newline would forge entries.
-            raise ValueError(f"server {self.name!r}: host must not contain whitespace, got {self.host!r}")
+        if any(character.isspace() or character in ",*?!|#@" for character in self.host):
+            # It is written into known_hosts lines, where whitespace, a newline or a pattern
+            # character would forge entries or widen them to other hosts.
+            raise ValueError(
+                f"server {self.name!r}: host must not contain whitespace or any of , * ? ! | # @, got {self.host!r}"
+            )
         if isinstance(self.port, bool) or not isinstance(self.port, int):
             raise ValueError(f"server {self.name!r}: port must be an integer, got {self.port!r}")
         if not MIN_PORT <= self.port <= MAX_PORT:
@@ -70,24 +73,33 @@ class EventError(ValueError):
 
 
 MAX_JSON_DEPTH = 512  # the runner refuses JSON nested deeper (runner/PROTOCOL.md)
+# The run context holds the input one level down, and each variable two ({"variables": {name: ...}}).
+MAX_INPUT_DEPTH = MAX_JSON_DEPTH - 1
+MAX_VARIABLE_DEPTH = MAX_JSON_DEPTH - 2
+
+
+def json_depth(value: Any, limit: int) -> int:
+    """How deeply ``value`` nests (a scalar is 1), counted up to ``limit + 1`` at most."""
+    level, depth = [value], 0
+    while level and depth <= limit:
+        depth += 1
+        level = [item for node in level if isinstance(node, (list, dict)) for item in
+                 (node.values() if isinstance(node, dict) else node)]  # fmt: skip
+    return depth
 
 
 def check_input(value: Any) -> None:
     """Raise :class:`EventError` unless ``value`` is JSON the runner accepts: JSON-able, no NaN
-    or infinity, nested at most ``MAX_JSON_DEPTH`` levels."""
+    or infinity, nested at most ``MAX_INPUT_DEPTH`` levels."""
+    too_deep = EventError(f"input is nested deeper than {MAX_INPUT_DEPTH} levels")
     try:
         json.dumps(value, allow_nan=False)
     except RecursionError:
-        raise EventError(f"input is nested deeper than {MAX_JSON_DEPTH} levels") from None
+        raise too_deep from None
     except (TypeError, ValueError) as error:
         raise EventError(f"input is not JSON-able: {error}") from None
-    level, depth = [value], 0
-    while level:
-        level = [item for node in level if isinstance(node, (list, dict)) for item in
-                 (node.values() if isinstance(node, dict) else node)]  # fmt: skip
-        depth += 1
-        if depth > MAX_JSON_DEPTH:
-            raise EventError(f"input is nested deeper than {MAX_JSON_DEPTH} levels")
+    if json_depth(value, MAX_INPUT_DEPTH) > MAX_INPUT_DEPTH:
+        raise too_deep
 
 
 @dataclass(frozen=True)

@@ -27,10 +27,11 @@ class Redactor:
         for value in secrets:
             if not value:
                 continue
-            if "\n" in value or "\r" in value:
-                needles.update(line.strip() for line in value.splitlines() if len(line.strip()) >= MIN_SECRET_LINE)
-            else:
-                needles.add(value)
+            lines = [line.strip() for line in value.splitlines() if line.strip()]
+            if len(lines) > 1:
+                needles.update(line for line in lines if len(line) >= MIN_SECRET_LINE)
+            else:  # one line, perhaps read from a file with its newline
+                needles.update({value, *lines})
         ordered = sorted(needles, key=len, reverse=True)  # the longest first, where one holds another
         self._text = re.compile("|".join(map(re.escape, ordered))) if ordered else None
         self._bytes = re.compile(b"|".join(re.escape(n.encode()) for n in ordered)) if ordered else None

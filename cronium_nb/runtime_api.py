@@ -35,11 +35,13 @@ from typing import Any
 import jwt
 from aiohttp import web
 
+from cronium_nb.model import MAX_VARIABLE_DEPTH, json_depth
 from cronium_nb.tools import ToolError, ToolRegistry
 
 TOKEN_MARGIN_S = 300.0  # a token outlives the run's timeout by this much
 MAX_CONNECTIONS = 512
 REQUEST_HEAD_TIMEOUT_S = 10.0
+BODY_TIMEOUT_S = 30.0
 SOCKET_NAME = "runtime.sock"
 ALGORITHM = "HS256"
 
@@ -226,9 +228,13 @@ class RuntimeService:
 
     @staticmethod
     async def _body(request: web.Request) -> Any:
+        """The request's JSON body, read within ``BODY_TIMEOUT_S`` (a body sent byte by byte
+        must not hold a connection, past the head deadline, for ever)."""
         try:
-            return await request.json()
-        except ValueError:
+            return await asyncio.wait_for(request.json(), BODY_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise web.HTTPRequestTimeout(text=f"body not received within {BODY_TIMEOUT_S:g} s") from None
+        except (ValueError, RecursionError):
             raise web.HTTPBadRequest(text="body must be JSON") from None
 
     async def _get_input(self, request: web.Request) -> web.Response:
@@ -284,6 +290,9 @@ class RuntimeService:
         run: ApiRun = request[RUN_KEY]
         name = request.match_info["name"]
         value = await self._body(request)
+        if json_depth(value, MAX_VARIABLE_DEPTH) > MAX_VARIABLE_DEPTH:
+            # stored, it would make the run context of every later run too deep for the runner
+            return error_response(400, f"variable '{name}' is nested deeper than {MAX_VARIABLE_DEPTH} levels")
         run.variables[name] = value
         if run.on_variable is not None:
             run.on_variable(name, value)

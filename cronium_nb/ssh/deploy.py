@@ -53,7 +53,8 @@ MACHINE_ARCH = {
 }
 SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
-MAX_SOCKET_PATH = 100  # sockaddr_un holds 108 bytes
+# sockaddr_un holds 107 bytes and a path; the daemon binds PATH.<pid>.tmp first (up to 12 more)
+MAX_SOCKET_PATH = 92
 BUILD_INFO = "runner.json"  # written by runner/build/build_go.py
 
 

@@ -54,7 +54,7 @@ def _revocations(path: str) -> tuple[list[asyncssh.SSHKey], asyncssh.SSHKnownHos
     entries = [
         line.split(None, 1)[1]
         for line in Path(path).read_text(encoding="utf-8").splitlines()
-        if line.strip().startswith("@revoked ") and len(line.split()) >= 4
+        if line.split()[:1] == ["@revoked"] and len(line.split()) >= 4
     ]
     keys = [asyncssh.import_public_key(" ".join(entry.split()[1:3])) for entry in entries]
     return keys, asyncssh.import_known_hosts("\n".join(entries) + "\n")

@@ -110,7 +110,10 @@ class RunnerSessions:
                     session = await RunnerSession.connect(pooled.connection, socket_path, build.remote_name)
                 except asyncssh.ChannelOpenError:
                     if attempt == 0:
-                        await self._start_daemon(pooled, build, socket_path)
+                        try:
+                            await self._start_daemon(pooled, build, socket_path)
+                        except RunnerUnavailable:
+                            break  # it would not start here: a runner process per connection
                     continue
                 pooled.daemon = True
                 return session

@@ -46,7 +46,7 @@ def test_the_daemon_leaves_when_idle(cronium_fleet_factory, tmp_path: Path) -> N
         assert runner_daemons(fleet, name)
     # Idle for a second, it notices within its 5 s check interval: a bounded wait, not a sleep.
     assert wait_for(lambda: not runner_daemons(fleet, name), timeout=30)
-    assert fleet.exec(name, "ls ~/.cache/cronium/runner/*/daemon.sock 2>/dev/null | wc -l").output.strip() == "0"
+    assert fleet.exec(name, "ls ~/.cache/cronium/runner/*/daemon-*.sock 2>/dev/null | wc -l").output.strip() == "0"
 
 
 def test_without_stream_local_channels_each_connection_starts_its_runner(cronium_fleet_factory, tmp_path) -> None:

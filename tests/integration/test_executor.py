@@ -77,7 +77,7 @@ def test_a_runner_damaged_on_the_server_is_redeployed(cronium_fleet: Fleet, exec
         "delete": "rm -rf ~/.cache/cronium/runner",
         # Replaced, not rewritten in place: the idle runner session still executes this file,
         # and Linux refuses to open a running executable for writing (ETXTBSY).
-        "corrupt": "for f in ~/.cache/cronium/runner/*/cronium-runner/cronium-runner; do rm $f; echo junk > $f; done",
+        "corrupt": "for f in ~/.cache/cronium/runner/*/cronium-runner; do rm $f; echo junk > $f; done",
     }[damage]
     for name in cronium_fleet.names:
         assert cronium_fleet.exec(name, command).exit_code == 0

@@ -3,6 +3,7 @@ the script verbatim, and canary files prove that none of the embedded commands r
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,10 @@ HOSTILE = (
     f"x'; touch {CANARY}-1; echo '$(touch {CANARY}-2)`touch {CANARY}-3`\"; touch {CANARY}-4\n"
     f"| touch {CANARY}-5 & ${{IFS}}touch${{IFS}}{CANARY}-6 \\ ü 日本 ✓"
 )
+# A secret of its own: secrets are redacted wherever they appear, so the script reports its hash.
+HOSTILE_SECRET = f"s'; touch {CANARY}-7 $(touch {CANARY}-8)`touch {CANARY}-9` ü"
 REPORT = """
-import json, os
+import hashlib, json, os
 cronium.output({
     "event": cronium.event("name"),
     "event_env": os.environ["CRONIUM_EVENT"],
@@ -25,7 +28,7 @@ cronium.output({
     "server_env": os.environ["CRONIUM_SERVER"],
     "input": cronium.input("v"),
     "env": os.environ["HOSTILE"],
-    "secret": os.environ["HOSTILE_SECRET"],
+    "secret_sha256": hashlib.sha256(os.environ["HOSTILE_SECRET"].encode()).hexdigest(),
 })
 """
 
@@ -37,7 +40,7 @@ def test_hostile_values_arrive_verbatim_and_run_nothing(cronium_fleet: Fleet, tm
         for s in cronium_fleet.servers
     ]
     event = Event(
-        name=HOSTILE, script=REPORT, type="python", env={"HOSTILE": HOSTILE}, secrets={"HOSTILE_SECRET": HOSTILE}
+        name=HOSTILE, script=REPORT, type="python", env={"HOSTILE": HOSTILE}, secrets={"HOSTILE_SECRET": HOSTILE_SECRET}
     )
     with Executor(cn.Inventory(servers), state_dir=tmp_path / "state") as executor:
         result = executor.run(event, servers=servers, input={"v": HOSTILE}, api=api)
@@ -51,7 +54,7 @@ def test_hostile_values_arrive_verbatim_and_run_nothing(cronium_fleet: Fleet, tm
             "server_env": server.name,
             "input": HOSTILE,
             "env": HOSTILE,
-            "secret": HOSTILE,
+            "secret_sha256": hashlib.sha256(HOSTILE_SECRET.encode()).hexdigest(),
         }
     assert list(history["event"]) == [HOSTILE]
     for name in cronium_fleet.names:

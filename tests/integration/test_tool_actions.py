@@ -75,7 +75,7 @@ def test_a_script_uses_a_tools_result_in_every_language(cronium_fleet: Fleet, to
         ("cronium.tool boom", "cronium.tool: tool 'boom' failed: RuntimeError: kaput"),
         ("cronium.tool slow", "cronium.tool: tool 'slow' did not answer within 1 s"),
         ("cronium.tool shout '{\"wrong\": 1}'", "cronium.tool: tool 'shout' failed: TypeError: "),
-        ("cronium.tool shout '[1, 2]'", "cronium.tool: tool arguments must be a JSON object"),
+        ("cronium.tool shout '[1, 2]'", "cronium.tool: tool 'shout': arguments must be a JSON object"),
         ("cronium.tool shout 'not json'", "cronium.tool: tool arguments must be a JSON object"),
         ("cronium.tool unserialisable", "cronium.tool: tool 'unserialisable' returned a object, which is not JSON"),
     ],

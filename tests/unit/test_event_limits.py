@@ -7,7 +7,7 @@ import math
 import pytest
 
 from cronium_nb import Event, EventError
-from cronium_nb.model import MAX_JSON_DEPTH
+from cronium_nb.model import MAX_INPUT_DEPTH
 
 
 def nested(depth: int) -> list:
@@ -24,8 +24,8 @@ def nested(depth: int) -> list:
         ({"timeout": math.inf}, "field 'timeout' must be a positive, finite number of seconds, got inf"),
         ({"grace_period": math.inf}, "field 'grace_period' must be a positive, finite number"),
         ({"input": {"x": math.nan}}, "input is not JSON-able"),
-        ({"input": nested(MAX_JSON_DEPTH + 1)}, f"input is nested deeper than {MAX_JSON_DEPTH} levels"),
-        ({"input": nested(2000)}, f"input is nested deeper than {MAX_JSON_DEPTH} levels"),
+        ({"input": nested(MAX_INPUT_DEPTH + 1)}, f"input is nested deeper than {MAX_INPUT_DEPTH} levels"),
+        ({"input": nested(2000)}, f"input is nested deeper than {MAX_INPUT_DEPTH} levels"),
     ],
 )
 def test_values_the_runner_refuses_are_refused_here(options: dict, message: str) -> None:
@@ -34,4 +34,5 @@ def test_values_the_runner_refuses_are_refused_here(options: dict, message: str)
 
 
 def test_input_at_the_depth_limit_is_fine() -> None:
-    assert Event(name="deep", script="true", input=nested(MAX_JSON_DEPTH)).input
+    """The runner takes it: the run context that holds it is then exactly 512 levels deep."""
+    assert Event(name="deep", script="true", input=nested(MAX_INPUT_DEPTH)).input

@@ -70,3 +70,29 @@ def test_the_text_view_neutralises_terminal_escapes_and_shortens_long_lines() ->
     assert long == "y" * DISPLAY_LINE_CHARS + " … [500 more characters]"
     assert "\x1b" not in line_html("stdout", "\x1b[2J<b>")
     assert line_html("stdout", "\x1b[2J<b>") == "\\x1b[2J&lt;b&gt;"
+
+
+def test_a_short_secret_read_from_a_file_with_its_newline_is_still_redacted() -> None:
+    redactor = Redactor(["12345\n"])
+    assert redactor.text("pin 12345 ok") == "pin *** ok"
+
+
+def test_tab_separated_revocations_count(tmp_path) -> None:
+    import asyncssh
+
+    from cronium_nb.model import Server
+    from cronium_nb.ssh.hostkeys import match_known_hosts
+
+    key = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().split()[1]
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text(f"@revoked\t[127.0.0.1]:2222 ssh-ed25519 {key}\n")
+    found = match_known_hosts([known_hosts], Server(name="s", host="127.0.0.1", port=2222))
+    assert len(found.revoked) == len(found.all_revoked) == 1 and not found.empty
+
+
+@pytest.mark.parametrize("host", ["a b", "a\nb", "*", "host,other", "!bad", "a|b", "x#y", "u@h"])
+def test_host_names_that_would_forge_known_hosts_lines_are_refused(host: str) -> None:
+    from cronium_nb.model import Server
+
+    with pytest.raises(ValueError, match="host must not contain"):
+        Server(name="s", host=host)

@@ -36,3 +36,33 @@ def test_the_service_drops_idle_connections_and_caps_them(tmp_path: Path) -> Non
     assert closed == 80
     assert (refused, expired) == (30, 50)
     assert elapsed < 20  # dropped at the head deadline, not kept for ever (a hang is the bug)
+
+
+def test_a_body_sent_byte_by_byte_does_not_hold_the_connection(monkeypatch) -> None:
+    """Past the head deadline, an authenticated request whose body never completes is answered
+    408 once BODY_TIMEOUT_S is over, and the connection is closed."""
+    from cronium_nb import runtime_api
+    from cronium_nb.runtime_api import ApiRun
+
+    monkeypatch.setattr(runtime_api, "BODY_TIMEOUT_S", 1.0)
+
+    async def scenario() -> tuple[bytes, float]:
+        service = RuntimeService(head_timeout=0.5)
+        path = await service.start()
+        token = service.register(ApiRun("exec-1", "srv", "event", None, {}), timeout=60)
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        writer.write(
+            b"PUT /v1/executions/exec-1/variables/v HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {token}\r\nContent-Length: 1000000\r\n\r\n".encode()
+            + b"[1"
+        )
+        await writer.drain()
+        started = time.monotonic()
+        answer = await asyncio.wait_for(reader.read(), timeout=30)
+        writer.close()
+        await service.close()
+        return answer, time.monotonic() - started
+
+    answer, elapsed = asyncio.run(scenario())
+    assert answer.startswith(b"HTTP/1.1 408")
+    assert elapsed < 20  # a hang is the bug
