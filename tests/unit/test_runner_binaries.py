@@ -13,7 +13,8 @@ import pytest
 from tests.conftest import REPO_ROOT
 
 DIST = REPO_ROOT / "runner" / "dist"
-ARCHES = ["amd64", "arm64", "riscv64", "ppc64le", "s390x"]
+ARCHES = json.loads((DIST / "runner.json").read_text())["binaries"] if (DIST / "runner.json").is_file() else {}
+REQUIRED = ["amd64", "arm64", "riscv64"]  # the fleet's; `build_go.py --all` adds ppc64le and s390x
 ELF_MACHINES = {"amd64": 62, "arm64": 183, "riscv64": 243, "ppc64le": 21, "s390x": 22}
 PT_DYNAMIC, PT_INTERP = 2, 3
 
@@ -29,7 +30,7 @@ def program_header_types(path: Path) -> tuple[int, list[int]]:
     return machine, [struct.unpack_from(order + "I", data, phoff + i * entry_size)[0] for i in range(count)]
 
 
-@pytest.mark.parametrize("arch", ARCHES)
+@pytest.mark.parametrize("arch", sorted(ARCHES))
 def test_each_binary_is_static_for_its_architecture_and_small(arch: str) -> None:
     binary = DIST / f"cronium-runner-linux-{arch}"
     machine, types = program_header_types(binary)
@@ -40,7 +41,7 @@ def test_each_binary_is_static_for_its_architecture_and_small(arch: str) -> None
 
 def test_the_build_info_names_every_binary_by_its_digest() -> None:
     info = json.loads((DIST / "runner.json").read_text())
-    assert sorted(info["binaries"]) == sorted(ARCHES)
+    assert set(REQUIRED) <= set(info["binaries"])
     for arch, digest in info["binaries"].items():
         name = f"cronium-runner-linux-{arch}"
         assert hashlib.sha256((DIST / name).read_bytes()).hexdigest() == digest
