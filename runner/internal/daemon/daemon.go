@@ -4,20 +4,22 @@
 // again, its input and output the connection), which serves it exactly as `serve` does.
 //
 // Starting is race-free: under a lock beside the socket, a daemon that already answers is
-// left alone ("ready (already running)"); otherwise the new socket is bound under a temporary
-// name and renamed over the old path, so two daemons starting at once never unlink each
-// other's live socket. The daemon exits after its idle timeout, and within 5 s once its socket
-// or its runner binary is removed or replaced.
+// left alone ("ready (already running)"); otherwise the new socket is bound under a short
+// temporary name in the same directory and renamed over the old path, so two daemons starting
+// at once never unlink each other's live socket. The daemon exits after its idle timeout, and
+// within 5 s once its socket or its runner binary is removed or replaced.
 package daemon
 
 import (
 	"fmt"
+	"hash/fnv"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"syscall"
 	"time"
 
+	"cronium/runner/internal/apisocket"
 	"cronium/runner/internal/session"
 )
 
@@ -48,10 +50,39 @@ func answers(path string) bool {
 	return syscall.Connect(fd, &syscall.SockaddrUnix{Name: path}) == nil
 }
 
+// MaxSocketPath is the longest path a Unix socket address holds (sun_path's 108 bytes, one of
+// them the NUL).
+const MaxSocketPath = 107
+
+func checkLength(what, path string) error {
+	if len(path) > MaxSocketPath {
+		return fmt.Errorf("%s is %d bytes, over the %d-byte limit of a Unix socket address", what, len(path), MaxSocketPath)
+	}
+	return nil
+}
+
+// TemporaryName is the name a new socket for path is bound under before it is renamed over
+// path: in path's directory, short (".d" + 8 hex digits of the hash of path's file name +
+// ".tmp", 14 bytes) so that it fits wherever a socket path of the orchestrator's does, and one
+// per socket path, so that the start holding path's lock may remove one a killed start left.
+func TemporaryName(path string) string {
+	dir, name := filepath.Split(path)
+	h := fnv.New32a()
+	h.Write([]byte(name))
+	return fmt.Sprintf("%s.d%08x.tmp", dir, h.Sum32())
+}
+
 // Bind returns a listening socket's fd at path, or -1 when a live daemon already answers there.
-// Under a lock beside the socket, a new socket is bound under a temporary name and renamed over
+// Under a lock beside the socket, a new socket is bound under TemporaryName and renamed over
 // path: a daemon starting at the same time never unlinks this one's socket, nor this one its.
 func Bind(path string) (int, error) {
+	temporary := TemporaryName(path)
+	if err := checkLength("the path", path); err != nil {
+		return -1, err
+	}
+	if err := checkLength("its temporary name "+temporary, temporary); err != nil {
+		return -1, err
+	}
 	old := syscall.Umask(0o077)
 	defer syscall.Umask(old)
 	lock, err := os.OpenFile(path+".lock", os.O_RDWR|os.O_CREATE, 0o600)
@@ -71,8 +102,7 @@ func Bind(path string) (int, error) {
 	if answers(path) {
 		return -1, nil
 	}
-	temporary := fmt.Sprintf("%s.%d.tmp", path, os.Getpid())
-	os.Remove(temporary)
+	os.Remove(temporary) // one a killed start left: only the lock's holder uses this name
 	fd, err := unixSocket()
 	if err != nil {
 		return -1, err
@@ -108,6 +138,7 @@ type Config struct {
 // Start binds the socket and starts the detached daemon process that serves it (the runner
 // binary again, in its own session, given the listening socket), then says "ready".
 func Start(c Config) int {
+	apisocket.SweepHome()
 	fd, err := Bind(c.Socket)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "cronium-runner: cannot bind the daemon socket %s: %v\n", c.Socket, err)

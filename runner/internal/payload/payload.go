@@ -120,8 +120,9 @@ func MakeWorkdir(root string) (string, error) {
 }
 
 // SweepStale removes the run-* and session-* dirs in root left by runners of this host that are
-// gone (killed: they could not clean up), and those of this host's earlier boots. Dirs of other
-// hosts (a shared NFS home) and of live runners stay.
+// gone (killed: they could not clean up): those of this boot whose pid is gone, and those of an
+// earlier boot untouched since this boot started. Dirs of other hosts (a shared NFS home) and
+// of live runners stay (see hostid.Stale).
 func SweepStale(root string) {
 	entries, err := os.ReadDir(root)
 	if err != nil {
@@ -132,7 +133,11 @@ func SweepStale(root string) {
 		if !strings.HasPrefix(name, RunDirPrefix) && !strings.HasPrefix(name, "session-") {
 			continue
 		}
-		if hostid.Stale(name[strings.IndexByte(name, '-')+1:]) {
+		info, err := entry.Info() // lstat
+		if err != nil || !info.IsDir() {
+			continue
+		}
+		if hostid.Stale(name[strings.IndexByte(name, '-')+1:], info.ModTime()) {
 			os.RemoveAll(filepath.Join(root, name))
 		}
 	}

@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"cronium/runner/internal/exitcode"
 	"cronium/runner/internal/hostid"
@@ -166,26 +167,42 @@ func TestPrivateDir(t *testing.T) {
 func TestSweepRemovesOnlyDeadRunnersOfThisHostAndBoot(t *testing.T) {
 	root := t.TempDir()
 	id := hostid.ID()
+	otherBoot := id[:9] + "00000000"
 	names := map[string]bool{ // name -> should survive the sweep
-		fmt.Sprintf("run-%s-%d-abc", id, os.Getpid()):                true,  // ours, alive
-		fmt.Sprintf("run-%s-%d-abc", id, 1<<22+12345):                false, // dead pid
-		fmt.Sprintf("session-%s-%d-x", id, 1<<22+12346):              false,
-		fmt.Sprintf("run-%s%s-%d-abc", id[:9], "00000000", 1):        false, // an earlier boot
-		fmt.Sprintf("run-h%s%s-%d-abc", "ffffffff", id[9:], 1<<22+1): true,  // another host
+		fmt.Sprintf("run-%s-%d-abc", id, os.Getpid()):                 true,  // ours, alive
+		fmt.Sprintf("run-%s-%d-abc", id, 1<<22+12345):                 false, // dead pid
+		fmt.Sprintf("session-%s-%d-x", id, 1<<22+12346):               false,
+		fmt.Sprintf("run-%s-%d-old", otherBoot, 1):                    false, // an earlier boot, untouched since
+		fmt.Sprintf("run-%s-%d-new", otherBoot, 1<<22+1):              true,  // other boot id or pid namespace, modified since we booted
+		fmt.Sprintf("run-h%s%s-%d-abc", "ffffffff", id[9:], 1<<22+1):  true,  // another host
+		fmt.Sprintf("run-h%s%s-%d-old", "ffffffff", otherBoot[9:], 1): true,  // another host, old
 		"run-abcd1234":  true, // the Python runner's: not ours to judge
 		"session-1-xyz": true,
 	}
-	if id[1:9] == "ffffffff" {
-		t.Skip("host hash collides with the test's other host")
+	if id[1:9] == "ffffffff" || id[9:] == "00000000" {
+		t.Skip("host id collides with the test's other ones")
 	}
+	bootTime := hostid.BootTime()
+	if bootTime.IsZero() {
+		t.Skip("no boot time")
+	}
+	longAgo := bootTime.Add(-time.Hour)
 	for name := range names {
-		os.Mkdir(filepath.Join(root, name), 0o700)
+		path := filepath.Join(root, name)
+		os.Mkdir(path, 0o700)
+		if strings.HasSuffix(name, "-old") {
+			os.Chtimes(path, longAgo, longAgo)
+		}
 	}
+	os.Symlink(root, filepath.Join(root, fmt.Sprintf("run-%s-%d-link", id, 1<<22+12347)))
 	SweepStale(root)
 	for name, survives := range names {
 		_, err := os.Stat(filepath.Join(root, name))
 		if (err == nil) != survives {
 			t.Errorf("%s: survives=%v, want %v", name, err == nil, survives)
 		}
+	}
+	if _, err := os.Stat(root); err != nil {
+		t.Errorf("a symlink was followed: %v", err)
 	}
 }

@@ -13,6 +13,7 @@ import (
 	"strings"
 	"syscall"
 
+	"cronium/runner/internal/apisocket"
 	"cronium/runner/internal/execute"
 	"cronium/runner/internal/exitcode"
 	"cronium/runner/internal/helpers"
@@ -112,7 +113,8 @@ type Config struct {
 func Serve(in *execute.Input, reporter *execute.Framed, c Config) int {
 	reporter.Message(Hello(c.Info).Set("serve", true))
 	helperDir := c.HelperDir
-	if helperDir == "" {
+	if helperDir == "" { // `serve` (a daemon's sessions are given the daemon's helper dir)
+		apisocket.SweepHome()
 		helperDir = HelperDir(c.Workroot, c.Identity.Path)
 		if helperDir != "" {
 			defer os.RemoveAll(filepath.Dir(helperDir))
