@@ -179,12 +179,13 @@ def bench_deploy(report: Report, fleet: Fleet, state: Path, plan: Plan) -> None:
 
         def deploy() -> None:
             for server in servers:
-                fleet.exec(server.name, "pkill -f 'cronium-runner daemon'; rm -rf /root/.cache/cronium")
+                fleet.exec(server.name, "pkill -f 'cronium-runner [d]aemon'; rm -rf /root/.cache/cronium")
             with Executor(fleet.inventory, state_dir=state) as executor:
                 result = executor.run(event, servers)
                 check(result, servers)
-                if any(r.deploy != "deployed" for r in result.servers.values()):
-                    raise RuntimeError("expected a fresh deployment on every server")
+                states = {r.deploy for r in result.servers.values()}
+                if states != {"deployed"}:
+                    raise RuntimeError(f"expected a fresh deployment on every server, got {states}")
                 metrics = executor.metrics().set_index("metric")["value"]
                 sent.append(int(metrics["deployments.bytes_sent"]))
 
