@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gzip
 import json
 import re
@@ -53,8 +54,8 @@ MACHINE_ARCH = {
 }
 SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
-# sockaddr_un holds 107 bytes and a path; the daemon binds PATH.<pid>.tmp first (up to 12 more)
-MAX_SOCKET_PATH = 92
+# sockaddr_un holds 107 bytes of path (the daemon's temporary name is shorter than its socket's)
+MAX_SOCKET_PATH = 100
 BUILD_INFO = "runner.json"  # written by runner/build/build_go.py
 
 
@@ -116,8 +117,14 @@ class RunnerBuild:
         return f"exec {self.remote_dir}/cronium-runner {' '.join(shlex.quote(a) for a in args)}"
 
     def upload(self) -> bytes:
-        """What goes on the wire: the binary, gzip-compressed (about 40% of its size)."""
-        return gzip.compress(self.path.read_bytes(), compresslevel=6, mtime=0)
+        """What goes on the wire: the binary, gzip-compressed (about 40% of its size); made once
+        per build (compressing takes ~100 ms of CPU, which a fan-out must not pay per server)."""
+        return _compressed(self.path, self.sha256)
+
+
+@functools.lru_cache(maxsize=8)
+def _compressed(path: Path, sha256: str) -> bytes:
+    return gzip.compress(path.read_bytes(), compresslevel=6, mtime=0)
 
 
 class RunnerBuilds:
