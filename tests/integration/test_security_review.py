@@ -241,3 +241,61 @@ def test_stored_output_is_capped_per_execution_with_a_marker(cronium_fleet: Flee
     dropped = 3001 - len(stored)
     assert marker[0].startswith(f"[cronium] output truncated: {dropped} lines (")
     assert logs["seq"].tolist() == [*range(1, len(stored) + 1), 3002]
+
+
+# -- what the script leaves in its work dir
+
+
+@pytest.mark.parametrize(
+    ("script", "message"),
+    [
+        ("mkfifo output.json", "output.json is a FIFO, not a regular file"),
+        ("ln -s /dev/zero output.json", "output.json is a symbolic link, not a regular file"),
+        ("head -c 40000000 /dev/zero > output.json", "output.json is 40 MB, over the 16 MiB limit"),
+        ("echo '{not json' > variables.json", "variables.json is not valid JSON"),
+        ("echo '[1, 2]' > variables.json", "variables.json"),
+    ],
+    ids=["fifo", "symlink-to-dev-zero", "oversize", "invalid-variables", "non-object-variables"],
+)
+def test_result_files_the_script_leaves_are_checked(
+    cronium_fleet: Fleet, tmp_path: Path, script: str, message: str
+) -> None:
+    """The runner neither blocks on nor reads without bound what a script leaves as its result
+    files: each is that server's clear error, with the script's output and exit code kept."""
+    event = Event(name="result-files", script=f'echo before\ncd "$CRONIUM_DIR"\n{script}\necho after\n', timeout=120)
+    started = time.monotonic()
+    with Executor(cronium_fleet.inventory, state_dir=tmp_path / "state") as executor:
+        result = executor.run(event, servers="all")
+    assert time.monotonic() - started < 300  # a FIFO must not block the runner (a hang is the bug)
+    assert result.status == Status.FAILED
+    for server in cronium_fleet.names:
+        assert message in result[server].error, result[server].error
+        assert result[server].exit_code == 0
+        assert result.logs.query("server == @server")["line"].tolist() == ["before", "after"]
+        assert result[server].variables == {}
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_a_runner_changed_in_place_with_its_mtime_restored_is_noticed(
+    cronium_fleet_factory, tmp_path: Path, arch: str
+) -> None:
+    """Size, mtime and inode unchanged, content changed: the ctime in the verification listing
+    gives it away, the hash check fails, and the runner is deployed again."""
+    fleet = cronium_fleet_factory(amd64=int(arch == "amd64"), arm64=int(arch == "arm64"), name_prefix="ctime-")
+    name = fleet.names[0]
+    event = Event(name="ctime", script="echo fine")
+    with Executor(fleet.inventory, state_dir=tmp_path / "one") as executor:
+        assert executor.run(event).ok
+    tamper = (
+        # no runner process may be left (a running executable cannot be written: ETXTBSY)
+        "pkill -f 'cronium-runner [d]aemon'; "
+        "for i in $(seq 100); do pgrep -f '[c]ronium-runner' >/dev/null || break; sleep 0.1; done; "
+        "for f in ~/.cache/cronium/runner/*/cronium-runner; do "
+        'cp -p "$f" /tmp/stamp && printf X | dd of="$f" bs=1 seek=4096 conv=notrunc 2>/dev/null '
+        '&& touch -r /tmp/stamp "$f"; done'
+    )
+    assert fleet.exec(name, tamper).exit_code == 0
+    with Executor(fleet.inventory, state_dir=tmp_path / "two") as executor:
+        result = executor.run(event)
+    assert result.ok, result.summary.to_string()
+    assert result[name].deploy == "deployed"
