@@ -113,23 +113,36 @@ class ConnectionPool:
                     self._opening[key] = self._opening.get(key, 0) + 1
                     break
                 holding = [c for c in self._connections[key] if c.sessions]
-                if holding:  # idle sessions yield their channel to a caller that needs one
-                    chosen = holding[0]
-                    session = chosen.sessions.pop()
-                    chosen.channels += 1
-                    await session.aclose()  # the server must have released the channel first
-                    return chosen
-                await self._changed.wait()
+                if not holding:
+                    await self._changed.wait()
+                    continue
+                # An idle session yields its channel to a caller that needs one.
+                chosen = holding[0]
+                session = chosen.sessions.pop()
+                chosen.channels += 1
+            try:  # outside the lock: closing waits for the server to release the channel
+                await session.aclose()
+            except BaseException:  # cancelled (a deadline, a cancel): the channel is not ours
+                chosen.channels -= 1
+                await self._notify()
+                raise
+            return chosen
+        connection = None
         try:
             connection = await self._connect(server)
         finally:
-            async with self._changed:
-                self._opening[key] -= 1
-                self._changed.notify_all()
-        pooled = PooledConnection(connection, key, channels=1)
-        async with self._changed:
-            self._connections.setdefault(key, []).append(pooled)
+            # No await until both are done, so no other task sees one without the other (and a
+            # cancellation arriving now cannot lose the connection just opened).
+            self._opening[key] -= 1
+            if connection is not None:
+                pooled = PooledConnection(connection, key, channels=1)
+                self._connections.setdefault(key, []).append(pooled)
+            await self._notify()
         return pooled
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
 
     async def _connect(self, server: Server) -> asyncssh.SSHClientConnection:
         options = self.options
