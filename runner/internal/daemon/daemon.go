@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"cronium/runner/internal/apisocket"
+	"cronium/runner/internal/lockfile"
 	"cronium/runner/internal/session"
 )
 
@@ -85,20 +86,11 @@ func Bind(path string) (int, error) {
 	}
 	old := syscall.Umask(0o077)
 	defer syscall.Umask(old)
-	lock, err := os.OpenFile(path+".lock", os.O_RDWR|os.O_CREATE, 0o600)
+	lock, err := lockfile.Exclusive(path+".lock", 0o600)
 	if err != nil {
 		return -1, err
 	}
 	defer lock.Close()
-	for {
-		err = syscall.Flock(int(lock.Fd()), syscall.LOCK_EX)
-		if err != syscall.EINTR {
-			break
-		}
-	}
-	if err != nil {
-		return -1, err
-	}
 	if answers(path) {
 		return -1, nil
 	}

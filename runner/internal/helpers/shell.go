@@ -14,6 +14,7 @@ import (
 	"syscall"
 	"time"
 
+	"cronium/runner/internal/lockfile"
 	"cronium/runner/internal/pyjson"
 )
 
@@ -240,20 +241,11 @@ func (c *cronium) update(name string, fallback any, change func(any) (any, error
 	if err != nil {
 		return err
 	}
-	lock, err := os.OpenFile(lockPath, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o666)
+	lock, err := lockfile.Exclusive(lockPath, 0o666)
 	if err != nil {
 		return osError(err)
 	}
 	defer lock.Close()
-	for {
-		err = syscall.Flock(int(lock.Fd()), syscall.LOCK_EX)
-		if err != syscall.EINTR {
-			break
-		}
-	}
-	if err != nil {
-		return osError(err)
-	}
 	current, err := c.read(name, fallback)
 	if err != nil {
 		return err
