@@ -19,9 +19,10 @@ from pathlib import Path
 
 from cronium_nb.manifest import Manifest
 from cronium_nb.payload import build_archive
+from cronium_nb.ssh.deploy import MACHINE_ARCH
 
 DIST = Path(__file__).resolve().parent.parent / "runner" / "dist"
-HOST_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}.get(os.uname().machine, os.uname().machine)
+HOST_ARCH = MACHINE_ARCH[os.uname().machine]
 
 
 def median_ms(command: list[str], runs: int, stdin: bytes = b"") -> float:

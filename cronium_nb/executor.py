@@ -32,7 +32,7 @@ import pandas as pd
 
 from cronium_nb.config import state_dir as resolve_state_dir
 from cronium_nb.inventory import Inventory
-from cronium_nb.model import MAX_VARIABLE_DEPTH, Event, Server, Status, check_input, json_depth
+from cronium_nb.model import Event, Server, Status, check_input, variable_too_deep
 from cronium_nb.payload import PayloadService, PreparedPayload
 from cronium_nb.redaction import Redactor
 from cronium_nb.results import PHASES, ExecutionResult, ServerResult, overall_status
@@ -681,10 +681,9 @@ class Executor:
             for name, value in result.variables.items():
                 if name in seeded and seeded[name] == value:
                     continue
-                if json_depth(value, MAX_VARIABLE_DEPTH) > MAX_VARIABLE_DEPTH:
-                    # stored, it would make the run context of every later run too deep for the runner
-                    result.status = Status.FAILED
-                    result.error = f"variable '{name}' is nested deeper than {MAX_VARIABLE_DEPTH} levels: not stored"
+                refused = variable_too_deep(name, value)
+                if refused:
+                    result.status, result.error = Status.FAILED, f"{refused}: not stored"
                     continue
                 self.store.set_variable(
                     self.variable_scope, name, value, updated_by=f"{state.execution_id}/{server.name}"

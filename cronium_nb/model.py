@@ -88,6 +88,14 @@ def json_depth(value: Any, limit: int) -> int:
     return depth
 
 
+def variable_too_deep(name: str, value: Any) -> str | None:
+    """Why a variable may not be stored, or None: stored, a value nested deeper than
+    ``MAX_VARIABLE_DEPTH`` would make the run context of every later run too deep for the runner."""
+    if json_depth(value, MAX_VARIABLE_DEPTH) > MAX_VARIABLE_DEPTH:
+        return f"variable '{name}' is nested deeper than {MAX_VARIABLE_DEPTH} levels"
+    return None
+
+
 def check_input(value: Any) -> None:
     """Raise :class:`EventError` unless ``value`` is JSON the runner accepts: JSON-able, no NaN
     or infinity, nested at most ``MAX_INPUT_DEPTH`` levels."""

@@ -35,7 +35,7 @@ from typing import Any
 import jwt
 from aiohttp import web
 
-from cronium_nb.model import MAX_VARIABLE_DEPTH, json_depth
+from cronium_nb.model import variable_too_deep
 from cronium_nb.tools import ToolError, ToolRegistry
 
 TOKEN_MARGIN_S = 300.0  # a token outlives the run's timeout by this much
@@ -290,9 +290,9 @@ class RuntimeService:
         run: ApiRun = request[RUN_KEY]
         name = request.match_info["name"]
         value = await self._body(request)
-        if json_depth(value, MAX_VARIABLE_DEPTH) > MAX_VARIABLE_DEPTH:
-            # stored, it would make the run context of every later run too deep for the runner
-            return error_response(400, f"variable '{name}' is nested deeper than {MAX_VARIABLE_DEPTH} levels")
+        refused = variable_too_deep(name, value)
+        if refused:
+            return error_response(400, refused)
         run.variables[name] = value
         if run.on_variable is not None:
             run.on_variable(name, value)

@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from cronium_nb.fleet import ARCHES, FIXTURE_USERS, IMAGE_REPOSITORY, IMAGES, VARIANTS, image_tag
+from cronium_nb.ssh.deploy import MACHINE_ARCH
 
 HERE = Path(__file__).resolve().parent
 RECIPE_FILES = ("entrypoint.sh", "sshd_config.conf")
@@ -40,7 +41,7 @@ IMAGE_SETTINGS = [f'ENTRYPOINT ["/usr/bin/tini", "--", "{ENTRYPOINT}"]']  # `doc
 # of mmdebstrap, yet mmdebstrap needs it to build for a foreign architecture.
 BUILD_PROGRAMS = {"docker": "docker.io", "mmdebstrap": "mmdebstrap"}
 FOREIGN_BUILD_PROGRAMS = {"arch-test": "arch-test"}
-HOST_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
+HOST_ARCH = MACHINE_ARCH.get(platform.machine(), platform.machine())
 
 
 def check_build_host(arches: set[str]) -> None:

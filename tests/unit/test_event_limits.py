@@ -36,3 +36,12 @@ def test_values_the_runner_refuses_are_refused_here(options: dict, message: str)
 def test_input_at_the_depth_limit_is_fine() -> None:
     """The runner takes it: the run context that holds it is then exactly 512 levels deep."""
     assert Event(name="deep", script="true", input=nested(MAX_INPUT_DEPTH)).input
+
+
+def test_a_variable_too_deep_for_the_next_run_context_is_named() -> None:
+    from cronium_nb.model import MAX_VARIABLE_DEPTH, variable_too_deep
+
+    assert variable_too_deep("ok", nested(MAX_VARIABLE_DEPTH)) is None
+    assert variable_too_deep("deep", nested(MAX_VARIABLE_DEPTH + 1)) == (
+        f"variable 'deep' is nested deeper than {MAX_VARIABLE_DEPTH} levels"
+    )
