@@ -96,10 +96,12 @@ class ExecutionResult:
         return pd.DataFrame([r.row() for r in self.servers.values()], columns=list(SUMMARY_COLUMNS))
 
     def _from_store(self, query: Callable[[Store], pd.DataFrame]) -> pd.DataFrame:
+        """Run a query on the executor's store or, once the executor is closed, on the same file
+        opened read-only (a property read must not migrate, recover or otherwise write)."""
         try:
             return query(self._store)
-        except sqlite3.ProgrammingError:  # the executor was closed: read the same file again
-            with Store(self._store.path.parent) as store:
+        except sqlite3.ProgrammingError:  # the executor was closed
+            with Store.open_readonly(self._store.path.parent) as store:
                 return query(store)
 
     @property

@@ -213,6 +213,25 @@ class Store:
             self.schema_version = migrate(self._connection)
         self.interrupted = self.recover_interrupted()
 
+    @classmethod
+    def open_readonly(cls, directory: str | os.PathLike[str]) -> Store:
+        """The database in ``directory`` opened read-only, for queries only: no migration, no
+        crash recovery, no pragma or chmod; a write raises ``sqlite3.OperationalError``. The file
+        must exist at this code's schema version (``StoreError`` otherwise)."""
+        store = cls.__new__(cls)
+        store.path = Path(directory) / DB_NAME
+        store._lock = threading.RLock()
+        store._connection = sqlite3.connect(
+            f"{store.path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False, isolation_level=None,
+            timeout=30,
+        )  # fmt: skip
+        store.schema_version = store._connection.execute("PRAGMA user_version").fetchone()[0]
+        store.interrupted = []
+        if store.schema_version != SCHEMA_VERSION:
+            store.close()
+            raise StoreError(f"database schema version {store.schema_version}, not this cronium_nb's {SCHEMA_VERSION}")
+        return store
+
     def close(self) -> None:
         with self._lock:
             self._connection.close()
