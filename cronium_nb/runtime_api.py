@@ -17,11 +17,15 @@ Endpoints (all under ``/v1/executions/{execution_id}``, JSON bodies and answers;
 output object), ``GET variables/{name}`` (404 when unset), ``PUT variables/{name}``,
 ``POST tools/{name}`` (a tool action, see :mod:`cronium_nb.tools`). The event context is not
 served: it is fixed for the run and the helpers read it from the run's event.json.
+
+aiohttp is imported when the service starts (the first API-mode run), not with this module: an
+executor constructs its service up front, and most never serve a request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import secrets
 import shutil
 import tempfile
@@ -30,13 +34,15 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jwt
-from aiohttp import web
 
 from cronium_nb.model import variable_too_deep
 from cronium_nb.tools import ToolError, ToolRegistry
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 TOKEN_MARGIN_S = 300.0  # a token outlives the run's timeout by this much
 MAX_CONNECTIONS = 512
@@ -62,12 +68,25 @@ class ApiRun:
     output_set: bool = False
 
 
-RUN_KEY = web.RequestKey("run", ApiRun)
 TOOL_ERROR_STATUS = {"unknown": 404, "bad_arguments": 400, "failed": 502, "timeout": 504}
 
 
+def json_response(data: Any, status: int = 200) -> web.Response:
+    from aiohttp import web
+
+    return web.json_response(data, status=status)
+
+
 def error_response(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+    return json_response({"error": message}, status=status)
+
+
+@functools.cache
+def run_key() -> web.RequestKey[ApiRun]:
+    """Where the authenticated request carries its :class:`ApiRun` (made once aiohttp is loaded)."""
+    from aiohttp import web
+
+    return web.RequestKey("run", ApiRun)
 
 
 class _GuardedConnection(asyncio.Protocol):
@@ -140,7 +159,13 @@ class RuntimeService:
     async def start(self) -> Path:
         """Listen on a Unix socket in a new private directory (once); returns its path."""
         if self._runner is None:
-            app = web.Application(middlewares=[self._authenticate], client_max_size=16 * 1024 * 1024)
+            from aiohttp import web
+
+            @web.middleware
+            async def authenticate(request: web.Request, handler: Callable) -> web.StreamResponse:
+                return await self._authenticate(request, handler)
+
+            app = web.Application(middlewares=[authenticate], client_max_size=16 * 1024 * 1024)
             prefix = "/v1/executions/{execution_id}"
             app.add_routes(
                 [
@@ -199,8 +224,9 @@ class RuntimeService:
         """A token with arbitrary claims signed by this service (for tests of the checks)."""
         return jwt.encode(claims, self._secret, algorithm=ALGORITHM)
 
-    @web.middleware
     async def _authenticate(self, request: web.Request, handler: Callable) -> web.StreamResponse:
+        from aiohttp import web
+
         if request.transport is not None:
             self.served.add(request.transport)
         header = request.headers.get("Authorization", "")
@@ -221,7 +247,7 @@ class RuntimeService:
         run = self._runs.get((claims["exec"], claims["srv"]))
         if claims["exec"] != execution_id or run is None:
             raise web.HTTPForbidden(text="token is not for this execution")
-        request[RUN_KEY] = run
+        request[run_key()] = run
         return await handler(request)
 
     # -- endpoints
@@ -230,6 +256,8 @@ class RuntimeService:
     async def _body(request: web.Request) -> Any:
         """The request's JSON body, read within ``BODY_TIMEOUT_S`` (a body sent byte by byte
         must not hold a connection, past the head deadline, for ever)."""
+        from aiohttp import web
+
         try:
             return await asyncio.wait_for(request.json(), BODY_TIMEOUT_S)
         except asyncio.TimeoutError:
@@ -238,15 +266,15 @@ class RuntimeService:
             raise web.HTTPBadRequest(text="body must be JSON") from None
 
     async def _get_input(self, request: web.Request) -> web.Response:
-        return web.json_response(request[RUN_KEY].input)
+        return json_response(request[run_key()].input)
 
     async def _put_output(self, request: web.Request) -> web.Response:
-        run: ApiRun = request[RUN_KEY]
+        run: ApiRun = request[run_key()]
         run.output, run.output_set = await self._body(request), True
-        return web.json_response({"ok": True})
+        return json_response({"ok": True})
 
     async def _put_output_key(self, request: web.Request) -> web.Response:
-        run: ApiRun = request[RUN_KEY]
+        run: ApiRun = request[run_key()]
         key = request.match_info["key"]
         value = await self._body(request)
         current = run.output if run.output_set else None
@@ -257,17 +285,17 @@ class RuntimeService:
             return error_response(409, f"the output is already set to a non-object value: cannot set key '{key}'")
         current[key] = value
         run.output, run.output_set = current, True
-        return web.json_response({"ok": True})
+        return json_response({"ok": True})
 
     async def _get_variable(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        variables = request[RUN_KEY].variables
+        variables = request[run_key()].variables
         if name not in variables:
             return error_response(404, f"variable '{name}' is not set")
-        return web.json_response(variables[name])
+        return json_response(variables[name])
 
     async def _call_tool(self, request: web.Request) -> web.Response:
-        run: ApiRun = request[RUN_KEY]
+        run: ApiRun = request[run_key()]
         name = request.match_info["name"]
         arguments = await self._body(request)
         started, clock = time.time(), time.monotonic()
@@ -277,7 +305,7 @@ class RuntimeService:
             self._record_tool_call(run, name, arguments, started, time.monotonic() - clock, str(error))
             return error_response(TOOL_ERROR_STATUS[error.kind], str(error))
         self._record_tool_call(run, name, arguments, started, time.monotonic() - clock, None)
-        return web.json_response(result)
+        return json_response(result)
 
     @staticmethod
     def _record_tool_call(
@@ -287,7 +315,7 @@ class RuntimeService:
             run.on_tool_call(name, arguments, started, duration_s, error)
 
     async def _put_variable(self, request: web.Request) -> web.Response:
-        run: ApiRun = request[RUN_KEY]
+        run: ApiRun = request[run_key()]
         name = request.match_info["name"]
         value = await self._body(request)
         refused = variable_too_deep(name, value)
@@ -296,4 +324,4 @@ class RuntimeService:
         run.variables[name] = value
         if run.on_variable is not None:
             run.on_variable(name, value)
-        return web.json_response({"ok": True})
+        return json_response({"ok": True})
