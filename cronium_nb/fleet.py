@@ -10,6 +10,11 @@ every server before the first connection: strict host-key checking, no trust on 
     with Fleet.up(amd64=2, arm64=1) as fleet:
         executor = Executor(inventory=fleet.inventory)
         fleet.exec("amd64-1", "ps -ef")
+
+The images are not part of the package and are never pulled from a registry: ``make fixtures``
+in a cronium_nb checkout builds them into this machine's Docker daemon, and an installed
+cronium_nb (the wheel, with the ``fleet`` extra for the docker SDK) uses them from there.
+The docker SDK is imported when a fleet starts, not with this module.
 """
 
 from __future__ import annotations
@@ -27,14 +32,16 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import asyncssh
-import docker
-import docker.errors
 
 from cronium_nb.inventory import Inventory
 from cronium_nb.model import Server
 from cronium_nb.store import current_owner, owner_alive
+
+if TYPE_CHECKING:
+    import docker
 
 IMAGE_REPOSITORY = "cronium-sshd"
 ARCHES = ("amd64", "arm64", "riscv64")
@@ -48,6 +55,11 @@ FLEET_LABEL = "cronium.fleet"
 OWNER_LABEL = "cronium.fleet.owner"  # the starting process, as cronium_nb.store.current_owner() names it
 HOST_KEY_PATH = "etc/ssh/ssh_host_ed25519_key"
 READY_TIMEOUT_S = 120.0  # emulated arm64 sshd can take several seconds to answer
+BUILD_HINT = (
+    "the fleet's sshd images are built on this machine, not downloaded: in a cronium_nb checkout "
+    "run `make fixtures` (sshd-fixtures/build_images.py; Docker, qemu-user binfmt for arm64 and "
+    "riscv64, mmdebstrap)"
+)
 
 
 def image_tag(arch: str, variant: str) -> str:
@@ -57,6 +69,19 @@ def image_tag(arch: str, variant: str) -> str:
 
 class FleetError(RuntimeError):
     """The fleet could not be started or driven."""
+
+
+def _docker_client() -> docker.DockerClient:
+    """A client of the local Docker daemon, or a FleetError that says what is missing."""
+    try:
+        import docker
+        from docker.errors import DockerException
+    except ImportError:
+        raise FleetError("a fleet needs the docker SDK: pip install 'cronium-nb[fleet]'") from None
+    try:
+        return docker.from_env()
+    except DockerException as error:
+        raise FleetError(f"cannot reach the Docker daemon: {error}") from None
 
 
 @dataclass(frozen=True)
@@ -144,13 +169,18 @@ class Fleet:
         for arch, count in counts.items():
             if count and (arch, variant) not in IMAGES:
                 raise ValueError(f"there is no {variant} image for {arch}; images: {IMAGES}")
-        client = docker.from_env()
+        client = _docker_client()
+        import docker.errors
+
+        missing = []
         for arch, count in counts.items():
             if count:
                 try:
                     client.images.get(image_tag(arch, variant))
                 except docker.errors.ImageNotFound:
-                    raise FleetError(f"image {image_tag(arch, variant)} is missing: run `make fixtures`") from None
+                    missing.append(image_tag(arch, variant))
+        if missing:
+            raise FleetError(f"missing from the Docker daemon: image {', '.join(missing)}; {BUILD_HINT}")
         fleet_id = uuid.uuid4().hex[:8]
         fleet = cls(client, fleet_id, Path(tempfile.mkdtemp(prefix=f"cronium-fleet-{fleet_id}-")))
         try:
@@ -212,6 +242,8 @@ class Fleet:
         self, name: str, arch: str, variant: str, command: list[str], files: bytes, tmpfs: dict[str, str]
     ):
         """Create the container, copy ``files`` (a tar) into it, start it; returns it and its port."""
+        import docker.errors
+
         labels = {FLEET_LABEL: self.fleet_id, OWNER_LABEL: current_owner(), "cronium.fleet.server": name}
         for _attempt in range(10):
             port = _free_loopback_port()
@@ -257,7 +289,7 @@ class Fleet:
     @staticmethod
     def cleanup_stale(client: docker.DockerClient | None = None) -> int:
         """Remove fleet containers whose starting process is gone; returns how many."""
-        client = client or docker.from_env()
+        client = client or _docker_client()
         removed = 0
         for container in client.containers.list(all=True, filters={"label": FLEET_LABEL}):
             if owner_alive(container.labels.get(OWNER_LABEL, "")):
