@@ -9,8 +9,9 @@ import nbformat
 from nbclient import NotebookClient
 
 from cronium_nb.notebook.live import DISPLAY_ENV
+from cronium_nb.resources import notebooks_dir
 
-NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOKS = notebooks_dir()  # the installed package's examples, or the checkout's notebooks/
 
 
 def execute(path: str | os.PathLike[str], *, timeout: float = 600) -> nbformat.NotebookNode:
