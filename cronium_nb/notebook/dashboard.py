@@ -1,21 +1,23 @@
-"""``Dashboard(executor)``: pick servers, edit a script, run and cancel it, watch it live."""
+"""``Dashboard(executor)``: pick servers, edit a script, run and cancel it, watch it live.
+
+A run is shown through the same pipeline as a ``%%cronium`` cell (:mod:`cronium_nb.notebook.live`):
+the executor's callbacks only queue events, and a pump thread applies them to a
+:class:`DashboardView` and redraws it at most every ``REFRESH_S``.
+"""
 
 from __future__ import annotations
 
 import html
-import threading
 from typing import Any
 
 import ipywidgets as widgets
 
-from cronium_nb.executor import Callbacks, Executor, Job
+from cronium_nb.executor import Executor, Job
 from cronium_nb.inventory import UnknownServerError
 from cronium_nb.manifest import SCRIPT_TYPES
-from cronium_nb.model import Event, EventError
-from cronium_nb.notebook.live import line_html
+from cronium_nb.model import DEFAULT_TIMEOUT_S, Event, EventError, Status
+from cronium_nb.notebook.live import BackgroundRun, EventQueue, LiveView, OutputPanels
 from cronium_nb.results import ExecutionResult
-
-PANEL_LINES = 300
 
 
 def _table(frame: Any) -> str:
@@ -35,7 +37,7 @@ class Dashboard:
         self.executor = executor
         self.job: Job | None = None
         self.last_result: ExecutionResult | None = None
-        self._lock = threading.Lock()
+        self._run: BackgroundRun | None = None
         inventory = executor.inventory
         choices = ["all", *inventory.groups, *(s.name for s in inventory)]
         self.picker = widgets.SelectMultiple(options=choices, value=["all"], description="servers", rows=6)
@@ -43,7 +45,7 @@ class Dashboard:
             value=script, description="script", layout=widgets.Layout(width="100%", height="120px")
         )
         self.type = widgets.Dropdown(options=list(SCRIPT_TYPES), value="bash", description="type")
-        self.timeout = widgets.BoundedFloatText(value=300, min=1, max=86400, description="timeout (s)")
+        self.timeout = widgets.BoundedFloatText(value=DEFAULT_TIMEOUT_S, min=1, max=86400, description="timeout (s)")
         self.api = widgets.Checkbox(value=False, description="API mode (live variables)")
         self.run_button = widgets.Button(description="Run", button_style="success", icon="play")
         self.cancel_button = widgets.Button(description="Cancel", button_style="danger", icon="stop", disabled=True)
@@ -53,10 +55,7 @@ class Dashboard:
         self.variables_table = widgets.HTML()
         self.metrics_table = widgets.HTML()
         self.history_table = widgets.HTML()
-        self._outputs: dict[str, widgets.HTML] = {}
-        self._lines: dict[str, list[str]] = {}
-        self._variables: dict[tuple[str, str], Any] = {}
-        self._status: dict[str, str] = {}
+        self._outputs: dict[str, widgets.HTML] = {}  # the current run's output tabs, by server
         self.run_button.on_click(lambda _button: self.run())
         self.cancel_button.on_click(lambda _button: self.cancel())
         tables = widgets.Accordion(
@@ -87,74 +86,99 @@ class Dashboard:
         if self.job is not None and not self.job.done():
             self.message.value = "<b>already running</b>"
             return None
+        if self._run is not None:
+            self._run.join()  # the last run's view has drawn its end (its job is done)
         try:
             event = Event(name="dashboard", script=self.script.value, type=self.type.value, timeout=self.timeout.value)
             servers = [s.name for s in self.executor.inventory.select(list(self.picker.value))]
         except (EventError, UnknownServerError) as error:
             self.message.value = f'<span style="color:#cf222e">{html.escape(str(error))}</span>'
             return None
-        self._start_tabs(servers)
-        callbacks = Callbacks(on_line=self._on_line, on_status=self._on_status, on_variable=self._on_variable)
-        self.job = self.executor.submit(event, servers, callbacks=callbacks, api=self.api.value)
+        events = EventQueue()
+        self.job = self.executor.submit(event, servers, callbacks=events.callbacks(), api=self.api.value)
         self.run_button.disabled, self.cancel_button.disabled = True, False
         self.message.value = f"running on {len(servers)} server(s)…"
-        threading.Thread(target=self._wait, args=(self.job,), name="cronium-dashboard", daemon=True).start()
+        self._run = BackgroundRun(self.job, DashboardView(self, servers), events)
         return self.job
 
     def cancel(self) -> None:
-        if self.job is not None and not self.job.done():
-            self.message.value = "cancelling…"
-            self.job.cancel()
-
-    def _wait(self, job: Job) -> None:
-        result = job.result()
-        self.last_result = result
-        self.run_button.disabled, self.cancel_button.disabled = False, True
-        self.message.value = f"<b>{html.escape(result.status.value)}</b> (execution {result.execution_id})"
-        self.status_table.value = _table(result.summary)
-        self._refresh_tables()
-
-    # -- live updates (on the executor's thread)
-
-    def _start_tabs(self, servers: list[str]) -> None:
-        self._outputs = {name: widgets.HTML() for name in servers}
-        self._lines = {name: [] for name in servers}
-        self._variables.clear()
-        self._status = {name: "pending" for name in servers}
-        self.tabs.children = list(self._outputs.values())
-        self.tabs.titles = tuple(servers)
-        self.status_table.value = _table(self._status_frame(self._status))
-
-    def _on_line(self, server: str, stream: str, text: str, ts: float) -> None:
-        with self._lock:
-            lines = self._lines[server]
-            lines.append(line_html(stream, text))
-            del lines[:-PANEL_LINES]
-            self._outputs[server].value = '<pre style="margin:0">' + "\n".join(lines) + "</pre>"
-
-    def _on_status(self, result: Any) -> None:
-        with self._lock:
-            label = result.status.value if not result.phase else f"{result.status.value} ({result.phase})"
-            self._status[result.server] = label
-            self.status_table.value = _table(self._status_frame(self._status))
-
-    def _on_variable(self, server: str, name: str, value: Any) -> None:
-        with self._lock:
-            self._variables[(server, name)] = value
-            rows = "".join(
-                f"<tr><td>{html.escape(s)}</td><td>{html.escape(n)}</td><td>{html.escape(repr(v))}</td></tr>"
-                for (s, n), v in sorted(self._variables.items())
-            )
-            self.variables_table.value = f"<table><tr><th>server</th><th>name</th><th>value</th></tr>{rows}</table>"
-
-    @staticmethod
-    def _status_frame(statuses: dict[str, str]) -> Any:
-        import pandas as pd
-
-        return pd.DataFrame({"server": list(statuses), "status": list(statuses.values())})
+        if self._run is not None and not self._run.job.done():
+            self._run.cancel()
 
     def _refresh_tables(self) -> None:
         self.metrics_table.value = _table(self.executor.metrics())
         history = self.executor.history(10)
         columns = ["execution_id", "event", "status", "servers_ok", "servers", "started_at"]
         self.history_table.value = _table(history[columns] if len(history) else history)
+
+
+class DashboardView(LiveView):
+    """One run as the Dashboard shows it: an output tab per server, the status and variables
+    tables, the message line; at the end the result, the metrics and the history."""
+
+    def __init__(self, dashboard: Dashboard, servers: list[str]) -> None:
+        super().__init__(servers, "dashboard")
+        self.dashboard = dashboard
+        self.panels = OutputPanels(servers)
+        self._tables_changed = True
+        self._variables_changed = False
+        dashboard._outputs = self.panels.widgets
+        dashboard.tabs.children = [self.panels.widgets[name] for name in servers]
+        dashboard.tabs.titles = tuple(servers)
+        dashboard.variables_table.value = ""
+        self.tick()
+
+    def on_line(self, server: str, stream: str, text: str) -> None:
+        self.panels.add(server, stream, text)
+
+    def on_status(self, server: str, status: Status, phase: str | None, exit_code: int | None) -> None:
+        super().on_status(server, status, phase, exit_code)
+        self._tables_changed = True
+
+    def on_variable(self, server: str, name: str, value: Any) -> None:
+        super().on_variable(server, name, value)
+        self._variables_changed = True
+
+    def note(self, text: str) -> None:
+        self.dashboard.message.value = html.escape(text)
+
+    def tick(self) -> None:
+        self.panels.render()
+        if self._tables_changed:
+            self._tables_changed = False
+            self.dashboard.status_table.value = _table(self._status_frame())
+        if self._variables_changed:
+            self._variables_changed = False
+            rows = "".join(
+                f"<tr><td>{html.escape(server)}</td><td>{html.escape(name)}</td><td>{html.escape(repr(value))}</td></tr>"
+                for server in sorted(self.variables)
+                for name, value in sorted(self.variables[server].items())
+            )
+            self.dashboard.variables_table.value = (
+                f"<table><tr><th>server</th><th>name</th><th>value</th></tr>{rows}</table>"
+            )
+
+    def _status_frame(self) -> Any:
+        import pandas as pd
+
+        labels = [
+            status.value if not self.phases[server] else f"{status.value} ({self.phases[server]})"
+            for server, status in self.statuses.items()
+        ]
+        return pd.DataFrame({"server": list(self.statuses), "status": labels})
+
+    def finish(self, result: ExecutionResult) -> None:
+        super().finish(result)
+        self.tick()
+        dashboard = self.dashboard
+        dashboard.status_table.value = _table(result.summary)
+        dashboard._refresh_tables()
+        dashboard.message.value = f"<b>{html.escape(result.status.value)}</b> (execution {result.execution_id})"
+        dashboard.run_button.disabled, dashboard.cancel_button.disabled = False, True
+        dashboard.last_result = result  # last: whoever waits for it finds the view complete
+
+    def failed(self, error: BaseException) -> None:
+        self.tick()
+        dashboard = self.dashboard
+        dashboard.message.value = f'<span style="color:#cf222e">failed: {html.escape(repr(error))}</span>'
+        dashboard.run_button.disabled, dashboard.cancel_button.disabled = False, True

@@ -1,8 +1,12 @@
 """Live views of a running execution: widget panels in a notebook, prefixed lines elsewhere.
 
-Executor callbacks arrive on the executor's thread; they only put events on a queue. Whoever
-owns the view drains the queue: the cell's own thread while ``%%cronium`` blocks (so that a
-kernel interrupt lands there), or a small pump thread for ``--bg`` runs.
+One pipeline for every view (the ``%%cronium`` cell's, a ``--bg`` handle's, the Dashboard's):
+executor callbacks arrive on the executor's loop thread and only put events on a queue
+(:class:`EventQueue`); whoever owns the view drains the queue, applies the events (cheap: state
+only) and redraws at most every ``REFRESH_S``. The owner is the cell's own thread while
+``%%cronium`` blocks (so that a kernel interrupt lands there), or a small pump thread
+(:class:`BackgroundRun`) for ``--bg`` runs and the Dashboard. Panel size (``PANEL_LINES``) and
+line shortening (:func:`display_text`) are defined here once.
 """
 
 from __future__ import annotations
@@ -14,14 +18,16 @@ import re
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable
 from typing import Any
 
 from cronium_nb.executor import Callbacks, Job
 from cronium_nb.model import Status
-from cronium_nb.results import ExecutionResult, ServerResult
+from cronium_nb.results import ExecutionResult
 
 DISPLAY_ENV = "CRONIUM_DISPLAY"  # "text" forces prefixed lines (set for headless execution)
 PANEL_LINES = 200  # lines kept per server panel
+REFRESH_S = 0.1  # a view is redrawn at most this often; in between, events are only queued
 DISPLAY_LINE_CHARS = 2000  # a longer line is shortened on screen (the store keeps it whole)
 # C0 and C1 control characters but tab: a script's output must not move the cursor, retitle the
 # terminal or hide text in the view (ESC sequences), so they are shown as escapes.
@@ -51,6 +57,11 @@ def line_html(stream: str, text: str) -> str:
     return f'<span style="color:#cf222e">{shown}</span>' if stream == "stderr" else shown
 
 
+def panel_html(lines: Iterable[tuple[str, str]]) -> str:
+    """A server's output panel: (stream, text) lines, oldest first."""
+    return '<pre style="margin:0;font-size:12px">' + "\n".join(line_html(*line) for line in lines) + "</pre>"
+
+
 def widgets_wanted() -> bool:
     """True inside a Jupyter kernel, unless CRONIUM_DISPLAY=text (headless runs set it)."""
     if os.environ.get(DISPLAY_ENV, "").lower() == "text":
@@ -64,7 +75,11 @@ def widgets_wanted() -> bool:
 
 
 class EventQueue:
-    """Executor callbacks -> a thread-safe queue of (kind, ...) tuples."""
+    """Executor callbacks -> a thread-safe queue of (kind, ...) tuples.
+
+    The callbacks run on the executor's loop thread and do nothing but enqueue; :meth:`drain`,
+    on the thread that owns the view, applies the events and redraws the view once per call.
+    """
 
     def __init__(self) -> None:
         self.queue: queue.Queue[tuple[Any, ...]] = queue.Queue()
@@ -80,21 +95,27 @@ class EventQueue:
             on_variable=lambda server, name, value: put(("on_variable", server, name, value)),
         )
 
-    def drain(self, view: LiveView, wait: float = 0.1) -> None:
+    def drain(self, view: LiveView, wait: float = REFRESH_S) -> None:
+        """Apply to ``view`` the events queued until ``wait`` seconds from now, then redraw it
+        once (``view.tick()``): however fast lines arrive, a view is drawn at most every ``wait``."""
+        deadline = time.monotonic() + wait
         try:
-            event = self.queue.get(timeout=wait)
+            while (remaining := deadline - time.monotonic()) > 0:
+                self._apply(view, self.queue.get(timeout=remaining))
         except queue.Empty:
-            view.tick()
-            return
-        events = [event]
-        while True:
+            pass
+        for _ in range(self.queue.qsize()):  # what is queued now, not a flood that keeps arriving
             try:
-                events.append(self.queue.get_nowait())
+                event = self.queue.get_nowait()
             except queue.Empty:
                 break
-        for kind, *rest in events:
-            getattr(view, kind)(*rest)
+            self._apply(view, event)
         view.tick()
+
+    @staticmethod
+    def _apply(view: LiveView, event: tuple[Any, ...]) -> None:
+        kind, *rest = event
+        getattr(view, kind)(*rest)
 
 
 class LiveView:
@@ -122,7 +143,7 @@ class LiveView:
         self.variables[server][name] = value
 
     def tick(self) -> None:
-        """Called between events (about 10 times a second): refresh clocks."""
+        """Called once per drain (every ``REFRESH_S``): draw what changed, refresh clocks."""
 
     def note(self, text: str) -> None:
         raise NotImplementedError
@@ -131,6 +152,10 @@ class LiveView:
         for server, server_result in result.servers.items():
             self.statuses[server] = server_result.status
             self.exit_codes[server] = server_result.exit_code
+
+    def failed(self, error: BaseException) -> None:
+        """The execution ended without a result (an error in the orchestrator, the executor closed)."""
+        self.note(f"failed: {error!r}")
 
     def elapsed(self, server: str) -> float:
         return self.finished_at.get(server, time.monotonic()) - self.started
@@ -170,6 +195,30 @@ class TextView(LiveView):
         print(result.summary.to_string(index=False), flush=True)
 
 
+class OutputPanels:
+    """One HTML widget per server showing its last ``PANEL_LINES`` output lines.
+
+    :meth:`add` only records a line; :meth:`render` (from a view's ``tick``) redraws the panels
+    that changed since, so a burst of lines costs one redraw per panel.
+    """
+
+    def __init__(self, servers: list[str], **layout: str) -> None:
+        import ipywidgets as widgets
+
+        self.lines: dict[str, deque[tuple[str, str]]] = {name: deque(maxlen=PANEL_LINES) for name in servers}
+        self.widgets = {name: widgets.HTML(layout=widgets.Layout(**layout)) for name in servers}
+        self._changed: set[str] = set(servers)
+
+    def add(self, server: str, stream: str, text: str) -> None:
+        self.lines[server].append((stream, text))
+        self._changed.add(server)
+
+    def render(self) -> None:
+        changed, self._changed = self._changed, set()
+        for server in changed:
+            self.widgets[server].value = panel_html(self.lines[server])
+
+
 class WidgetView(LiveView):
     """One panel per server (status badge, elapsed time, output, exit code) and a progress bar."""
 
@@ -177,15 +226,11 @@ class WidgetView(LiveView):
         super().__init__(servers, title)
         import ipywidgets as widgets
 
-        self._lock = threading.Lock()
-        self._lines = {name: deque(maxlen=PANEL_LINES) for name in servers}
-        self._dirty: set[str] = set(servers)
         self.header = widgets.HTML()
         self.progress = widgets.IntProgress(value=0, min=0, max=len(servers), description="servers")
         self.badges = {name: widgets.HTML() for name in servers}
-        self.outputs = {
-            name: widgets.HTML(layout=widgets.Layout(max_height="240px", overflow="auto")) for name in servers
-        }
+        self.panels = OutputPanels(servers, max_height="240px", overflow="auto")
+        self.outputs = self.panels.widgets
         panels = [
             widgets.VBox(
                 [self.badges[name], self.outputs[name]], layout=widgets.Layout(border="1px solid #ddd", padding="4px")
@@ -206,30 +251,15 @@ class WidgetView(LiveView):
         display(self.widget)
 
     def on_line(self, server: str, stream: str, text: str) -> None:
-        with self._lock:
-            self._lines[server].append(line_html(stream, text))
-            self._dirty.add(server)
-
-    def on_status(self, server: str, status: Status, phase: str | None, exit_code: int | None) -> None:
-        super().on_status(server, status, phase, exit_code)
-        self._dirty.add(server)
-
-    def on_variable(self, server: str, name: str, value: Any) -> None:
-        super().on_variable(server, name, value)
-        self._dirty.add(server)
+        self.panels.add(server, stream, text)
 
     def note(self, text: str) -> None:
         self.header.value = f"<b>{html.escape(self.title)}</b> — {html.escape(text)}"
 
     def tick(self) -> None:
-        with self._lock:
-            dirty, self._dirty = self._dirty, set()
-            for server in self.servers:  # clocks move on every tick
-                self.badges[server].value = self._badge(server)
-            for server in dirty:
-                self.outputs[server].value = (
-                    '<pre style="margin:0;font-size:12px">' + "\n".join(self._lines[server]) + "</pre>"
-                )
+        for server in self.servers:  # clocks move on every tick (an unchanged value is not sent)
+            self.badges[server].value = self._badge(server)
+        self.panels.render()
         self.progress.value = self.done_count()
         if not self.header.value:
             self.note("running")
@@ -250,9 +280,12 @@ class WidgetView(LiveView):
 
     def finish(self, result: ExecutionResult) -> None:
         super().finish(result)
-        self._dirty.update(self.servers)
         self.tick()
         self.note(result.status.value)
+        self.cancel_button.disabled = True
+
+    def failed(self, error: BaseException) -> None:
+        super().failed(error)
         self.cancel_button.disabled = True
 
 
@@ -274,7 +307,12 @@ class BackgroundRun:
         while not self.job.done():
             self._events.drain(self.view)
         self._events.drain(self.view, wait=0)
-        self.view.finish(self.job.result())
+        try:
+            result = self.job.result()
+        except Exception as error:  # shown in the view; result() raises it to whoever asks
+            self.view.failed(error)
+        else:
+            self.view.finish(result)
 
     def cancel(self) -> None:
         self.view.note("cancelling…")
@@ -285,8 +323,12 @@ class BackgroundRun:
 
     def result(self, timeout: float | None = None) -> ExecutionResult:
         result = self.job.result(timeout)
-        self._pump.join(timeout=5)
+        self.join()
         return result
+
+    def join(self, timeout: float | None = 5.0) -> None:
+        """Until the view has drawn the end of the run (once the job is done, at once)."""
+        self._pump.join(timeout)
 
     @property
     def status(self) -> Status:
@@ -294,7 +336,3 @@ class BackgroundRun:
 
     def __repr__(self) -> str:
         return f"<cronium background run {self.job.execution_id}: {self.job.status.value}; .cancel(), .result()>"
-
-
-def server_status_rows(results: dict[str, ServerResult]) -> list[dict[str, Any]]:
-    return [result.row() for result in results.values()]

@@ -15,7 +15,7 @@ from IPython.display import display
 from cronium_nb.fleet import VARIANTS, FleetError
 from cronium_nb.inventory import InventoryError, UnknownServerError
 from cronium_nb.manifest import SCRIPT_TYPES
-from cronium_nb.model import Event, EventError
+from cronium_nb.model import DEFAULT_TIMEOUT_S, Event, EventError
 from cronium_nb.notebook.live import BackgroundRun, EventQueue, WidgetView, make_view
 from cronium_nb.notebook.session import NotebookSession
 
@@ -51,7 +51,7 @@ class CroniumMagics(Magics):
     @magic_arguments()
     @argument("-s", "--servers", default="all", help="server names, group names or 'all', comma-separated")
     @argument("-t", "--type", default="bash", choices=list(SCRIPT_TYPES), help="script type (default bash)")
-    @argument("--timeout", type=float, default=3600.0, help="seconds (default 3600)")
+    @argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help=f"seconds (default {DEFAULT_TIMEOUT_S:g})")
     @argument("-n", "--name", help="event name (default: derived from the script)")
     @argument("-i", "--input", dest="input_json", help="input of the run, as JSON")
     @argument("-I", "--input-from", dest="input_var", help="input of the run: this notebook variable's value")
