@@ -13,7 +13,7 @@ import docker
 import pytest
 
 from cronium_nb import Event, Executor, Fleet, Status
-from cronium_nb.executor import DEFAULT_RUNNER_DIST
+from cronium_nb.resources import runner_dist
 from tests.runner_harness import leftover_processes, wait_for
 
 pytestmark = pytest.mark.fleet
@@ -25,7 +25,7 @@ def test_the_runner_starts_in_an_image_holding_nothing_but_itself(arch: str) -> 
     """No libc, no shell, no /etc: a static binary needs nothing of the server."""
     archive = io.BytesIO()
     with tarfile.open(fileobj=archive, mode="w") as tar:
-        data = (DEFAULT_RUNNER_DIST / f"cronium-runner-linux-{arch}").read_bytes()
+        data = (runner_dist() / f"cronium-runner-linux-{arch}").read_bytes()
         member = tarfile.TarInfo("cronium-runner")
         member.size, member.mode = len(data), 0o755
         tar.addfile(member, io.BytesIO(data))

@@ -15,8 +15,9 @@ import pytest
 
 import cronium_nb as cn
 from cronium_nb import Event, Executor, Fleet, SSHOptions, Status
-from cronium_nb.executor import DEFAULT_RUNNER_DIST, Callbacks
+from cronium_nb.executor import Callbacks
 from cronium_nb.model import Server
+from cronium_nb.resources import runner_dist
 from tests.runner_harness import leftover_processes, processes_matching, submit_and_wait_for_output, wait_for
 
 pytestmark = pytest.mark.fleet
@@ -94,10 +95,10 @@ def test_a_server_of_an_architecture_without_a_build_fails_clearly(
     clear error, and the others run."""
     dist = tmp_path / "dist"
     dist.mkdir()
-    info = json.loads((DEFAULT_RUNNER_DIST / "runner.json").read_text())
+    info = json.loads((runner_dist() / "runner.json").read_text())
     info["binaries"] = {"amd64": info["binaries"]["amd64"]}
     (dist / "runner.json").write_text(json.dumps(info))
-    shutil.copy(DEFAULT_RUNNER_DIST / "cronium-runner-linux-amd64", dist / "cronium-runner-linux-amd64")
+    shutil.copy(runner_dist() / "cronium-runner-linux-amd64", dist / "cronium-runner-linux-amd64")
     executor = executor_factory(cronium_fleet.inventory, runner_dist=dist)
     result = executor.run(Event(name="nothing-fits", script="true"))
     assert result.status == Status.PARTIAL

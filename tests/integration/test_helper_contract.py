@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from cronium_nb import Event, Executor, Fleet, Status
-from cronium_nb.executor import DEFAULT_RUNNER_DIST
+from cronium_nb.resources import runner_dist
 
 pytestmark = pytest.mark.fleet
 
@@ -26,7 +26,7 @@ COMPLEX_INPUT = {
 }
 EVENT_FIELDS = ("id", "name", "type", "execution_id", "server", "payload_version", "runner_version", "timeout")
 BIG = "x" * 200_000  # over the kernel's 128 KiB cap on one command-line argument
-RUNNER_VERSION = json.loads((DEFAULT_RUNNER_DIST / "runner.json").read_text())["version"]
+RUNNER_VERSION = json.loads((runner_dist() / "runner.json").read_text())["version"]
 
 
 @dataclass
