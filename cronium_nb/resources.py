@@ -30,7 +30,7 @@ _CHECKOUT = Path(__file__).resolve().parent.parent
 
 def _package_data(name: str) -> Path | None:
     """The package-data directory ``name`` when this package was installed with it."""
-    directory = resources.files(__package__).joinpath(name)
+    directory = resources.files("cronium_nb").joinpath(name)
     # A wheel installs into a directory, so this is a real path; a zipped package is not supported.
     if isinstance(directory, Path) and directory.is_dir():
         return directory
