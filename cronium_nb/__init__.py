@@ -31,16 +31,42 @@ _EXPORTS = {
     "ServerResult": "cronium_nb.results",
     "SSHOptions": "cronium_nb.ssh.options",
     "Dashboard": "cronium_nb.notebook.dashboard",
+    "CroniumError": "cronium_nb.errors",
+    "ConnectError": "cronium_nb.errors",
+    "HostKeyError": "cronium_nb.errors",
+    "DeployError": "cronium_nb.errors",
+    "RunnerUnavailable": "cronium_nb.errors",
+    "SetupStalled": "cronium_nb.errors",
+    "ERROR_KINDS": "cronium_nb.errors",
+    "ErrorKind": "cronium_nb.errors",
+    "ManifestError": "cronium_nb.manifest",
+    "ProtocolError": "cronium_nb.protocol",
+    "StoreError": "cronium_nb.store",
+    "ToolError": "cronium_nb.tools",
 }
 
 if TYPE_CHECKING:
+    from cronium_nb.errors import (
+        ERROR_KINDS,
+        ConnectError,
+        CroniumError,
+        DeployError,
+        ErrorKind,
+        HostKeyError,
+        RunnerUnavailable,
+        SetupStalled,
+    )
     from cronium_nb.executor import Callbacks, Executor, Job
     from cronium_nb.fleet import Fleet, FleetError
     from cronium_nb.inventory import Inventory, InventoryError, UnknownServerError
+    from cronium_nb.manifest import ManifestError
     from cronium_nb.model import Event, EventError, Server, Status
     from cronium_nb.notebook.dashboard import Dashboard
+    from cronium_nb.protocol import ProtocolError
     from cronium_nb.results import ExecutionResult, ServerResult
     from cronium_nb.ssh.options import SSHOptions
+    from cronium_nb.store import StoreError
+    from cronium_nb.tools import ToolError
 
 
 def __getattr__(name: str) -> object:
@@ -70,21 +96,33 @@ def unload_ipython_extension(ipython: object) -> None:
 
 
 __all__ = [
+    "ERROR_KINDS",
     "Callbacks",
+    "ConnectError",
+    "CroniumError",
     "Dashboard",
+    "DeployError",
+    "ErrorKind",
     "Event",
     "EventError",
     "ExecutionResult",
     "Executor",
     "Fleet",
     "FleetError",
+    "HostKeyError",
     "Inventory",
     "InventoryError",
     "Job",
+    "ManifestError",
+    "ProtocolError",
+    "RunnerUnavailable",
     "SSHOptions",
     "Server",
     "ServerResult",
+    "SetupStalled",
     "Status",
+    "StoreError",
+    "ToolError",
     "UnknownServerError",
     "__version__",
 ]

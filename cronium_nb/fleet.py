@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 
 import asyncssh
 
+from cronium_nb.errors import CroniumError
 from cronium_nb.inventory import Inventory
 from cronium_nb.model import Server
 from cronium_nb.store import current_owner, owner_alive
@@ -67,7 +68,7 @@ def image_tag(arch: str, variant: str) -> str:
     return f"{IMAGE_REPOSITORY}:{arch}-{variant}"
 
 
-class FleetError(RuntimeError):
+class FleetError(CroniumError, RuntimeError):
     """The fleet could not be started or driven."""
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from cronium_nb.errors import CroniumError
 from cronium_nb.model import SERVER_FIELDS, Server
 
 ALL = "all"
@@ -28,7 +29,7 @@ TOP_LEVEL_KEYS = ("defaults", "servers", "groups")
 DEFAULTABLE_FIELDS = tuple(f for f in SERVER_FIELDS if f not in ("name", "host"))
 
 
-class InventoryError(ValueError):
+class InventoryError(CroniumError, ValueError):
     """An inventory that cannot be used, with where the problem is when it came from a file."""
 
     def __init__(self, message: str, *, source: str | None = None, line: int | None = None) -> None:

@@ -13,6 +13,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from cronium_nb.errors import CroniumError
+
 MANIFEST_VERSION = 1
 MANIFEST_NAME = "manifest.yaml"
 DEFAULT_TIMEOUT_S = 3600.0
@@ -31,7 +33,7 @@ ENTRYPOINT_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 RESERVED_ENV_PREFIX = "CRONIUM_"
 
 
-class ManifestError(ValueError):
+class ManifestError(CroniumError, ValueError):
     """The manifest does not match the schema; the message names the field."""
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
 
+from cronium_nb.errors import CroniumError
 from cronium_nb.manifest import (
     DEFAULT_GRACE_S,
     DEFAULT_TIMEOUT_S,
@@ -68,7 +69,7 @@ class Server:
 SERVER_FIELDS = tuple(f.name for f in fields(Server))
 
 
-class EventError(ValueError):
+class EventError(CroniumError, ValueError):
     """An event that cannot run, found before anything is sent to a server."""
 
 

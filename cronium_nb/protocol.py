@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
+from cronium_nb.errors import CroniumError, ErrorKind
+
 MAGIC = b"CRONIUM-RUNNER/1\n"
 HEADER = struct.Struct(">cdI")
 STDOUT, STDERR, MESSAGE = b"O", b"E", b"M"
@@ -57,8 +59,10 @@ def encode_message(ts: float, message: dict[str, Any]) -> bytes:
     return encode(MESSAGE, ts, json.dumps(message, separators=(",", ":")).encode())
 
 
-class ProtocolError(ValueError):
+class ProtocolError(CroniumError, ValueError):
     """The byte stream is not a valid frame stream."""
+
+    error_kind: ErrorKind = "runner"
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,11 @@ from typing import Any
 
 import pandas as pd
 
+from cronium_nb.errors import ErrorKind
 from cronium_nb.model import Status
 from cronium_nb.store import Store
 
-SUMMARY_COLUMNS = ("server", "arch", "status", "exit_code", "duration_s", "deploy", "attempts", "error")
+SUMMARY_COLUMNS = ("server", "arch", "status", "exit_code", "duration_s", "deploy", "attempts", "error", "error_kind")
 PHASES = ("connect", "deploy", "upload", "run", "cleanup")
 
 
@@ -27,6 +28,7 @@ class ServerResult:
     deploy: str | None = None  # "cached", "verified" or "deployed"
     attempts: int = 0  # deploy attempts made in this execution
     error: str | None = None
+    error_kind: ErrorKind | None = None  # what kind of failure ``error`` is; see cronium_nb.errors
     outputs: Any = None
     variables: dict[str, Any] = field(default_factory=dict)
     phases: dict[str, float] = field(default_factory=dict)

@@ -25,7 +25,6 @@ executor constructs its service up front, and most never serve a request.
 from __future__ import annotations
 
 import asyncio
-import functools
 import secrets
 import shutil
 import tempfile
@@ -81,12 +80,11 @@ def error_response(status: int, message: str) -> web.Response:
     return json_response({"error": message}, status=status)
 
 
-@functools.cache
-def run_key() -> web.RequestKey[ApiRun]:
-    """Where the authenticated request carries its :class:`ApiRun` (made once aiohttp is loaded)."""
-    from aiohttp import web
+def _run_of(request: web.Request) -> ApiRun:
+    """The :class:`ApiRun` an authenticated request carries."""
+    from cronium_nb._request_keys import RUN_KEY
 
-    return web.RequestKey("run", ApiRun)
+    return request[RUN_KEY]
 
 
 class _GuardedConnection(asyncio.Protocol):
@@ -247,7 +245,9 @@ class RuntimeService:
         run = self._runs.get((claims["exec"], claims["srv"]))
         if claims["exec"] != execution_id or run is None:
             raise web.HTTPForbidden(text="token is not for this execution")
-        request[run_key()] = run
+        from cronium_nb._request_keys import RUN_KEY
+
+        request[RUN_KEY] = run
         return await handler(request)
 
     # -- endpoints
@@ -266,15 +266,15 @@ class RuntimeService:
             raise web.HTTPBadRequest(text="body must be JSON") from None
 
     async def _get_input(self, request: web.Request) -> web.Response:
-        return json_response(request[run_key()].input)
+        return json_response(_run_of(request).input)
 
     async def _put_output(self, request: web.Request) -> web.Response:
-        run: ApiRun = request[run_key()]
+        run: ApiRun = _run_of(request)
         run.output, run.output_set = await self._body(request), True
         return json_response({"ok": True})
 
     async def _put_output_key(self, request: web.Request) -> web.Response:
-        run: ApiRun = request[run_key()]
+        run: ApiRun = _run_of(request)
         key = request.match_info["key"]
         value = await self._body(request)
         current = run.output if run.output_set else None
@@ -289,13 +289,13 @@ class RuntimeService:
 
     async def _get_variable(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        variables = request[run_key()].variables
+        variables = _run_of(request).variables
         if name not in variables:
             return error_response(404, f"variable '{name}' is not set")
         return json_response(variables[name])
 
     async def _call_tool(self, request: web.Request) -> web.Response:
-        run: ApiRun = request[run_key()]
+        run: ApiRun = _run_of(request)
         name = request.match_info["name"]
         arguments = await self._body(request)
         started, clock = time.time(), time.monotonic()
@@ -315,7 +315,7 @@ class RuntimeService:
             run.on_tool_call(name, arguments, started, duration_s, error)
 
     async def _put_variable(self, request: web.Request) -> web.Response:
-        run: ApiRun = request[run_key()]
+        run: ApiRun = _run_of(request)
         name = request.match_info["name"]
         value = await self._body(request)
         refused = variable_too_deep(name, value)

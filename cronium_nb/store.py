@@ -14,7 +14,7 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 
 import pandas as pd
 
+from cronium_nb.errors import CroniumError
 from cronium_nb.model import Status
 
 DB_NAME = "cronium.db"
@@ -137,15 +138,20 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX tool_calls_by_run ON tool_calls (execution_id, started_at);
     """,
+    # 6: what kind of failure a server's error is (cronium_nb.errors.ERROR_KINDS)
+    """
+    ALTER TABLE server_results ADD COLUMN error_kind TEXT;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 SERVER_RESULT_FIELDS = (
-    "arch", "status", "exit_code", "duration_s", "deploy", "attempts", "error", "outputs", "variables", "phases",
+    "arch", "status", "exit_code", "duration_s", "deploy", "attempts", "error", "error_kind", "outputs", "variables",
+    "phases",
 )  # fmt: skip
 JSON_FIELDS = ("outputs", "variables", "phases")
 
 
-class StoreError(RuntimeError):
+class StoreError(CroniumError, RuntimeError):
     """The database is newer than this code, or otherwise unusable."""
 
 
@@ -409,8 +415,8 @@ class Store:
 
     def server_results(self, execution_id: str) -> pd.DataFrame:
         frame = self._frame(
-            "SELECT server, arch, status, exit_code, duration_s, deploy, attempts, error, outputs, variables, phases "
-            "FROM server_results WHERE execution_id = ? ORDER BY rowid",
+            "SELECT server, arch, status, exit_code, duration_s, deploy, attempts, error, error_kind, outputs, "
+            "variables, phases FROM server_results WHERE execution_id = ? ORDER BY rowid",
             (execution_id,),
         )
         for column in JSON_FIELDS:
@@ -527,10 +533,19 @@ class LogChunk(NamedTuple):
 
 class LogBuffer:
     """Collects log chunks and writes them in batches (never a transaction per line or chunk):
-    when ``batch_size`` chunks or ``batch_bytes`` of text are waiting, or on :meth:`flush`."""
+    when ``batch_size`` chunks or ``batch_bytes`` of text are waiting, or on :meth:`flush`.
+    ``write`` writes one batch (default: ``store.append_log_chunks``; the executor queues it on
+    its store thread instead)."""
 
-    def __init__(self, store: Store, batch_size: int = 2000, batch_bytes: int = 4 * 1024 * 1024) -> None:
-        self._store = store
+    def __init__(
+        self,
+        store: Store,
+        batch_size: int = 2000,
+        batch_bytes: int = 4 * 1024 * 1024,
+        *,
+        write: Callable[[Sequence[LogChunk]], object] | None = None,
+    ) -> None:
+        self._write = write or store.append_log_chunks
         self._batch_size = batch_size
         self._batch_bytes = batch_bytes
         self._chunks: list[LogChunk] = []
@@ -553,4 +568,5 @@ class LogBuffer:
         with self._lock:
             chunks, self._chunks = self._chunks, []
             self._bytes = 0
-        self._store.append_log_chunks(chunks)
+        if chunks:
+            self._write(chunks)

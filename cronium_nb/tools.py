@@ -27,11 +27,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from cronium_nb.errors import CroniumError
+
 DEFAULT_TOOL_TIMEOUT_S = 30.0
 TOOL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
 
 
-class ToolError(Exception):
+class ToolError(CroniumError):
     """A tool call that did not produce a result; ``kind`` is ``unknown``, ``bad_arguments``,
     ``failed`` or ``timeout``, and the message is what the script is shown."""
 

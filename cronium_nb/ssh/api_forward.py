@@ -10,61 +10,75 @@ reason is kept on the connection and its runs fall back to bundled mode.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import secrets
 import shlex
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import asyncssh
 
+from cronium_nb.errors import CroniumError
 from cronium_nb.ssh.pool import PooledConnection
 
 REMOTE_DIR = ".cache/cronium/runner"  # relative to the login user's home; 0700 (see deploy)
 
 
-class ForwardRefused(Exception):
+class ForwardRefused(CroniumError):
     """The server would not open the forward; the message says why."""
 
 
 @dataclass
-class ApiForward:
-    """The open forward of one pooled connection."""
+class _Forward:
+    """One pooled connection's forward: open while ``users`` runs hold it."""
 
-    listener: asyncssh.SSHListener
-    remote_path: str
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    listener: asyncssh.SSHListener | None = None
+    remote_path: str = ""
     users: int = 0
+    refused: str | None = None  # why the server refused the forward, once it did
 
 
-async def acquire(pooled: PooledConnection, home: str, service_path: Path) -> str:
-    """The server-side socket path of ``pooled``'s forward, opened if no run holds it yet."""
-    async with pooled.tunnel_lock:
-        if pooled.tunnel_refused is not None:
-            raise ForwardRefused(pooled.tunnel_refused)
-        if pooled.tunnel is None:
-            remote_path = f"{home.rstrip('/')}/{REMOTE_DIR}/api-{secrets.token_hex(8)}.sock"
-            try:
-                listener = await pooled.connection.forward_remote_path(remote_path, str(service_path))
-            except (asyncssh.ChannelListenError, asyncssh.Error, OSError) as error:
-                pooled.tunnel_refused = getattr(error, "reason", None) or str(error) or type(error).__name__
-                raise ForwardRefused(pooled.tunnel_refused) from None
-            pooled.tunnel = ApiForward(listener, remote_path)
-        pooled.tunnel.users += 1
-        return pooled.tunnel.remote_path
+class ApiForwards:
+    """The API forwards of all pooled connections (state kept per connection, here)."""
 
+    def __init__(self) -> None:
+        self._forwards: weakref.WeakKeyDictionary[PooledConnection, _Forward] = weakref.WeakKeyDictionary()
 
-async def release(pooled: PooledConnection) -> None:
-    """One run is done with the forward; the last one closes it and removes its socket file
-    (sshd leaves the file behind)."""
-    async with pooled.tunnel_lock:
-        forward = pooled.tunnel
+    async def acquire(self, pooled: PooledConnection, home: str, service_path: Path) -> str:
+        """The server-side socket path of ``pooled``'s forward, opened if no run holds it yet;
+        :class:`ForwardRefused` when the server will not forward."""
+        forward = self._forwards.setdefault(pooled, _Forward())
+        async with forward.lock:
+            if forward.refused is not None:
+                raise ForwardRefused(forward.refused)
+            if forward.listener is None:
+                remote_path = f"{home.rstrip('/')}/{REMOTE_DIR}/api-{secrets.token_hex(8)}.sock"
+                try:
+                    forward.listener = await pooled.connection.forward_remote_path(remote_path, str(service_path))
+                except (asyncssh.ChannelListenError, asyncssh.Error, OSError) as error:
+                    forward.refused = getattr(error, "reason", None) or str(error) or type(error).__name__
+                    raise ForwardRefused(forward.refused) from None
+                forward.remote_path = remote_path
+            forward.users += 1
+            return forward.remote_path
+
+    async def release(self, pooled: PooledConnection) -> None:
+        """One run is done with the forward; the last one closes it and removes its socket file
+        (sshd leaves the file behind)."""
+        forward = self._forwards.get(pooled)
         if forward is None:
             return
-        forward.users -= 1
-        if forward.users > 0:
-            return
-        pooled.tunnel = None
-        forward.listener.close()
-        if pooled.alive:
-            with contextlib.suppress(asyncssh.Error, OSError, TimeoutError):  # else: swept at a runner start
-                await pooled.connection.run(f"rm -f -- {shlex.quote(forward.remote_path)}", check=False, timeout=10)
+        async with forward.lock:
+            if forward.listener is None:
+                return
+            forward.users -= 1
+            if forward.users > 0:
+                return
+            listener, forward.listener = forward.listener, None
+            listener.close()
+            if pooled.alive:
+                with contextlib.suppress(asyncssh.Error, OSError, TimeoutError):  # else: swept at a runner start
+                    await pooled.connection.run(f"rm -f -- {shlex.quote(forward.remote_path)}", check=False, timeout=10)

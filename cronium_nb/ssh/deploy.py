@@ -30,6 +30,7 @@ import json
 import re
 import shlex
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ from typing import Any
 
 import asyncssh
 
+from cronium_nb.errors import DeployError
 from cronium_nb.ssh.pool import PooledConnection, ServerKey
 
 CACHE_VALIDITY_S = 24 * 3600.0
@@ -57,14 +59,6 @@ SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # sockaddr_un holds 107 bytes of path (the daemon's temporary name is shorter than its socket's)
 MAX_SOCKET_PATH = 100
 BUILD_INFO = "runner.json"  # written by runner/build/build_go.py
-
-
-class DeployError(Exception):
-    """The runner could not be deployed (after retries, or for a reason retrying cannot fix)."""
-
-    def __init__(self, message: str, *, retryable: bool = True) -> None:
-        super().__init__(message)
-        self.retryable = retryable
 
 
 @dataclass(frozen=True)
@@ -243,6 +237,15 @@ class DeployOutcome:
     bytes_sent: int = 0
 
 
+@dataclass
+class _Probe:
+    """What one connection's probe found: the host, and each candidate build's state there
+    (0: in place and verified; used once, then stale)."""
+
+    info: HostInfo
+    builds: dict[str, int]
+
+
 class Deployer:
     """Deploys runner builds and remembers good deployments."""
 
@@ -263,10 +266,22 @@ class Deployer:
         # (server, runner version, checksum) -> (when verified, the connection it was verified on)
         self._verified: dict[tuple[ServerKey, str, str], tuple[float, int]] = {}
         self._locks: dict[ServerKey, asyncio.Lock] = {}
+        self._probes: weakref.WeakKeyDictionary[PooledConnection, _Probe] = weakref.WeakKeyDictionary()
+
+    def known(self, pooled: PooledConnection) -> HostInfo | None:
+        """What the host is, if this connection has learnt it already."""
+        probe = self._probes.get(pooled)
+        return probe.info if probe is not None else None
+
+    def vouched(self, pooled: PooledConnection, info: HostInfo, build: RunnerBuild) -> None:
+        """The runner daemon of ``build`` answered on ``pooled``: it vouches for the host's facts
+        and for its deployment (so ``ensure`` says "verified" without a round trip)."""
+        self._probes[pooled] = _Probe(info, {build.remote_name: 0})
 
     async def host_info(self, pooled: PooledConnection) -> HostInfo:
         """What the host is; learnt once per connection, with the state of every candidate build."""
-        if pooled.info is None:
+        probe = self._probes.get(pooled)
+        if probe is None:
             result = await pooled.connection.run(self.builds.probe_command(), check=False)
             lines = str(result.stdout).splitlines()
             home = next((line[len("home ") :] for line in lines if line.startswith("home /")), None)
@@ -277,10 +292,11 @@ class Deployer:
             if ["unsafe"] in fields:
                 raise DeployError(str(result.stderr).strip(), retryable=False)
             host = values["host"][0] if values.get("host") else None
-            pooled.info = HostInfo(machine=values["machine"][0], home=home, host=host)
-            # Good until used once: the first ensure() on this connection needs no round trip.
-            pooled.probed_builds = {words[1]: int(words[2]) for words in fields if words[0] == "build"}
-        return pooled.info
+            # The builds' states are good until used once: the first ensure() on this connection
+            # needs no round trip.
+            builds = {words[1]: int(words[2]) for words in fields if words[0] == "build"}
+            probe = self._probes[pooled] = _Probe(HostInfo(machine=values["machine"][0], home=home, host=host), builds)
+        return probe.info
 
     def _still_valid(self, cache_key: tuple[ServerKey, str, str], pooled: PooledConnection) -> bool:
         verified_at, connection = self._verified.get(cache_key, (-1e18, 0))
@@ -309,7 +325,8 @@ class Deployer:
                 # The probe's word is final only when good: a bad one may be stale by now (another
                 # connection may have deployed while we waited for the lock), and an unsafe one
                 # needs the script's message.
-                if pooled.probed_builds.pop(build.remote_name, None) == 0:
+                probe = self._probes.get(pooled)
+                if probe is not None and probe.builds.pop(build.remote_name, None) == 0:
                     status = (0, "")
                 else:
                     status = await self._run_script(pooled, remote_script(VERIFY_SCRIPT, build))

@@ -11,14 +11,11 @@ from typing import Any, NamedTuple
 
 import asyncssh
 
+from cronium_nb.errors import HostKeyError
 from cronium_nb.model import Server
 
 DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
 _record_lock = threading.Lock()
-
-
-class HostKeyError(Exception):
-    """The server's host key could not be verified, with what to do about it."""
 
 
 def _known_hosts_file(server: Server) -> Path:

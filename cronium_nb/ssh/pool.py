@@ -4,9 +4,12 @@ Each connection carries at most ``max_channels_per_connection`` sessions at once
 MaxSessions); a server gets up to ``max_connections_per_server`` connections, the pool up to
 ``max_connections``; at most ``max_handshakes_per_host`` handshakes run at once against one host
 (sshd drops connections beyond MaxStartups). Connections idle longer than ``idle_timeout`` are
-closed; a closed one is dropped at the next acquire and replaced transparently. A connection
-may also hold idle runner sessions (the executor's): they count as channels, and give theirs
-up when a caller needs it.
+closed; a closed one is dropped at the next acquire and replaced transparently.
+
+The pool knows connections and channels only. What others keep per connection (the deployer's
+probe, the API forward, idle runner sessions) they keep themselves, keyed by the
+:class:`PooledConnection`. Channels an owner keeps open between uses (idle runner sessions) are
+counted through its :class:`ChannelKeeper`, which gives one up when a caller needs it.
 """
 
 from __future__ import annotations
@@ -19,18 +22,14 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import asyncssh
 
+from cronium_nb.errors import ConnectError, HostKeyError
 from cronium_nb.model import Server
-from cronium_nb.ssh.hostkeys import HostKeyError, connect_options, describe_host_key_failure, parsed_file
+from cronium_nb.ssh.hostkeys import connect_options, describe_host_key_failure, parsed_file
 from cronium_nb.ssh.options import SSHOptions
-
-
-class ConnectError(Exception):
-    """A server could not be reached or refused us; the message says why, for that server's row."""
-
 
 ServerKey = tuple[str, int, str, str | None, str | None]
 Bound = Callable[[Awaitable[Any], str], Awaitable[Any]]  # bound(awaitable, step): a deadline
@@ -41,30 +40,41 @@ def server_key(server: Server) -> ServerKey:
     return (server.host, server.port, server.user, server.key_path, server.known_hosts)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False)  # hashed by identity: owners key their per-connection state by it
 class PooledConnection:
     connection: asyncssh.SSHClientConnection
     key: ServerKey
-    channels: int = 0
+    channels: int = 0  # leased to callers now
     last_used: float = field(default_factory=time.monotonic)
-    info: Any = None  # what the deployer learned about the host, cached per connection
-    probed_builds: dict[str, int] = field(default_factory=dict)  # the deployer's, see host_info
-    tunnel: Any = None  # API mode: the open ApiForward, see ssh/api_forward.py
-    tunnel_refused: str | None = None  # why the server refused the forward, once it did
-    tunnel_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     serial: int = field(default_factory=lambda: next(_serials))  # unlike id(), never reused
-    sessions: list[Any] = field(default_factory=list)  # idle runner sessions, each holding a channel
-    daemon: bool | None = None  # whether the runner daemon is reachable here (None: not tried)
 
     @property
     def alive(self) -> bool:
         return not self.connection.is_closed()
 
 
+class Closable(Protocol):
+    async def aclose(self) -> None: ...
+
+
+class ChannelKeeper(Protocol):
+    """An owner of channels kept open on pooled connections between uses."""
+
+    def kept(self, pooled: PooledConnection) -> int:
+        """How many of ``pooled``'s channels it keeps now."""
+        ...
+
+    def give_up(self, pooled: PooledConnection) -> Closable | None:
+        """Stop keeping one of ``pooled``'s channels, and return what holds it, for the pool to
+        close (outside its lock); None when it keeps none there."""
+        ...
+
+
 class ConnectionPool:
-    def __init__(self, options: SSHOptions, accept_new_file: Path) -> None:
+    def __init__(self, options: SSHOptions, accept_new_file: Path, keeper: ChannelKeeper | None = None) -> None:
         self.options = options
         self.accept_new_file = accept_new_file
+        self.keeper = keeper
         self._connections: dict[ServerKey, list[PooledConnection]] = {}
         self._opening: dict[ServerKey, int] = {}
         self._handshakes: dict[tuple[str, int], asyncio.Semaphore] = {}
@@ -74,6 +84,12 @@ class ConnectionPool:
 
     def _count(self) -> int:
         return sum(len(c) for c in self._connections.values()) + sum(self._opening.values())
+
+    def _kept(self, pooled: PooledConnection) -> int:
+        return self.keeper.kept(pooled) if self.keeper is not None else 0
+
+    def _give_up(self, pooled: PooledConnection) -> Closable | None:
+        return self.keeper.give_up(pooled) if self.keeper is not None else None
 
     def _drop_dead(self, key: ServerKey) -> None:
         self._connections[key] = [c for c in self._connections.get(key, []) if c.alive]
@@ -103,7 +119,7 @@ class ConnectionPool:
             async with self._changed:
                 self._drop_dead(key)
                 limit = self.options.max_channels_per_connection
-                free = [c for c in self._connections[key] if c.channels + len(c.sessions) < limit]
+                free = [c for c in self._connections[key] if c.channels + self._kept(c) < limit]
                 if free:
                     chosen = min(free, key=lambda c: c.channels)
                     chosen.channels += 1
@@ -112,16 +128,18 @@ class ConnectionPool:
                 if mine < self.options.max_connections_per_server and self._count() < self.options.max_connections:
                     self._opening[key] = self._opening.get(key, 0) + 1
                     break
-                holding = [c for c in self._connections[key] if c.sessions]
-                if not holding:
+                # A kept channel (an idle runner session) is given up to a caller that needs one.
+                chosen, kept = None, None
+                for candidate in self._connections[key]:
+                    chosen, kept = candidate, self._give_up(candidate)
+                    if kept is not None:
+                        break
+                if chosen is None or kept is None:
                     await self._changed.wait()
                     continue
-                # An idle session yields its channel to a caller that needs one.
-                chosen = holding[0]
-                session = chosen.sessions.pop()
                 chosen.channels += 1
             try:  # outside the lock: closing waits for the server to release the channel
-                await session.aclose()
+                await kept.aclose()
             except BaseException:  # cancelled (a deadline, a cancel): the channel is not ours
                 chosen.channels -= 1
                 await self._notify()
@@ -146,16 +164,13 @@ class ConnectionPool:
 
     async def _connect(self, server: Server) -> asyncssh.SSHClientConnection:
         options = self.options
-        try:
-            host_key_args = connect_options(server, options.host_key_policy, self.accept_new_file)
-        except HostKeyError as error:
-            raise ConnectError(str(error)) from None
+        host_key_args = connect_options(server, options.host_key_policy, self.accept_new_file)  # HostKeyError
         try:
             client_keys = [parsed_file(server.key_path, asyncssh.read_private_key)] if server.key_path else ()
         except OSError as error:  # a missing or unreadable key file
-            raise ConnectError(f"cannot use key {server.key_path}: {error.strerror}") from None
+            raise ConnectError(f"cannot use key {server.key_path}: {error.strerror}", error_kind="auth") from None
         except (asyncssh.KeyImportError, asyncssh.KeyEncryptionError) as error:
-            raise ConnectError(f"cannot use key {server.key_path}: {error}") from None
+            raise ConnectError(f"cannot use key {server.key_path}: {error}", error_kind="auth") from None
         semaphore = self._handshakes.setdefault(
             (server.host, server.port), asyncio.Semaphore(options.max_handshakes_per_host)
         )
@@ -173,9 +188,9 @@ class ConnectionPool:
                     **host_key_args,
                 )
             except asyncssh.HostKeyNotVerifiable as error:
-                raise ConnectError(describe_host_key_failure(server, options.host_key_policy, error)) from None
+                raise HostKeyError(describe_host_key_failure(server, options.host_key_policy, error)) from None
             except asyncssh.PermissionDenied as error:
-                raise ConnectError(f"{server.address} refused our key ({error.reason})") from None
+                raise ConnectError(f"{server.address} refused our key ({error.reason})", error_kind="auth") from None
             except asyncssh.Error as error:
                 raise ConnectError(f"SSH to {server.address} failed: {error.reason}") from None
             except (OSError, asyncio.TimeoutError) as error:
@@ -186,10 +201,6 @@ class ConnectionPool:
                 raise ConnectError(f"cannot reach {server.address}: {reason}") from None
         self.connects += 1
         return connection
-
-    def discard(self, pooled: PooledConnection) -> None:
-        """Close a connection that misbehaved; the next lease opens a fresh one."""
-        pooled.connection.abort()
 
     async def _reap_idle(self) -> None:
         while True:

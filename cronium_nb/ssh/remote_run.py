@@ -25,6 +25,7 @@ from typing import Any
 
 import asyncssh
 
+from cronium_nb.errors import RunnerUnavailable
 from cronium_nb.protocol import MESSAGE, STREAM_NAMES, Frame, FrameDecoder, LineSplitter, ProtocolError
 from cronium_nb.redaction import Redactor
 
@@ -34,10 +35,6 @@ MAX_LINE = 1024 * 1024
 # The lines handler gets (stream, text, count, ts): ``count`` lines read together, joined by
 # newlines (one call per chunk, not per line); lines longer than MAX_LINE arrive in pieces.
 LinesHandler = Callable[[str, str, int, float], None]
-
-
-class RunnerUnavailable(Exception):
-    """The runner did not start or is out of date on the server: deploy again and retry."""
 
 
 @dataclass

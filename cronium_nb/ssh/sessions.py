@@ -1,7 +1,8 @@
 """Where a connection's runs go: runner sessions kept per connection, and the runner daemon.
 
 Each pooled connection keeps up to ``MAX_IDLE_SESSIONS`` idle :class:`RunnerSession` between
-runs (each holds one of the connection's channels, so the pool counts them). A new session is,
+runs (each holds one of the connection's channels: this is the pool's
+:class:`~cronium_nb.ssh.pool.ChannelKeeper`, giving one up when a caller needs the channel). A new session is,
 by preference, a forked child of the runner daemon — one per user and server, listening on a
 private Unix socket, reached through a stream-local channel, started here when it is not
 running — so a new connection starts no runner; else a ``cronium-runner serve`` process.
@@ -14,6 +15,7 @@ deployer's probe runs.
 from __future__ import annotations
 
 import asyncio
+import weakref
 from typing import Any, Protocol
 
 import asyncssh
@@ -28,9 +30,9 @@ MAX_IDLE_SESSIONS = 1
 
 
 class HostFacts(Protocol):
-    """What the probes found, kept across executors (the store implements it)."""
+    """What the probes found, kept across executors (the store, through its worker thread)."""
 
-    def host_facts(self, address: str) -> dict[str, Any] | None: ...
+    async def host_facts(self, address: str) -> dict[str, Any] | None: ...
 
     def remember_host(self, address: str, facts: dict[str, Any]) -> None: ...
 
@@ -41,21 +43,42 @@ class RunnerSessions:
         self.options = options
         self.hosts = hosts
         self._daemon_starts: dict[Any, asyncio.Lock] = {}
+        # per connection: its idle sessions (each holding a channel), and whether the runner
+        # daemon is reachable through it (absent: not tried yet)
+        self._idle: weakref.WeakKeyDictionary[PooledConnection, list[RunnerSession]] = weakref.WeakKeyDictionary()
+        self._daemon: weakref.WeakKeyDictionary[PooledConnection, bool] = weakref.WeakKeyDictionary()
+
+    # -- the pool's ChannelKeeper
+
+    def kept(self, pooled: PooledConnection) -> int:
+        return len(self._idle.get(pooled, ()))
+
+    def give_up(self, pooled: PooledConnection) -> RunnerSession | None:
+        idle = self._idle.get(pooled)
+        return idle.pop() if idle else None
 
     async def probe(self, pooled: PooledConnection, server: Server) -> HostInfo:
         """What a new connection's host is, and whether its runner is intact: from its runner
         daemon when the server was probed before and the daemon answers (no process is started),
         else from the deployer's probe."""
-        if pooled.info is None and not await self._reach_daemon(pooled, server):
-            facts = (await self.deployer.host_info(pooled)).facts()
-            if facts != self.hosts.host_facts(server.address):
-                self.hosts.remember_host(server.address, facts)
-        return pooled.info
+        known = self.deployer.known(pooled)
+        if known is not None:
+            return known
+        facts = await self.hosts.host_facts(server.address)
+        if facts is not None:
+            remembered = HostInfo.from_facts(facts)
+            if await self._reach_daemon(pooled, remembered):
+                return remembered
+        info = await self.deployer.host_info(pooled)
+        if info.facts() != facts:
+            self.hosts.remember_host(server.address, info.facts())
+        return info
 
     async def take(self, pooled: PooledConnection, build: RunnerBuild) -> RunnerSession:
         """The connection's idle session of ``build``, or a new one."""
-        while pooled.sessions:
-            candidate = pooled.sessions.pop()
+        idle = self._idle.get(pooled, [])
+        while idle:
+            candidate = idle.pop()
             if candidate.alive and candidate.build_name == build.remote_name:
                 return candidate
             await candidate.aclose()
@@ -63,21 +86,22 @@ class RunnerSessions:
 
     async def give_back(self, pooled: PooledConnection, session: RunnerSession, reusable: bool) -> None:
         """Keep the session for the next run on this connection, or end it."""
-        if reusable and session.alive and len(pooled.sessions) < MAX_IDLE_SESSIONS:
-            pooled.sessions.append(session)
+        idle = self._idle.setdefault(pooled, [])
+        if reusable and session.alive and len(idle) < MAX_IDLE_SESSIONS:
+            idle.append(session)
         else:
             await asyncio.shield(session.aclose())
 
     def _daemon_socket(self, pooled: PooledConnection, build: RunnerBuild, info: HostInfo | None) -> str | None:
-        if not self.options.runner_daemon_idle_timeout or pooled.daemon is False or info is None or not info.home:
+        if not self.options.runner_daemon_idle_timeout or self._daemon.get(pooled) is False:
+            return None
+        if info is None or not info.home:
             return None
         return build.daemon_socket(info.home, info.host)
 
-    async def _reach_daemon(self, pooled: PooledConnection, server: Server) -> bool:
-        facts = self.hosts.host_facts(server.address)
-        if facts is None:
-            return False
-        info = HostInfo.from_facts(facts)
+    async def _reach_daemon(self, pooled: PooledConnection, info: HostInfo) -> bool:
+        """Whether the runner daemon of the build for ``info`` (the facts of an earlier probe)
+        answers here; if it does, its session is kept for the run to take."""
         try:
             build = self.deployer.builds.choose(info)
         except DeployError:
@@ -95,15 +119,15 @@ class RunnerSessions:
             return False  # not running (idle, removed, replaced, another machine now): probe
         finally:
             nudge.close()
-        pooled.info, pooled.daemon = info, True
-        pooled.probed_builds = {build.remote_name: 0}  # the daemon vouches: deploy state "verified"
-        pooled.sessions.append(session)  # the run takes it
+        self._daemon[pooled] = True
+        self.deployer.vouched(pooled, info, build)
+        self._idle.setdefault(pooled, []).append(session)  # the run takes it
         return True
 
     async def _open(self, pooled: PooledConnection, build: RunnerBuild) -> RunnerSession:
         """A session of the runner daemon (started if need be), else a runner process of its own
         (no daemon wanted, no room for its socket path, or no stream-local channels allowed)."""
-        socket_path = self._daemon_socket(pooled, build, pooled.info)
+        socket_path = self._daemon_socket(pooled, build, self.deployer.known(pooled))
         if socket_path is not None:
             for attempt in range(2):
                 try:
@@ -115,9 +139,9 @@ class RunnerSessions:
                         except RunnerUnavailable:
                             break  # it would not start here: a runner process per connection
                     continue
-                pooled.daemon = True
+                self._daemon[pooled] = True
                 return session
-            pooled.daemon = False
+            self._daemon[pooled] = False
         return await RunnerSession.start(pooled.connection, build.command(["serve"]), build.remote_name)
 
     async def _start_daemon(self, pooled: PooledConnection, build: RunnerBuild, socket_path: str) -> None:

@@ -1,0 +1,156 @@
+"""One execution while it runs: its servers' results, its output on the way to the store, and
+the fan-out over its servers (on the executor's loop).
+
+:class:`Execution` holds the state (the results, each server's line numbering, how much output
+is stored and how much was dropped past ``max_log_bytes``) and runs the servers: each in a
+:class:`~cronium_nb.server_run.ServerRun`, at most ``concurrency`` at once, the others cancelled
+at the first failure when ``continue_on_failure`` is off. Every store write goes through the
+store's worker thread; the execution's last one is awaited before its result is handed back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from cronium_nb.model import Event, Server, Status
+from cronium_nb.payload import PreparedPayload
+from cronium_nb.redaction import Redactor
+from cronium_nb.results import ExecutionResult, ServerResult, overall_status
+from cronium_nb.ssh.remote_run import uncancel
+from cronium_nb.store import LogBuffer, LogChunk
+from cronium_nb.store_worker import StoreWorker
+
+DEFAULT_MAX_LOG_BYTES = 2**30  # stored log text per execution; a runaway script cannot fill the disk
+LOG_FLUSH_INTERVAL_S = 0.5
+
+
+@dataclass
+class Callbacks:
+    """Live notifications from the executor's thread (keep them quick; they run on its loop).
+
+    ``on_line(server, stream, text, ts)`` for each output line; ``on_status(result)`` when a
+    server's status or phase changes; ``on_deploy_failed(server, attempt, reason)``;
+    ``on_variable(server, name, value)`` when a script sets a variable in API mode.
+    """
+
+    on_line: Callable[[str, str, str, float], None] | None = None
+    on_status: Callable[[ServerResult], None] | None = None
+    on_deploy_failed: Callable[[str, int, str], None] | None = None
+    on_variable: Callable[[str, str, Any], None] | None = None  # API mode: (server, name, value), live
+
+
+@dataclass
+class Execution:
+    """State of one execution while it runs (on the loop)."""
+
+    execution_id: str
+    event: Event
+    payload: PreparedPayload
+    input: Any
+    callbacks: Callbacks
+    store: StoreWorker
+    api: bool
+    max_log_bytes: int = DEFAULT_MAX_LOG_BYTES
+    results: dict[str, ServerResult] = field(default_factory=dict)
+    seq: Counter[str] = field(default_factory=Counter)
+    stored_bytes: int = 0  # of log text, all servers together
+    dropped: dict[str, list[int]] = field(default_factory=dict)  # server -> [lines, bytes] not stored
+
+    def __post_init__(self) -> None:
+        self.redactor = Redactor(self.event.secrets.values())
+        store = self.store.store
+        self.log = LogBuffer(store, write=lambda chunks: self.store.submit(store.append_log_chunks, chunks))
+
+    async def run(
+        self,
+        targets: list[Server],
+        run_server: Callable[[Server, asyncio.Semaphore], Awaitable[ServerResult]],
+        *,
+        concurrency: int,
+        keep_going: bool,
+        cancelled: bool = False,
+    ) -> ExecutionResult:
+        """Run ``run_server(server, limit)`` for every target: a coroutine that works on the
+        server while holding ``limit`` and always returns its result (cancelled too). Cancelled
+        (now, or before it began: ``cancelled``), stop every server and give back the cancelled
+        result; a server that never started is recorded as cancelled too."""
+        for server in targets:
+            self.results[server.name] = ServerResult(server.name)
+        limit = asyncio.Semaphore(concurrency)
+        flusher = asyncio.ensure_future(self._flush_logs())
+        tasks = [] if cancelled else [asyncio.ensure_future(run_server(server, limit)) for server in targets]
+        try:
+            pending = set(tasks)
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                failed = any(task.result().status != Status.SUCCESS for task in done)
+                if failed and not keep_going and pending:
+                    for task in pending:
+                        task.cancel()
+        except asyncio.CancelledError:
+            cancelled = True
+            uncancel()
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks)
+        finally:
+            flusher.cancel()
+            self.log.flush()
+        store = self.store.store
+        for result in self.results.values():
+            if result.status == Status.PENDING:
+                result.status, result.error_kind = Status.CANCELLED, "cancelled"
+                result.error = "cancelled before it began"
+                fields = {"status": result.status, "error": result.error, "error_kind": result.error_kind}
+                self.store.submit(store.update_server, self.execution_id, result.server, **fields)
+        status = overall_status(list(self.results.values()), cancelled=cancelled)
+        self.store.submit(store.finish_execution, self.execution_id, status)
+        await self.store.drain()  # the result handed back is the one stored
+        return ExecutionResult(self.execution_id, self.event.name, status, self.results, store)
+
+    async def _flush_logs(self) -> None:
+        while True:
+            await asyncio.sleep(LOG_FLUSH_INTERVAL_S)
+            self.log.flush()
+
+    # -- called by the server runs
+
+    def lines(self, server: str, stream: str, text: str, count: int, ts: float) -> None:
+        """``count`` lines of one stream, joined by newlines (secrets already redacted, as they
+        streamed: see RemoteRun). From the first chunk that would pass the execution's
+        ``max_log_bytes`` on, they are counted, not stored (see :meth:`truncation_marker`), so
+        what is stored is a prefix of the output; they are still shown live."""
+        first_seq = self.seq[server] + 1
+        self.seq[server] += count
+        size = len(text)
+        if not self.dropped and self.stored_bytes + size <= self.max_log_bytes:
+            self.stored_bytes += size
+            self.log.add_chunk(LogChunk(self.execution_id, server, first_seq, count, ts, stream, text))
+        else:
+            dropped = self.dropped.setdefault(server, [0, 0])
+            dropped[0] += count
+            dropped[1] += size
+        if self.callbacks.on_line is not None:
+            for line in text.split("\n"):
+                self.callbacks.on_line(server, stream, line, ts)
+
+    def truncation_marker(self, server: str) -> None:
+        """Once a server is done: a last line saying how much of its output was not stored."""
+        if server in self.dropped:
+            lines, size = self.dropped[server]
+            self.seq[server] += 1
+            text = (
+                f"[cronium] output truncated: {lines} lines ({size / 2**20:.1f} MiB) not stored, over this "
+                f"execution's limit of {self.max_log_bytes / 2**20:.0f} MiB of stored output (max_log_bytes)"
+            )
+            self.log.add_chunk(LogChunk(self.execution_id, server, self.seq[server], 1, time.time(), "cronium", text))
+
+    def status(self, result: ServerResult, phase: str | None = None) -> None:
+        result.phase = phase
+        if self.callbacks.on_status is not None:
+            self.callbacks.on_status(result)
