@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO_ROOT
+from tests.runner_harness import HOST_ARCH
 from tests.unit.inprocess_sshd import LocalFleet, SSHHub
 
 RUNNER_DIST = REPO_ROOT / "runner" / "dist"
@@ -21,11 +22,8 @@ def _host_build_missing() -> str | None:
     info = RUNNER_DIST / "runner.json"
     if not info.is_file():
         return f"no runner builds in {RUNNER_DIST}: run `make runner`"
-    from cronium_nb.ssh.deploy import MACHINE_ARCH
-
-    arch = MACHINE_ARCH.get(os.uname().machine)
-    binary = RUNNER_DIST / f"cronium-runner-linux-{arch}"
-    if arch not in json.loads(info.read_text())["binaries"] or not binary.is_file():
+    binary = RUNNER_DIST / f"cronium-runner-linux-{HOST_ARCH}"
+    if HOST_ARCH not in json.loads(info.read_text())["binaries"] or not binary.is_file():
         return f"no runner build for this machine ({os.uname().machine}) in {RUNNER_DIST}: run `make runner`"
     return None
 

@@ -15,10 +15,10 @@ pipes are closed. A signal request signals the process; a channel closed by the 
 dropped connection) closes the process's pipes, so it sees the end of its input and EPIPE on
 output, as under sshd. Shell, subsystem and pty requests are refused.
 
-Stream-local forwarding, which API mode and the runner daemon need, is asyncssh's own: remote
-forwarding (the server listens on a Unix socket path and forwards connections back over SSH)
-and direct stream-local channels (the client connects to a Unix socket on the server); both
-can be switched off per server (``allow_stream_local=False``, like sshd's
+Stream-local forwarding, which API mode and the runner daemon need: remote forwarding (the
+server listens on a Unix socket path and forwards connections back over SSH) and direct
+stream-local channels (the client connects to a Unix socket on the server), with sshd's
+half-close rules (see :class:`_Bridge`); both can be switched off per server (``allow_stream_local=False``, like sshd's
 ``AllowStreamLocalForwarding no``). ``stall_exec=True`` accepts exec requests and never starts
 them (a login stuck in a shell rc file); :meth:`LocalSSHServer.drop_connections` aborts every
 connection (a dead link).
@@ -33,6 +33,7 @@ import getpass
 import os
 import shutil
 import signal
+import subprocess
 import tempfile
 import threading
 from collections.abc import Coroutine
@@ -42,8 +43,7 @@ from typing import Any
 import asyncssh
 
 # Above this much of the client's data waiting for the process's stdin, the channel stops
-# reading (the SSH window then stops the client); asyncio pauses us the same way at its own
-# high-water mark of the pipe, which ends up calling pause_writing below.
+# reading (the SSH window then stops the client); it reads again below half of it.
 STDIN_BUFFER = 1 << 20
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -56,17 +56,24 @@ def _short_temp_root() -> str:
 
 
 class _ExecSession(asyncssh.SSHServerSession):
-    """One session channel: an exec request run as a local ``/bin/sh -c`` process."""
+    """One session channel: an exec request run as a local ``/bin/sh -c`` process.
+
+    The process's pipes are plain non-blocking file descriptors watched by the loop (not
+    asyncio's pipe transports, whose close races with their own start-up callbacks under a
+    process that exits at once, so that a reused descriptor could get the wrong reader)."""
 
     def __init__(self, server: LocalSSHServer) -> None:
         self._server = server
+        self._loop = asyncio.get_running_loop()
         self._chan: asyncssh.SSHServerChannel | None = None
         self._command: str | None = None
-        self._transport: asyncio.SubprocessTransport | None = None
-        self._pending: list[bytes] = []  # data that came before the process started
-        self._eof_pending = False
-        self._open_pipes = {1, 2}
-        self._exited = False
+        self.process: subprocess.Popen | None = None
+        self._stdin: int | None = None
+        self._stdin_buffer = bytearray()  # for the process's stdin, not yet written
+        self._stdin_eof = False  # the client's end of data: close stdin once the buffer is out
+        self._outputs: dict[int, int] = {}  # our read end -> 1 (stdout) or 2 (stderr)
+        self._paused = False
+        self._exit_status: int | None = None
         self._channel_gone = False
 
     # -- the channel's side
@@ -90,56 +97,54 @@ class _ExecSession(asyncssh.SSHServerSession):
     def session_started(self) -> None:
         if self._server.stall_exec:
             return  # accepted, never started: the client waits for output that never comes
-        task = asyncio.ensure_future(self._start())
-        self._server._tasks.add(task)
-        task.add_done_callback(self._server._tasks.discard)
+        self._start()
 
     def data_received(self, data: bytes, datatype: int | None) -> None:
-        if self._transport is None:
-            self._pending.append(data)
-            if sum(map(len, self._pending)) > STDIN_BUFFER:
-                self._chan.pause_reading()
-            return
-        stdin = self._transport.get_pipe_transport(0)
-        if stdin is not None and not stdin.is_closing():
-            stdin.write(data)
+        if self._stdin is None:
+            return  # stdin is closed (the process went): the data has nowhere to go
+        if not self._stdin_buffer:
+            self._loop.add_writer(self._stdin, self._write_stdin)
+        self._stdin_buffer += data
+        if len(self._stdin_buffer) > STDIN_BUFFER:
+            self._chan.pause_reading()  # the SSH window then stops the client
 
     def eof_received(self) -> bool:
-        if self._transport is None:
-            self._eof_pending = True
-        else:
+        self._stdin_eof = True
+        if not self._stdin_buffer:
             self._close_stdin()
         return True  # half-open: the process's output still comes
 
     def signal_received(self, signal_name: str) -> None:
         number = getattr(signal, f"SIG{signal_name}", None)
-        if self._transport is not None and number is not None and self._transport.get_returncode() is None:
+        if self.process is not None and number is not None and self._exit_status is None:
             with contextlib.suppress(ProcessLookupError):
-                self._transport.send_signal(number)
+                self.process.send_signal(number)
 
     def break_received(self, msec: int) -> bool:
         return False
 
     def pause_writing(self) -> None:  # the channel's send window is full: stop reading output
-        self._output_reading(False)
+        self._paused = True
+        for fd in self._outputs:
+            self._loop.remove_reader(fd)
 
     def resume_writing(self) -> None:
-        self._output_reading(True)
+        self._paused = False
+        for fd in self._outputs:
+            self._loop.add_reader(fd, self._read_output, fd)
 
     def connection_lost(self, exc: Exception | None) -> None:
         """The channel is closed (by the client, or with the connection): as sshd does, close
         the process's pipes; it sees the end of its input, and EPIPE when it writes."""
         self._channel_gone = True
-        if self._transport is not None:
-            self._close_stdin()
-            for fd in (1, 2):
-                pipe = self._transport.get_pipe_transport(fd)
-                if pipe is not None:
-                    pipe.close()
+        self._stdin_buffer.clear()
+        self._close_stdin()
+        for fd in list(self._outputs):
+            self._close_output(fd)
 
-    # -- the process's side (called by _Process)
+    # -- the process's side
 
-    async def _start(self) -> None:
+    def _start(self) -> None:
         server = self._server
         env = {
             "HOME": str(server.home),
@@ -149,101 +154,248 @@ class _ExecSession(asyncssh.SSHServerSession):
             "PATH": os.environ.get("PATH") or DEFAULT_PATH,
             "LANG": "C.UTF-8",
         }
-        loop = asyncio.get_running_loop()
         try:
-            transport, _protocol = await loop.subprocess_exec(
-                lambda: _Process(self),
-                "/bin/sh",
-                "-c",
-                self._command or "",
+            process = subprocess.Popen(
+                ["/bin/sh", "-c", self._command or ""],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
                 env=env,
-                cwd=str(server.home),
+                cwd=server.home,
                 start_new_session=True,  # sshd's session child calls setsid()
             )
         except OSError as error:
-            if not self._channel_gone:
-                self._chan.write_stderr(f"cannot start /bin/sh: {error}\n".encode())
-                self._chan.exit(127)
+            self._chan.write_stderr(f"cannot start /bin/sh: {error}\n".encode())
+            self._chan.exit(127)
             return
-        self._transport = transport
-        server._processes.add(transport)
-        if self._channel_gone:
-            self.connection_lost(None)
+        self.process = process
+        server._sessions.add(self)
+        # Our ends as bare descriptors, owned here (the file objects give them up).
+        self._stdin = os.dup(process.stdin.fileno())
+        self._outputs = {os.dup(process.stdout.fileno()): 1, os.dup(process.stderr.fileno()): 2}
+        for stream in (process.stdin, process.stdout, process.stderr):
+            stream.close()
+        for fd in (self._stdin, *self._outputs):
+            os.set_blocking(fd, False)
+        for fd in self._outputs:
+            self._loop.add_reader(fd, self._read_output, fd)
+        threading.Thread(target=self._wait, args=(process,), daemon=True).start()
+
+    def _wait(self, process: subprocess.Popen) -> None:  # in a thread of its own
+        status = process.wait()
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the hub is gone
+            self._loop.call_soon_threadsafe(self._process_exited, status)
+
+    def _write_stdin(self) -> None:
+        try:
+            written = os.write(self._stdin, self._stdin_buffer)
+        except BlockingIOError:
             return
-        pending, self._pending = self._pending, []
-        for data in pending:
-            self.data_received(data, None)
-        self._chan.resume_reading()
-        if self._eof_pending:
+        except OSError:  # EPIPE: the process does not read any more; drop the rest
+            self._stdin_buffer.clear()
             self._close_stdin()
+            return
+        del self._stdin_buffer[:written]
+        if not self._stdin_buffer:
+            self._loop.remove_writer(self._stdin)
+            if self._stdin_eof:
+                self._close_stdin()
+        if len(self._stdin_buffer) <= STDIN_BUFFER // 2 and not self._channel_gone:
+            self._chan.resume_reading()  # last: it may hand over more data at once
 
     def _close_stdin(self) -> None:
-        stdin = self._transport.get_pipe_transport(0) if self._transport else None
-        if stdin is not None and not stdin.is_closing():
-            stdin.close()  # after the buffered data is written
+        if self._stdin is not None:
+            self._loop.remove_writer(self._stdin)
+            os.close(self._stdin)
+            self._stdin = None
 
-    def _output_reading(self, on: bool) -> None:
-        if self._transport is None:
+    def _read_output(self, fd: int) -> None:
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
             return
-        for fd in self._open_pipes:
-            pipe = self._transport.get_pipe_transport(fd)
-            if pipe is not None and not pipe.is_closing():
-                with contextlib.suppress(RuntimeError):
-                    pipe.resume_reading() if on else pipe.pause_reading()
+        except OSError:
+            data = b""
+        if not data:
+            self._close_output(fd)
+            self._maybe_finish()
+        elif not self._channel_gone:
+            if self._outputs[fd] == 1:
+                self._chan.write(data)
+            else:
+                self._chan.write_stderr(data)
 
-    def _output(self, fd: int, data: bytes) -> None:
-        if self._channel_gone:
-            return
-        if fd == 1:
-            self._chan.write(data)
-        else:
-            self._chan.write_stderr(data)
+    def _close_output(self, fd: int) -> None:
+        self._loop.remove_reader(fd)
+        os.close(fd)
+        del self._outputs[fd]
 
-    def _pipe_closed(self, fd: int) -> None:
-        self._open_pipes.discard(fd)
-        self._maybe_finish()
-
-    def _process_exited(self) -> None:
-        self._exited = True
+    def _process_exited(self, status: int) -> None:
+        self._exit_status = status
         self._maybe_finish()
 
     def _maybe_finish(self) -> None:
-        """Once the process has exited and its output is all read: its exit status."""
-        if not self._exited or self._open_pipes:
+        """Once the process has exited and its output is all read: its exit status (a closed
+        stdin then, as sshd closes it)."""
+        if self._exit_status is None or self._outputs:
             return
-        self._server._processes.discard(self._transport)
-        code = self._transport.get_returncode()
+        self._server._sessions.discard(self)
+        self._stdin_buffer.clear()
         self._close_stdin()
-        self._transport.close()
         if self._channel_gone:
             return
-        if code is not None and code < 0:
-            self._chan.exit_with_signal(signal.Signals(-code).name[3:])
+        if self._exit_status < 0:
+            self._chan.exit_with_signal(signal.Signals(-self._exit_status).name[3:])
         else:
-            self._chan.exit(code if code is not None else 255)
+            self._chan.exit(self._exit_status)
 
 
-class _Process(asyncio.SubprocessProtocol):
-    def __init__(self, session: _ExecSession) -> None:
-        self._session = session
+class _Bridge(asyncssh.SSHUNIXSession):
+    """A stream-local channel joined to a Unix socket connection on the "server", with sshd's
+    half-close rules: an end of data in one direction is passed on, and both are closed once
+    both directions have ended (asyncssh's own forwarder keeps the channel open when the socket
+    ends first, where sshd closes it). Flow control both ways."""
 
-    def pipe_data_received(self, fd: int, data: bytes) -> None:
-        self._session._output(fd, data)
+    def __init__(self) -> None:
+        self._chan: asyncssh.SSHUNIXChannel | None = None
+        self.socket: _SocketSide | None = None
+        self._early = bytearray()  # from the socket before the channel was open
+        self._socket_eof = self._chan_eof = False
 
-    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
-        if fd in (1, 2):
-            self._session._pipe_closed(fd)
+    # the channel's side
+    def connection_made(self, chan: asyncssh.SSHUNIXChannel) -> None:
+        self._chan = chan
+        if self._early:
+            chan.write(bytes(self._early))
+            self._early.clear()
+        if self._socket_eof:
+            chan.write_eof()
+        self.socket.transport.resume_reading()
+        self._maybe_close()
 
-    def process_exited(self) -> None:
-        self._session._process_exited()
+    def data_received(self, data: bytes, datatype: int | None) -> None:
+        self.socket.transport.write(data)
 
-    def pause_writing(self) -> None:  # the process's stdin pipe is full
-        if self._session._chan is not None:
-            self._session._chan.pause_reading()
+    def eof_received(self) -> bool:
+        self._chan_eof = True
+        if self.socket.transport.can_write_eof():
+            self.socket.transport.write_eof()
+        self._maybe_close()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.socket.transport.close()
+
+    def pause_writing(self) -> None:
+        self.socket.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if self._session._chan is not None:
-            self._session._chan.resume_reading()
+        self.socket.transport.resume_reading()
+
+    # the socket's side (called by _SocketSide)
+    def socket_data(self, data: bytes) -> None:
+        if self._chan is None:
+            self._early += data
+            self.socket.transport.pause_reading()
+        else:
+            self._chan.write(data)
+
+    def socket_eof(self) -> None:
+        self._socket_eof = True
+        if self._chan is not None:
+            self._chan.write_eof()
+            self._maybe_close()
+
+    def socket_lost(self) -> None:
+        if self._chan is not None:
+            self._chan.close()
+
+    def _maybe_close(self) -> None:
+        if self._socket_eof and self._chan_eof and self._chan is not None:
+            self.socket.transport.close()
+            self._chan.close()
+
+
+class _SocketSide(asyncio.Protocol):
+    def __init__(self, bridge: _Bridge) -> None:
+        self.bridge = bridge
+        bridge.socket = self
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.bridge.socket_data(data)
+
+    def eof_received(self) -> bool:
+        self.bridge.socket_eof()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.bridge.socket_lost()
+
+    def pause_writing(self) -> None:
+        if self.bridge._chan is not None:
+            self.bridge._chan.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.bridge._chan is not None:
+            self.bridge._chan.resume_reading()
+
+
+class _UnixListener(asyncssh.SSHListener):
+    """A remote forward: the server listens on a Unix socket path (mode 0600, as sshd's
+    StreamLocalBindMask makes it) and forwards each connection back to the client. The file is
+    left behind when the forward ends, as sshd leaves it."""
+
+    def __init__(self, server: asyncio.AbstractServer) -> None:
+        super().__init__()
+        self._server = server
+
+    def get_port(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        self._server.close()
+
+    async def wait_closed(self) -> None:
+        await self._server.wait_closed()
+
+
+async def _listen(conn: asyncssh.SSHServerConnection, listen_path: str) -> _UnixListener | bool:
+    if os.path.lexists(listen_path):
+        return False  # sshd's StreamLocalBindUnlink no: an existing file is not replaced
+
+    async def forward_back(side: _SocketSide) -> None:
+        try:
+            await conn.create_unix_connection(lambda: side.bridge, listen_path)
+        except (asyncssh.Error, OSError):
+            side.transport.close()
+
+    def accepted() -> _SocketSide:
+        side = _SocketSide(_Bridge())
+        asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(forward_back(side)))
+        return side
+
+    try:
+        server = await asyncio.get_running_loop().create_unix_server(accepted, listen_path)
+    except OSError:
+        return False
+    os.chmod(listen_path, 0o600)
+    return _UnixListener(server)
+
+
+async def _connect(dest_path: str) -> _Bridge:
+    """A direct stream-local channel: connected first, so that a refusal is the channel's."""
+    bridge = _Bridge()
+    try:
+        await asyncio.get_running_loop().create_unix_connection(lambda: _SocketSide(bridge), dest_path)
+    except OSError as error:
+        reason = f"{dest_path}: {error.strerror or error}"
+        raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, reason) from None
+    bridge.socket.transport.pause_reading()  # until the channel is open
+    return bridge
 
 
 class _ServerConnection(asyncssh.SSHServer):
@@ -278,11 +430,13 @@ class _ServerConnection(asyncssh.SSHServer):
     def session_requested(self) -> asyncssh.SSHServerSession:
         return _ExecSession(self._server)
 
-    def unix_server_requested(self, listen_path: str) -> bool:
-        return self._server.allow_stream_local  # asyncssh listens there and forwards back
+    def unix_server_requested(self, listen_path: str) -> Any:
+        return self._server.allow_stream_local and _listen(self._connection, listen_path)
 
-    def unix_connection_requested(self, dest_path: str) -> bool:
-        return self._server.allow_stream_local  # asyncssh connects to the path for the client
+    def unix_connection_requested(self, dest_path: str) -> Any:
+        if not self._server.allow_stream_local:
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "stream-local forwarding is off")
+        return _connect(dest_path)
 
 
 class LocalSSHServer:
@@ -300,8 +454,7 @@ class LocalSSHServer:
         self.port = 0
         self._acceptor: asyncssh.SSHAcceptor | None = None
         self._connections: set[asyncssh.SSHServerConnection] = set()
-        self._processes: set[asyncio.SubprocessTransport] = set()
-        self._tasks: set[asyncio.Task] = set()
+        self._sessions: set[_ExecSession] = set()  # those whose process runs
 
     @property
     def host_key_line(self) -> str:
@@ -359,14 +512,10 @@ class LocalSSHServer:
             await self._acceptor.wait_closed()
         for conn in list(self._connections):
             conn.abort()
-        for task in list(self._tasks):
-            task.cancel()
-        for transport in list(self._processes):
-            pid = transport.get_pid()
-            if pid is not None and transport.get_returncode() is None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(pid, signal.SIGKILL)
-            transport.close()
+        for session in list(self._sessions):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(session.process.pid, signal.SIGKILL)
+            session.connection_lost(None)
 
     def _kill_leftovers(self) -> None:
         """Detached processes (the runner daemon, its sessions): by pid, only this server's."""
@@ -438,13 +587,13 @@ class LocalFleet:
     def __getitem__(self, name: str) -> LocalSSHServer:
         return self.members[name]
 
-    def server(self, name: str, **changes: Any) -> Any:
-        """The inventory entry of ``name`` (``changes``: other field values)."""
+    def server(self, member_name: str, **changes: Any) -> Any:
+        """The inventory entry of a member (``changes``: other field values, a name too)."""
         from cronium_nb import Server
 
-        member = self.members[name]
+        member = self.members[member_name]
         fields = {
-            "name": name,
+            "name": member_name,
             "host": "127.0.0.1",
             "port": member.port,
             "user": member.user,
