@@ -56,9 +56,13 @@ class RunnerSession:
         reader: asyncssh.SSHReader,
         stderr: asyncssh.SSHReader | None,
         build_name: str,
+        process: asyncssh.SSHClientProcess[Any] | None = None,
     ) -> None:
         self._writer, self._reader_stream, self._stderr_stream = writer, reader, stderr
         self.channel = writer.channel
+        # The ``serve`` process on an exec channel; None for a daemon session, whose stream-local
+        # channel has no exit status.
+        self._process = process
         self.build_name = build_name
         self.hello: dict[str, Any] | None = None
         self.error: str | None = None
@@ -74,7 +78,7 @@ class RunnerSession:
     async def start(cls, connection: asyncssh.SSHClientConnection, command: str, build_name: str) -> RunnerSession:
         """Start ``cronium-runner serve``; :class:`RunnerUnavailable` when it does not say hello."""
         process = await connection.create_process(command, encoding=None)
-        return await cls(process.stdin, process.stdout, process.stderr, build_name)._greeted()
+        return await cls(process.stdin, process.stdout, process.stderr, build_name, process)._greeted()
 
     @classmethod
     async def connect(
@@ -93,10 +97,11 @@ class RunnerSession:
             raise
         if self.hello is None:
             await asyncio.wait([self._stderr_reader], timeout=1.0)
-            detail = self._stderr.decode(errors="replace").strip()[-500:]
-            status = self.channel.get_exit_status()
+            detail = self._stderr.decode(errors="replace").strip()[-500:] or self.error or "no output"
             self.close()
-            raise RunnerUnavailable(f"runner did not start (exit {status}): {detail or self.error or 'no output'}")
+            if self._process is None:
+                raise RunnerUnavailable(f"the runner daemon's session ended before its hello: {detail}")
+            raise RunnerUnavailable(f"runner did not start (exit {self._process.exit_status}): {detail}")
         return self
 
     @property
