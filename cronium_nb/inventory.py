@@ -203,16 +203,16 @@ class Inventory:
                 )
         name = entry.get("name")
         if not isinstance(name, str) or not name:
-            raise InventoryError("server has no name", line=entry.line)
+            raise InventoryError("server has no name", line=_line_of(entry))
         if name in seen:
             raise InventoryError(f"duplicate server name {name!r}", line=_line_of(entry, "name"))
         if entry.get("host") in (None, ""):
-            raise InventoryError(f"server {name!r} has no host", line=entry.line)
+            raise InventoryError(f"server {name!r} has no host", line=_line_of(entry))
         try:
             return Server(**{**defaults, **entry})
         except ValueError as error:
             field = "port" if "port" in str(error) else None
-            raise InventoryError(str(error), line=_line_of(entry, field) if field else entry.line) from None
+            raise InventoryError(str(error), line=_line_of(entry, field)) from None
 
     # -- access
 
@@ -282,4 +282,5 @@ class Inventory:
         return pd.DataFrame(rows, columns=[*SERVER_FIELDS, "groups"])
 
     def _repr_html_(self) -> str:
-        return self.to_dataframe()._repr_html_()
+        # pandas-stubs omit DataFrame._repr_html_, so the attribute reads as a column (a Series).
+        return self.to_dataframe()._repr_html_()  # type: ignore[operator]

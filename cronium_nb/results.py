@@ -159,4 +159,6 @@ class ExecutionResult:
 
     def _repr_html_(self) -> str:
         title = html.escape(f"{self.event_name} — {self.status.value} — execution {self.execution_id}")
-        return f"<div><strong>{title}</strong>{self.summary._repr_html_()}</div>"
+        # pandas-stubs omit DataFrame._repr_html_, so the attribute reads as a column (a Series).
+        table = self.summary._repr_html_()  # type: ignore[operator]
+        return f"<div><strong>{title}</strong>{table}</div>"

@@ -33,7 +33,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import jwt
 
@@ -97,6 +97,8 @@ class _GuardedConnection(asyncio.Protocol):
         self._admitted = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # A stream server's transport; asyncio.Protocol types it as the base, which has no abort.
+        transport = cast(asyncio.Transport, transport)
         service = self._service
         service.open_connections += 1
         if service.open_connections > service.max_connections:
@@ -107,16 +109,16 @@ class _GuardedConnection(asyncio.Protocol):
         self._admitted = True
         self._handler.connection_made(transport)
 
-    def _expire(self, transport: asyncio.BaseTransport) -> None:
+    def _expire(self, transport: asyncio.Transport) -> None:
         if transport not in self._service.served:
             self._service.expired_connections += 1
             transport.abort()
 
     def data_received(self, data: bytes) -> None:
-        self._handler.data_received(data)  # type: ignore[attr-defined]
+        self._handler.data_received(data)
 
     def eof_received(self) -> bool | None:
-        return self._handler.eof_received()  # type: ignore[attr-defined]
+        return self._handler.eof_received()
 
     def pause_writing(self) -> None:
         self._handler.pause_writing()

@@ -298,7 +298,10 @@ class Store:
                 (event_id, version, sha256, path, size, now),
             )
             db.execute("UPDATE events SET payload_version = ?, updated_at = ? WHERE id = ?", (version, now, event_id))
-        return PayloadRow(cursor.lastrowid, event_id, version, sha256, path, size, now)
+        payload_id = cursor.lastrowid
+        if payload_id is None:  # sqlite3 sets it after every single-row INSERT
+            raise StoreError("the new payload row has no id")
+        return PayloadRow(payload_id, event_id, version, sha256, path, size, now)
 
     def payloads(self, event_id: int | None = None) -> list[PayloadRow]:
         """Payload rows, newest version first."""

@@ -33,6 +33,13 @@ class CroniumMagics(Magics):
         super().__init__(shell)
         self.session = NotebookSession()
 
+    @property
+    def _user_ns(self) -> dict[str, Any]:
+        """The notebook's variables."""
+        if self.shell is None:  # only a magic that was never registered with a shell
+            raise UsageError("the cronium magics need an IPython shell")
+        return self.shell.user_ns
+
     @magic_arguments()
     @argument("path", nargs="?", help="inventory YAML to load; without it, show the servers")
     @line_magic
@@ -69,9 +76,9 @@ class CroniumMagics(Magics):
         if args.input_json is not None and args.input_var is not None:
             raise UsageError("give --input or --input-from, not both")
         if args.input_var is not None:
-            if args.input_var not in self.shell.user_ns:
+            if args.input_var not in self._user_ns:
                 raise UsageError(f"--input-from: no variable {args.input_var!r} in the notebook")
-            run_input = self.shell.user_ns[args.input_var]
+            run_input = self._user_ns[args.input_var]
             try:
                 json.dumps(run_input)
             except (TypeError, ValueError) as error:
@@ -99,7 +106,7 @@ class CroniumMagics(Magics):
         if args.bg:
             handle = BackgroundRun(job, view, events)
             if args.output_var:
-                self.shell.user_ns[args.output_var] = handle
+                self._user_ns[args.output_var] = handle
             return handle
         try:
             while not job.done():
@@ -113,7 +120,7 @@ class CroniumMagics(Magics):
         result = job.result()
         view.finish(result)
         if args.output_var:
-            self.shell.user_ns[args.output_var] = result
+            self._user_ns[args.output_var] = result
         return result
 
     @magic_arguments()
@@ -136,7 +143,7 @@ class CroniumMagics(Magics):
             except (FleetError, ValueError) as error:
                 raise UsageError(str(error)) from None
             if args.output_var:
-                self.shell.user_ns[args.output_var] = self.session.fleet
+                self._user_ns[args.output_var] = self.session.fleet
         elif args.action == "down":
             if self.session.fleet is not None:
                 self.session.fleet.down()

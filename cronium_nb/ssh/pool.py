@@ -91,6 +91,15 @@ class ConnectionPool:
     def _give_up(self, pooled: PooledConnection) -> Closable | None:
         return self.keeper.give_up(pooled) if self.keeper is not None else None
 
+    def _give_up_one(self, key: ServerKey) -> tuple[PooledConnection, Closable] | None:
+        """A kept channel of one of the server's connections, given up by its keeper, and that
+        connection; None when none keeps one."""
+        for pooled in self._connections[key]:
+            kept = self._give_up(pooled)
+            if kept is not None:
+                return pooled, kept
+        return None
+
     def _drop_dead(self, key: ServerKey) -> None:
         self._connections[key] = [c for c in self._connections.get(key, []) if c.alive]
 
@@ -129,22 +138,19 @@ class ConnectionPool:
                     self._opening[key] = self._opening.get(key, 0) + 1
                     break
                 # A kept channel (an idle runner session) is given up to a caller that needs one.
-                chosen, kept = None, None
-                for candidate in self._connections[key]:
-                    chosen, kept = candidate, self._give_up(candidate)
-                    if kept is not None:
-                        break
-                if chosen is None or kept is None:
+                given = self._give_up_one(key)
+                if given is None:
                     await self._changed.wait()
                     continue
-                chosen.channels += 1
+                donor, kept = given
+                donor.channels += 1
             try:  # outside the lock: closing waits for the server to release the channel
                 await kept.aclose()
             except BaseException:  # cancelled (a deadline, a cancel): the channel is not ours
-                chosen.channels -= 1
+                donor.channels -= 1
                 await self._notify()
                 raise
-            return chosen
+            return donor
         connection = None
         try:
             connection = await self._connect(server)
