@@ -71,5 +71,5 @@ clean-fleets: install
 	$(BIN)/python -c 'from cronium_nb import Fleet; print(Fleet.cleanup_stale(), "stale containers removed")'
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache build dist *.egg-info runner/dist runner/.build-cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache build dist *.egg-info runner/dist runner/.build-cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
