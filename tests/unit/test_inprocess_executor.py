@@ -74,6 +74,7 @@ def test_a_run_on_two_servers_returns_lines_outputs_and_redacted_secrets(local_s
     rows = result.summary.set_index("server")
     assert list(rows.index) == fleet.names
     assert set(rows["status"]) == {"success"} and set(rows["exit_code"]) == {0}
+    assert rows["error"].isna().all() and rows["error_kind"].isna().all()
     assert set(rows["arch"]) == {MACHINE}
     assert result.outputs == {name: {"server": name, "machine": MACHINE} for name in fleet.names}
     for name in fleet.names:
@@ -137,7 +138,7 @@ def test_a_non_zero_exit_code_is_recorded_and_fails_only_that_server(local_serve
     assert result.status == Status.PARTIAL
     rows = result.summary.set_index("server")
     assert rows.loc["srv-2", "status"] == "failed" and rows.loc["srv-2", "exit_code"] == 3
-    assert rows.loc["srv-2", "error"] == "exit code 3"
+    assert rows.loc["srv-2", "error"] == "exit code 3" and rows.loc["srv-2", "error_kind"] == "script"
     assert rows.loc["srv-1", "status"] == "success" and rows.loc["srv-1", "exit_code"] == 0
     stderr = result.logs.query("stream == 'stderr'")
     assert stderr["server"].tolist() == ["srv-2"] and stderr["line"].tolist() == ["bad"]
@@ -156,7 +157,7 @@ def test_a_timeout_ends_the_scripts_whole_process_tree(local_servers, local_exec
     result = executor.run(Event(name="slow", script=script, timeout=1, grace_period=0.5))
     elapsed = time.monotonic() - started
     assert result.status == Status.TIMEOUT, result.summary.to_string()
-    assert result["srv-1"].error == "timed out after 1 s"
+    assert result["srv-1"].error == "timed out after 1 s" and result["srv-1"].error_kind == "timeout"
     assert 1 <= elapsed < 1 + 0.5 + 10
     assert len(read_pids(pids)) == 2
     assert wait_for(lambda: not any(alive(pid) for pid in read_pids(pids)), timeout=10)
@@ -186,7 +187,7 @@ def test_a_cancel_stops_the_scripts_and_the_session_survives(local_servers, loca
     result = job.result(timeout=30)
     assert time.monotonic() - cancelled_at < 2 + 5
     assert result.status == Status.CANCELLED
-    assert set(result.summary["status"]) == {"cancelled"}
+    assert set(result.summary["status"]) == {"cancelled"} and set(result.summary["error_kind"]) == {"cancelled"}
     assert wait_for(lambda: not any(alive(pid) for pid in running), timeout=10)
     assert executor.history().iloc[0]["status"] == "cancelled"
     after = executor.run(Event(name="after", script="echo again"))  # the pool and sessions still work
@@ -291,6 +292,8 @@ def test_failures_to_connect_fail_only_their_server(local_servers, local_executo
     assert {result[name].status for name in ("impostor", "stranger", "ghost")} == {Status.FAILED}
     assert result["impostor"].error.startswith(f"host key of {good.address} does not match")
     assert f"{good.address} refused our key" in result["stranger"].error
+    kinds = {name: result[name].error_kind for name in ("srv-1", "impostor", "stranger", "ghost")}
+    assert kinds == {"srv-1": None, "impostor": "host_key", "stranger": "auth", "ghost": "unreachable"}
     assert result["ghost"].error.startswith(f"cannot reach {good.user}@127.0.0.1:{closed_port}")
     assert "refused" in result["ghost"].error.lower()
 
@@ -304,7 +307,7 @@ def test_a_setup_step_that_stalls_fails_within_the_timeout_plus_grace(local_serv
     assert result.status == Status.PARTIAL
     assert result["srv-1"].status == Status.SUCCESS
     assert result["srv-2"].status == Status.FAILED
-    assert result["srv-2"].error.startswith("stalled while ")
+    assert result["srv-2"].error.startswith("stalled while ") and result["srv-2"].error_kind == "timeout"
     assert "no progress within the event's timeout plus grace (1.5 s)" in result["srv-2"].error
 
 
@@ -320,7 +323,7 @@ def test_a_dropped_connection_fails_that_server_and_stops_its_script(
     fleet["srv-1"].drop_connections()
     result = job.result(timeout=30)
     assert result["srv-1"].status == Status.FAILED
-    assert "connection" in result["srv-1"].error.lower()
+    assert "connection" in result["srv-1"].error.lower() and result["srv-1"].error_kind == "unreachable"
     assert wait_for(lambda: not alive(pid), timeout=15)  # the runner saw its input end
     again = executor.run(Event(name="after-drop", script="echo back"))  # a new connection
     assert again.ok and again.logs["line"].tolist() == ["back"]
@@ -331,7 +334,7 @@ def test_many_concurrent_events_on_one_server_share_a_bounded_pool(local_servers
     executor = local_executor(fleet.inventory)
     jobs = [executor.submit(Event(name=f"many-{i}", script=f"sleep 0.3; echo job {i}")) for i in range(16)]
     results = [job.result(timeout=60) for job in jobs]
-    assert [r.status for r in results] == [Status.SUCCESS] * 16
+    assert [r.status for r in results] == [Status.SUCCESS] * 16, [r["srv-1"].error for r in results]
     assert [r.logs["line"].tolist() for r in results] == [[f"job {i}"] for i in range(16)]
     limit = executor.ssh_options.max_connections_per_server
     assert executor.pool.connection_count() <= limit and fleet["srv-1"].connection_count() <= limit
@@ -345,7 +348,9 @@ def test_stop_at_the_first_failure_cancels_the_others(local_servers, local_execu
     )
     assert result.status == Status.FAILED
     assert result["srv-1"].status == Status.FAILED and result["srv-1"].exit_code == 2
+    assert result["srv-1"].error_kind == "script"
     assert {result[name].status for name in ("srv-2", "srv-3")} == {Status.CANCELLED}
+    assert {result[name].error_kind for name in ("srv-2", "srv-3")} == {"cancelled"}
     for name in ("srv-2", "srv-3"):
         assert wait_for(lambda n=name: not [p for p in fleet[n].processes() if "sleep 5105" in cmdline(p)], 10)
 
@@ -379,6 +384,7 @@ def test_an_unsafe_cache_directory_is_refused(local_servers, local_executor, tmp
     result = local_executor(fleet.inventory).run(Event(name="unsafe", script="true"))
     assert result.status == Status.FAILED
     assert "unsafe directory" in result["srv-1"].error and "mode 700" in result["srv-1"].error
+    assert result["srv-1"].error_kind == "deploy"
     assert list(elsewhere.iterdir()) == []
 
 
