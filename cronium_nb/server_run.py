@@ -173,6 +173,7 @@ class ServerRun:
                 pooled,
                 force=force,
                 on_attempt_failed=None if on_deploy_failed is None else functools.partial(on_deploy_failed, name),
+                daemon_args=functools.partial(self.parts.sessions.daemon_args, pooled),
             )
         except DeployError:
             self.parts.metrics.record_deploy("failed")

@@ -16,6 +16,7 @@ version and checksum, for 24 hours and for as long as the connection that verifi
 new connection (after a reconnect, a restarted server) verifies again, in the same round trip
 that probes the host. A freshly uploaded binary must answer ``version`` before it is put in
 place: a server where it cannot run (a noexec home, a kernel too old) fails with the reason. A
+cold server costs two commands: the probe and the install, which also starts the runner daemon. A
 run whose runner turns out to be missing or broken invalidates the entry, and the executor
 deploys again.
 """
@@ -106,9 +107,13 @@ class RunnerBuild:
         path = f"{home.rstrip('/')}/.cache/cronium/runner/{self.remote_name}/daemon-{tag}.sock"
         return path if len(path.encode()) <= MAX_SOCKET_PATH else None
 
+    def invocation(self, args: Sequence[str]) -> str:
+        """The shell command line that runs this runner with ``args`` (all quoted)."""
+        return f"{self.remote_dir}/cronium-runner {' '.join(shlex.quote(a) for a in args)}"
+
     def command(self, args: Sequence[str]) -> str:
-        """The shell command that starts this runner with ``args`` (all quoted)."""
-        return f"exec {self.remote_dir}/cronium-runner {' '.join(shlex.quote(a) for a in args)}"
+        """The shell command that becomes this runner with ``args`` (``exec``)."""
+        return f"exec {self.invocation(args)}"
 
     def upload(self) -> bytes:
         """What goes on the wire: the binary, gzip-compressed (about 40% of its size); made once
@@ -219,14 +224,18 @@ INSTALL_SCRIPT = (
     'listing "$tmp" > "$tmp/listing" || exit 6\n'
     'rm -rf "$dir" && mv "$tmp" "$dir" || exit 6\n'
     "trap - EXIT\n"
+    "@THEN@"
 )
 VERIFY_MISSING, UNSAFE, MISMATCH, WRITE_FAILED, CANNOT_RUN = 4, 3, 5, 6, 7
 
 
-def remote_script(template: str, build: RunnerBuild) -> str:
+def remote_script(template: str, build: RunnerBuild, *, then: str = "") -> str:
+    """``template`` for ``build``, as one quoted ``sh -c`` command; ``then`` (a command line whose
+    values are quoted already) runs at its end, in place of ``@THEN@``."""
     if not SAFE_NAME.match(build.remote_name) or not SHA256.match(build.sha256):
         raise DeployError(f"unexpected runner build {build.remote_name!r}", retryable=False)
-    return "sh -c " + shlex.quote(template.replace("@NAME@", build.remote_name).replace("@SHA256@", build.sha256))
+    script = template.replace("@NAME@", build.remote_name).replace("@SHA256@", build.sha256)
+    return "sh -c " + shlex.quote(script.replace("@THEN@", then))
 
 
 @dataclass
@@ -279,24 +288,29 @@ class Deployer:
         self._probes[pooled] = _Probe(info, {build.remote_name: 0})
 
     async def host_info(self, pooled: PooledConnection) -> HostInfo:
-        """What the host is; learnt once per connection, with the state of every candidate build."""
+        """What the host is; learnt once per connection (by the probe script, run here unless a
+        caller ran it already: see :meth:`probed`), with the state of every candidate build."""
         probe = self._probes.get(pooled)
         if probe is None:
-            result = await pooled.connection.run(self.builds.probe_command(), check=False)
-            lines = str(result.stdout).splitlines()
-            home = next((line[len("home ") :] for line in lines if line.startswith("home /")), None)
-            fields = [line.split() for line in lines if line.strip()]
-            values = {words[0]: words[1:] for words in fields if words[0] in ("machine", "host")}
-            if result.exit_status != 0 or not values.get("machine"):
-                raise DeployError(f"cannot probe the host: {str(result.stderr).strip() or result.exit_status}")
-            if ["unsafe"] in fields:
-                raise DeployError(str(result.stderr).strip(), retryable=False)
-            host = values["host"][0] if values.get("host") else None
-            # The builds' states are good until used once: the first ensure() on this connection
-            # needs no round trip.
-            builds = {words[1]: int(words[2]) for words in fields if words[0] == "build"}
-            probe = self._probes[pooled] = _Probe(HostInfo(machine=values["machine"][0], home=home, host=host), builds)
+            self.probed(pooled, await pooled.connection.run(self.builds.probe_command(), check=False))
+            probe = self._probes[pooled]
         return probe.info
+
+    def probed(self, pooled: PooledConnection, result: asyncssh.SSHCompletedProcess) -> None:
+        """Take the outcome of :meth:`RunnerBuilds.probe_command` run on ``pooled``."""
+        lines = str(result.stdout).splitlines()
+        home = next((line[len("home ") :] for line in lines if line.startswith("home /")), None)
+        fields = [line.split() for line in lines if line.strip()]
+        values = {words[0]: words[1:] for words in fields if words[0] in ("machine", "host")}
+        if result.exit_status != 0 or not values.get("machine"):
+            raise DeployError(f"cannot probe the host: {str(result.stderr).strip() or result.exit_status}")
+        if ["unsafe"] in fields:
+            raise DeployError(str(result.stderr).strip(), retryable=False)
+        host = values["host"][0] if values.get("host") else None
+        # The builds' states are good until used once: the first ensure() on this connection needs
+        # no round trip.
+        builds = {words[1]: int(words[2]) for words in fields if words[0] == "build"}
+        self._probes[pooled] = _Probe(HostInfo(machine=values["machine"][0], home=home, host=host), builds)
 
     def _still_valid(self, cache_key: tuple[ServerKey, str, str], pooled: PooledConnection) -> bool:
         verified_at, connection = self._verified.get(cache_key, (-1e18, 0))
@@ -311,33 +325,41 @@ class Deployer:
         *,
         force: bool = False,
         on_attempt_failed: Callable[[int, str], Awaitable[None] | None] | None = None,
+        daemon_args: Callable[[RunnerBuild], Sequence[str] | None] | None = None,
     ) -> DeployOutcome:
-        """Make sure the right runner is on the server; deploy with retries when it is not."""
+        """Make sure the right runner is on the server; deploy with retries when it is not.
+
+        ``daemon_args(build)``, when it gives arguments, starts the runner daemon with them at the
+        end of an install, in the same round trip (best effort: a daemon that does not start
+        is started, or done without, when the first session opens)."""
         build = self.builds.choose(await self.host_info(pooled))
         cache_key = (pooled.key, build.version, build.sha256)
         if not force and self._still_valid(cache_key, pooled):
             return DeployOutcome(build, "cached", 0)
         lock = self._locks.setdefault(pooled.key, asyncio.Lock())
+        waited = lock.locked()
         async with lock:  # one upload per server; the others wait and then find it verified
             if not force and self._still_valid(cache_key, pooled):
                 return DeployOutcome(build, "cached", 0)
-            if not force:
-                # The probe's word is final only when good: a bad one may be stale by now (another
-                # connection may have deployed while we waited for the lock), and an unsafe one
-                # needs the script's message.
-                probe = self._probes.get(pooled)
-                if probe is not None and probe.builds.pop(build.remote_name, None) == 0:
-                    status = (0, "")
-                else:
-                    status = await self._run_script(pooled, remote_script(VERIFY_SCRIPT, build))
+            probe = self._probes.get(pooled)
+            probed = probe.builds.pop(build.remote_name, None) if probe is not None else None
+            # The probe's "missing" is taken as it is unless we waited for another deployment here
+            # (if another process deployed since, the install replaces it, atomically).
+            if not force and not (probed == VERIFY_MISSING and not waited):
+                # Its "good" is final; anything else is checked again: a bad one may be stale by
+                # now, and an unsafe one needs the script's message.
+                status = (0, "") if probed == 0 else await self._run_script(pooled, remote_script(VERIFY_SCRIPT, build))
                 if status[0] == 0:
                     self._verified[cache_key] = (time.monotonic(), pooled.serial)
                     return DeployOutcome(build, "verified", 0)
                 if status[0] == UNSAFE:
                     raise DeployError(status[1], retryable=False)
             data = build.upload()
+            args = daemon_args(build) if daemon_args is not None else None
+            start_daemon = f"{build.invocation(args)} >/dev/null 2>&1 || true\n" if args else ""
+            install = remote_script(INSTALL_SCRIPT, build, then=start_daemon)
             for attempt in range(1, self.attempts + 1):
-                code, message = await self._run_script(pooled, remote_script(INSTALL_SCRIPT, build), data)
+                code, message = await self._run_script(pooled, install, data)
                 if code == 0:
                     self._verified[cache_key] = (time.monotonic(), pooled.serial)
                     return DeployOutcome(build, "deployed", attempt, len(data))
@@ -367,5 +389,6 @@ class Deployer:
             result = await process.wait(check=False)
         except asyncssh.Error as error:
             return -1, f"connection failed: {error.reason}"
-        message = result.stderr.decode(errors="replace").strip() if result.stderr else ""
+        stderr = result.stderr or b""  # bytes: the process was made with encoding=None
+        message = (stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr).strip()
         return result.exit_status if result.exit_status is not None else -1, message

@@ -69,7 +69,7 @@ class RunnerSessions:
             remembered = HostInfo.from_facts(facts)
             if await self._reach_daemon(pooled, remembered):
                 return remembered
-        info = await self.deployer.host_info(pooled)
+        info = await self.deployer.host_info(pooled)  # probed already when the daemon did not answer
         if info.facts() != facts:
             self.hosts.remember_host(server.address, info.facts())
         return info
@@ -92,6 +92,15 @@ class RunnerSessions:
         else:
             await asyncio.shield(session.aclose())
 
+    def daemon_args(self, pooled: PooledConnection, build: RunnerBuild) -> list[str] | None:
+        """The arguments that start ``build``'s runner daemon for ``pooled``'s host, or None when
+        no daemon is wanted there (or its socket path would not fit)."""
+        socket_path = self._daemon_socket(pooled, build, self.deployer.known(pooled))
+        if socket_path is None:
+            return None
+        idle = f"{self.options.runner_daemon_idle_timeout:g}"
+        return ["daemon", "--socket", socket_path, "--idle-timeout", idle]
+
     def _daemon_socket(self, pooled: PooledConnection, build: RunnerBuild, info: HostInfo | None) -> str | None:
         if not self.options.runner_daemon_idle_timeout or self._daemon.get(pooled) is False:
             return None
@@ -110,13 +119,16 @@ class RunnerSessions:
         if socket_path is None:
             return False
         # sshd switches a connection to TCP_NODELAY only once a session runs a command; before
-        # that every exchange on a stream-local channel waits for a delayed ACK (40 ms). A shell
-        # builtin is the cheapest command there is.
-        nudge = await pooled.connection.create_process(":")
+        # that every exchange on a stream-local channel waits for a delayed ACK (40 ms). The
+        # command is the deployer's probe (about as cheap on the server as a shell builtin):
+        # where the daemon does not answer, its answer is what comes next.
+        nudge = await pooled.connection.create_process(self.deployer.builds.probe_command())
         try:
             session = await RunnerSession.connect(pooled.connection, socket_path, build.remote_name)
         except (asyncssh.ChannelOpenError, RunnerUnavailable):
-            return False  # not running (idle, removed, replaced, another machine now): probe
+            # not running (idle, removed, replaced, another machine now)
+            self.deployer.probed(pooled, await nudge.wait(check=False))
+            return False
         finally:
             nudge.close()
         self._daemon[pooled] = True
@@ -132,10 +144,12 @@ class RunnerSessions:
             for attempt in range(2):
                 try:
                     session = await RunnerSession.connect(pooled.connection, socket_path, build.remote_name)
+                except RunnerUnavailable:
+                    break  # a daemon that accepts and dies before its hello: a process of our own
                 except asyncssh.ChannelOpenError:
                     if attempt == 0:
                         try:
-                            await self._start_daemon(pooled, build, socket_path)
+                            await self._start_daemon(pooled, build)
                         except RunnerUnavailable:
                             break  # it would not start here: a runner process per connection
                     continue
@@ -144,11 +158,13 @@ class RunnerSessions:
             self._daemon[pooled] = False
         return await RunnerSession.start(pooled.connection, build.command(["serve"]), build.remote_name)
 
-    async def _start_daemon(self, pooled: PooledConnection, build: RunnerBuild, socket_path: str) -> None:
+    async def _start_daemon(self, pooled: PooledConnection, build: RunnerBuild) -> None:
         """Start the runner daemon (it detaches and says ``ready``; one that runs already says so)."""
+        args = self.daemon_args(pooled, build)
+        if args is None:
+            raise RunnerUnavailable("no runner daemon wanted here")
         async with self._daemon_starts.setdefault(pooled.key, asyncio.Lock()):
-            idle = f"{self.options.runner_daemon_idle_timeout:g}"
-            command = build.command(["daemon", "--socket", socket_path, "--idle-timeout", idle])
+            command = build.command(args)
             result = await pooled.connection.run(command, check=False, encoding="utf-8", errors="replace")
             if result.exit_status != 0 or not str(result.stdout).startswith("ready"):
                 detail = str(result.stderr).strip()[-500:] or f"exit {result.exit_status}"

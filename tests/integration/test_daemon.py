@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import asyncssh
 import pytest
 
 from cronium_nb import Event, Executor, SSHOptions
@@ -67,3 +68,34 @@ def test_no_daemon_when_switched_off(cronium_fleet_factory, tmp_path: Path) -> N
         seen = who_runs(ex, name)
         assert " serve" in seen["session"]
         assert runner_daemons(fleet, name) == []
+
+
+def test_round_trips_of_a_new_connection(cronium_fleet_factory, tmp_path: Path, monkeypatch) -> None:
+    """The commands a new connection runs: with the daemon up, only the probe (which wakes the
+    connection for the daemon's channel); with the runner gone from a server probed before, the
+    probe and the install, which starts the daemon too (no separate probe or daemon start)."""
+    fleet = cronium_fleet_factory(amd64=1, arm64=0, name_prefix="daemon-")
+    name = fleet.names[0]
+    commands: list[str] = []
+    original = asyncssh.SSHClientConnection.create_process
+
+    async def counted(self, command=None, *args, **kwargs):
+        commands.append(str(command))
+        return await original(self, command, *args, **kwargs)
+
+    monkeypatch.setattr(asyncssh.SSHClientConnection, "create_process", counted)
+    event = Event(name="round-trips", script="echo hi")
+    with Executor(fleet.inventory, state_dir=tmp_path / "state") as executor:
+        assert executor.run(event).ok  # deployed; the host's facts remembered
+    commands.clear()
+    with Executor(fleet.inventory, state_dir=tmp_path / "state") as executor:
+        result = executor.run(event)
+    assert result.ok and result[name].deploy == "verified", result.summary.to_string()
+    assert len(commands) == 1 and "machine $(uname -m)" in commands[0], commands
+    fleet.exec(name, "pkill -f 'cronium-runner [d]aemon'; rm -rf ~/.cache/cronium")
+    commands.clear()
+    with Executor(fleet.inventory, state_dir=tmp_path / "state") as executor:
+        result = executor.run(event)
+    assert result.ok and result[name].deploy == "deployed", result.summary.to_string()
+    assert len(commands) == 2 and "gzip -dc" in commands[1] and " daemon --socket " in commands[1], commands
+    assert len(runner_daemons(fleet, name)) == 1
