@@ -1,0 +1,117 @@
+"""Where a cold deployment's CPU goes: the servers' (their containers' cgroup CPU time) and the
+orchestrator's, per server, for a cold deployment (B3's case), a run on new connections with the
+runner cached, and an SSH connection alone; then, on one server, each deploy step on its own.
+
+Usage: python benchmarks/deploy_cpu.py [SERVERS]   (needs `make fixtures runner`; cgroup v1)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import resource
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import asyncssh
+
+from cronium_nb import Event, Executor, Fleet
+from cronium_nb.resources import runner_dist
+from cronium_nb.ssh.deploy import INSTALL_SCRIPT, HostInfo, RunnerBuilds, remote_script
+
+EVENT = Event(name="deploy-cpu", script="true", type="sh")
+REMOVE_RUNNER = "pkill -f 'cronium-runner [d]aemon'; rm -rf ~/.cache/cronium"
+
+
+def server_cpu_s(fleet: Fleet, names: list[str]) -> float:
+    """CPU seconds the servers' containers have used so far."""
+    total = 0
+    for name in names:
+        container = fleet.member(name).container_id
+        total += int(Path(f"/sys/fs/cgroup/cpuacct/docker/{container}/cpuacct.usage").read_text())
+    return total / 1e9
+
+
+def own_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure(label: str, fleet: Fleet, names: list[str], action: Callable[[], object]) -> None:
+    servers, mine, wall = server_cpu_s(fleet, names), own_cpu_s(), time.perf_counter()
+    action()
+    wall = time.perf_counter() - wall
+    servers, mine = server_cpu_s(fleet, names) - servers, own_cpu_s() - mine
+    n = len(names)
+    print(f"{label:34s} wall {wall * 1000:6.0f} ms   per server: servers {servers * 1000 / n:5.1f} ms CPU, "
+          f"orchestrator {mine * 1000 / n:5.1f} ms CPU", flush=True)  # fmt: skip
+
+
+async def connect_all(fleet: Fleet, names: list[str]) -> list[asyncssh.SSHClientConnection]:
+    servers = [fleet.inventory[name] for name in names]
+    return await asyncio.gather(
+        *(
+            asyncssh.connect(s.host, port=s.port, username=s.user, client_keys=[s.key_path], known_hosts=s.known_hosts)
+            for s in servers
+        )
+    )
+
+
+async def connect_and_close(fleet: Fleet, names: list[str]) -> None:
+    for connection in await connect_all(fleet, names):
+        connection.close()
+        await connection.wait_closed()
+
+
+async def steps(fleet: Fleet, name: str) -> None:
+    """Each step of a cold deployment on one server, 5 times: its servers' CPU."""
+    builds = RunnerBuilds(runner_dist())
+    build = builds.choose(HostInfo("x86_64"))
+    data = build.upload()
+    (connection,) = await connect_all(fleet, [name])
+    cases = [
+        ("exec ':' (a channel, a shell)", ":", None),
+        ("probe", builds.probe_command(), None),
+        ("install", remote_script(INSTALL_SCRIPT, build), data),
+        ("receive the upload (cat)", "cat > /dev/null", data),
+        ("decompress it (gzip -dc)", "gzip -dc > /dev/null", data),
+        ("sha256sum the binary", f"sha256sum {build.remote_dir}/cronium-runner", None),
+        ("cronium-runner version", f"{build.remote_dir}/cronium-runner version", None),
+    ]
+    for label, command, stdin in cases:
+        used = 0.0
+        for _ in range(5):
+            if label == "install":
+                await connection.run(REMOVE_RUNNER)
+            before = server_cpu_s(fleet, [name])
+            result = await connection.run(command, input=stdin, encoding=None, check=False)
+            used += server_cpu_s(fleet, [name]) - before
+            assert result.exit_status == 0, (label, result.stderr)
+        print(f"  {label:32s} {used * 1000 / 5:5.1f} ms of server CPU", flush=True)
+    connection.close()
+
+
+def main(count: int = 20) -> None:
+    with Fleet.up(amd64=count, arm64=0) as fleet, tempfile.TemporaryDirectory() as state:
+        names = fleet.names[:count]
+
+        def run_new_executor() -> None:
+            with Executor(fleet.inventory, state_dir=state) as executor:
+                assert executor.run(EVENT, names).ok
+
+        run_new_executor()  # deployed once: the host facts are remembered, as in B3
+        for _ in range(3):
+            for name in names:
+                fleet.exec(name, REMOVE_RUNNER)
+            measure("cold deployment (B3)", fleet, names, run_new_executor)
+        for _ in range(2):
+            measure("new connections, runner cached", fleet, names, run_new_executor)
+        measure("SSH connection alone", fleet, names, lambda: asyncio.run(connect_and_close(fleet, names)))
+        print(f"deploy steps on {names[0]}:")
+        asyncio.run(steps(fleet, names[0]))
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 20)
