@@ -21,9 +21,8 @@ from pathlib import Path
 import asyncssh
 
 from cronium_nb.errors import CroniumError
+from cronium_nb.ssh.deploy import RUNNER_DIR  # 0700, relative to the login user's home
 from cronium_nb.ssh.pool import PooledConnection
-
-REMOTE_DIR = ".cache/cronium/runner"  # relative to the login user's home; 0700 (see deploy)
 
 
 class ForwardRefused(CroniumError):
@@ -55,7 +54,7 @@ class ApiForwards:
             if forward.refused is not None:
                 raise ForwardRefused(forward.refused)
             if forward.listener is None:
-                remote_path = f"{home.rstrip('/')}/{REMOTE_DIR}/api-{secrets.token_hex(8)}.sock"
+                remote_path = f"{home.rstrip('/')}/{RUNNER_DIR}/api-{secrets.token_hex(8)}.sock"
                 try:
                     forward.listener = await pooled.connection.forward_remote_path(remote_path, str(service_path))
                 except (asyncssh.ChannelListenError, asyncssh.Error, OSError) as error:

@@ -44,7 +44,11 @@ from cronium_nb.ssh.pool import PooledConnection, ServerKey
 
 CACHE_VALIDITY_S = 24 * 3600.0
 DEFAULT_BACKOFF_S = (2.0, 4.0, 8.0)
-REMOTE_ROOT = '"$HOME/.cache/cronium"'  # expanded by the login shell; no user data goes in
+# The runner's directory on a server, relative to the login user's home (runner/PROTOCOL.md; the
+# runner's protocol.CacheDir): deployed builds and sockets under runner/, work dirs under runs/.
+CACHE_DIR = ".cache/cronium"
+RUNNER_DIR = f"{CACHE_DIR}/runner"
+REMOTE_ROOT = f'"$HOME/{CACHE_DIR}"'  # expanded by the login shell; no user data goes in
 # `uname -m` -> the Go architecture of the build that runs there
 MACHINE_ARCH = {
     "x86_64": "amd64",
@@ -104,7 +108,7 @@ class RunnerBuild:
         if not host:
             return None
         tag = re.sub(r"[^A-Za-z0-9.-]", "_", host)[:32]
-        path = f"{home.rstrip('/')}/.cache/cronium/runner/{self.remote_name}/daemon-{tag}.sock"
+        path = f"{home.rstrip('/')}/{RUNNER_DIR}/{self.remote_name}/daemon-{tag}.sock"
         return path if len(path.encode()) <= MAX_SOCKET_PATH else None
 
     def invocation(self, args: Sequence[str]) -> str:
@@ -172,6 +176,7 @@ class RunnerBuilds:
 # listing with it (one `find`, no hashing), and hashes again only when something changed. Each
 # process a script starts costs the server about 2 ms of CPU, so they use shell builtins where
 # one will do (a cold server's deployment is bound by the servers' CPU: benchmarks/analysis.md).
+_ROOT = f'root="$HOME/{CACHE_DIR}"\nrunner_root="$root/runner"\n'
 _FUNCTIONS = """
 check_private() {
   if [ -L "$1" ] || [ ! -d "$1" ] || [ ! -O "$1" ] || [ "$(stat -c %a "$1")" != 700 ]; then
@@ -182,7 +187,7 @@ check_private() {
 listing() { find "$1" -maxdepth 1 -name cronium-runner -printf '%f %s %T@ %C@ %i\\n'; }
 hash_ok() { set -- "$(sha256sum < "$1/cronium-runner")" "$2"; [ "${1%% *}" = "$2" ]; }
 verify() {
-  dir="$HOME/.cache/cronium/runner/$1"
+  dir="$runner_root/$1"
   [ -e "$dir" ] || [ -L "$dir" ] || return 4
   check_private "$dir" || return 3
   saved=""
@@ -195,23 +200,20 @@ verify() {
 # One round trip per new connection: the machine, home and host name, and whether each
 # candidate build is in place (a code per build: 0 good, 3 unsafe, 4 missing, 5 damaged).
 PROBE_SCRIPT = (
-    "set -u\n" + _FUNCTIONS + 'echo "machine $(uname -m)"\necho "home $HOME"\necho "host $(uname -n)"\n'
-    'root="$HOME/.cache/cronium"\n'
-    'if [ -e "$root/runner" ] || [ -L "$root/runner" ]; then\n'
-    '  for d in "$root" "$root/runner"; do check_private "$d" || { echo "unsafe"; exit 0; }; done\n'
+    "set -u\n" + _ROOT + _FUNCTIONS + 'echo "machine $(uname -m)"\necho "home $HOME"\necho "host $(uname -n)"\n'
+    'if [ -e "$runner_root" ] || [ -L "$runner_root" ]; then\n'
+    '  for d in "$root" "$runner_root"; do check_private "$d" || { echo "unsafe"; exit 0; }; done\n'
     "fi\n"
     'for build in @BUILDS@; do verify "${build%%:*}" "${build#*:}"; echo "build ${build%%:*} $?"; done\n'
 )
 VERIFY_SCRIPT = (
-    "set -u\n" + _FUNCTIONS + 'root="$HOME/.cache/cronium"\n'
-    '[ -e "$root/runner/@NAME@" ] || [ -L "$root/runner/@NAME@" ] || exit 4\n'
-    'for d in "$root" "$root/runner"; do check_private "$d" || exit 3; done\n'
+    "set -u\n" + _ROOT + _FUNCTIONS + '[ -e "$runner_root/@NAME@" ] || [ -L "$runner_root/@NAME@" ] || exit 4\n'
+    'for d in "$root" "$runner_root"; do check_private "$d" || exit 3; done\n'
     'verify "@NAME@" "@SHA256@"\n'
 )
 INSTALL_SCRIPT = (
-    "set -u\numask 077\n" + _FUNCTIONS + 'root="$HOME/.cache/cronium"\nrunner_root="$root/runner"\n'
-    'dir="$runner_root/@NAME@"\n'
-    '[ -d "$HOME/.cache" ] || mkdir -p "$HOME/.cache" || exit 6\n'
+    "set -u\numask 077\n" + _ROOT + _FUNCTIONS + 'dir="$runner_root/@NAME@"\n'
+    '[ -d "${root%/*}" ] || mkdir -p "${root%/*}" || exit 6\n'
     'for d in "$root" "$runner_root"; do\n'
     '  if [ -e "$d" ] || [ -L "$d" ]; then check_private "$d" || exit 3\n'
     '  else mkdir -m 700 "$d" || exit 6; fi\n'  # made just now, by us, 0700 (or it fails)

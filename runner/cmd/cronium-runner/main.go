@@ -29,7 +29,7 @@ import (
 // Python runner's).
 const Flavour = "static"
 
-const defaultWorkroot = "~/.cache/cronium/runs"
+const defaultWorkroot = "~/" + protocol.CacheDir + "/runs"
 
 func main() {
 	os.Exit(run(os.Args))

@@ -12,10 +12,12 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"cronium/runner/internal/protocol"
 )
 
 // Subdir is the forward sockets' directory, relative to the home directory.
-const Subdir = ".cache/cronium/runner"
+const Subdir = protocol.CacheDir + "/runner"
 
 // MinAge is how long a socket file must have existed before it may be swept: sshd binds the
 // socket before it listens, and a connection in between is refused too.

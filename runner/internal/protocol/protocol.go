@@ -109,3 +109,8 @@ func head(b []byte) []byte {
 // RunnerVersion is the runner's version: in hello, `version`, and cronium.event runner_version.
 // It must equal the Python runner's __version__ while both exist (a test checks it).
 const RunnerVersion = "0.1.0"
+
+// CacheDir is the runner's directory on a server, relative to the login user's home (the
+// orchestrator's CACHE_DIR, cronium_nb/ssh/deploy.py): the deployed binaries and the runner
+// daemon's socket under runner/, the forward sockets of API mode there too, work dirs under runs/.
+const CacheDir = ".cache/cronium"
