@@ -364,7 +364,7 @@ class Fleet:
         last_error = "no answer"
         while time.monotonic() < deadline:
             try:
-                with socket.create_connection((server.host, server.port), timeout=2) as sock:
+                with socket.create_connection((server.host, server.port or 22), timeout=2) as sock:
                     sock.settimeout(max(0.5, min(10.0, deadline - time.monotonic())))
                     if sock.recv(4).startswith(b"SSH-"):
                         return

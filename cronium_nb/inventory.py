@@ -108,6 +108,7 @@ class Inventory:
             if server.name in self._servers:
                 raise InventoryError(f"duplicate server name {server.name!r}")
             self._servers[server.name] = server
+        self._check_jumps()
         self._groups: dict[str, tuple[str, ...]] = {}
         for group, members in (groups or {}).items():
             self._add_group(group, [members] if isinstance(members, str) else list(members))
@@ -123,6 +124,26 @@ class Inventory:
                     f"group {group!r}: member {member!r} is not a server", line=lines[index] if lines else None
                 )
         self._groups[group] = tuple(members)
+
+    def _check_jumps(self, lines: Mapping[str, int | None] | None = None) -> None:
+        """Every ``jump`` names a server of the inventory, and no chain of jumps comes back to
+        where it started."""
+        for server in self._servers.values():
+            chain, current = [server.name], server
+            while current.jump is not None:
+                line = (lines or {}).get(current.name)
+                if current.jump not in self._servers:
+                    raise InventoryError(
+                        f"server {current.name!r}: jump {current.jump!r} is not a server of the inventory "
+                        f"(add it as a server, or use ProxyJump in the ssh config for a host outside it)",
+                        line=line,
+                    )
+                if current.jump in chain:
+                    cycle = " -> ".join([*chain[chain.index(current.jump) :], current.jump])
+                    first_line = (lines or {}).get(server.name)
+                    raise InventoryError(f"server {server.name!r}: jump hosts form a cycle: {cycle}", line=first_line)
+                chain.append(current.jump)
+                current = self._servers[current.jump]
 
     # -- loading
 
@@ -172,9 +193,12 @@ class Inventory:
         if not isinstance(entries, list) or not entries:
             raise InventoryError("'servers' must be a non-empty list", line=_line_of(document, "servers"))
         inventory = cls()
+        jump_lines: dict[str, int | None] = {}
         for entry in entries:
             server = cls._server_from_entry(entry, defaults, seen=inventory._servers)
             inventory._servers[server.name] = server
+            jump_lines[server.name] = _line_of(entry, "jump") if "jump" in entry else _line_of(defaults, "jump")
+        inventory._check_jumps(jump_lines)
         groups = document.get("groups") or {}
         if not isinstance(groups, dict):
             raise InventoryError("'groups' must be a mapping of group name to server names", line=_line_of(groups))

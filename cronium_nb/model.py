@@ -25,34 +25,45 @@ MIN_PORT, MAX_PORT = 1, 65535
 class Server:
     """One SSH target.
 
-    ``key_path`` and ``known_hosts`` are expanded (``~``) on creation; ``None`` means the
-    SSH client's defaults (``~/.ssh/id_*`` and ``~/.ssh/known_hosts``).
+    ``port``, ``user``, ``key_path`` and ``known_hosts`` default to ``None``: what OpenSSH would
+    use, i.e. the user's ``~/.ssh/config`` (``Host`` aliases, ``HostName``, ``User``, ``Port``,
+    ``IdentityFile``, ``ProxyJump``, ``UserKnownHostsFile``, ...; see ``SSHOptions.ssh_config``),
+    else OpenSSH's defaults (port 22, the local user name, ``~/.ssh/id_*`` and ssh-agent keys,
+    ``~/.ssh/known_hosts``). A value given here wins over the config. ``jump`` names another
+    inventory server to connect through (a bastion; it may have its own ``jump``);
+    ``forward_agent`` forwards the local ssh-agent to this server (off by default).
+    ``key_path`` and ``known_hosts`` are expanded (``~``) on creation.
     """
 
     name: str
     host: str
-    port: int = 22
-    user: str = "root"
+    port: int | None = None
+    user: str | None = None
     key_path: str | None = None
     known_hosts: str | None = None
+    jump: str | None = None
+    forward_agent: bool = False
 
     def __post_init__(self) -> None:
-        for text_field in ("name", "host", "user"):
+        for text_field in ("name", "host", "user", "jump"):
             value = getattr(self, text_field)
+            if value is None and text_field in ("user", "jump"):
+                continue
             if not isinstance(value, str) or not value.strip():
                 raise ValueError(f"server {text_field} must be a non-empty string, got {value!r}")
             if "\0" in value:  # it reaches the script's environment, where NUL cannot be
                 raise ValueError(f"server {text_field} must not contain NUL bytes, got {value!r}")
-        if any(character.isspace() or character in ",*?!|#@" for character in self.host):
-            # It is written into known_hosts lines, where whitespace, a newline or a pattern
-            # character would forge entries or widen them to other hosts.
+        check_host(self.host, f"server {self.name!r}")
+        if self.user is not None and (self.user.startswith("-") or any(c.isspace() or c in "@:" for c in self.user)):
             raise ValueError(
-                f"server {self.name!r}: host must not contain whitespace or any of , * ? ! | # @, got {self.host!r}"
+                f"server {self.name!r}: user must not start with - or contain whitespace, @ or :, got {self.user!r}"
             )
-        if isinstance(self.port, bool) or not isinstance(self.port, int):
-            raise ValueError(f"server {self.name!r}: port must be an integer, got {self.port!r}")
-        if not MIN_PORT <= self.port <= MAX_PORT:
-            raise ValueError(f"server {self.name!r}: port {self.port} out of range {MIN_PORT}-{MAX_PORT}")
+        if self.port is not None:
+            check_port(self.port, f"server {self.name!r}")
+        if self.jump == self.name:
+            raise ValueError(f"server {self.name!r}: jump names the server itself")
+        if not isinstance(self.forward_agent, bool):
+            raise ValueError(f"server {self.name!r}: forward_agent must be true or false, got {self.forward_agent!r}")
         for path_field in ("key_path", "known_hosts"):
             value = getattr(self, path_field)
             if value is not None:
@@ -62,8 +73,27 @@ class Server:
 
     @property
     def address(self) -> str:
-        """``user@host:port``, for messages."""
-        return f"{self.user}@{self.host}:{self.port}"
+        """``user@host:port``, for messages (the parts given; the connection's own, resolved
+        through the ssh config, is :attr:`cronium_nb.ssh.resolve.Target.address`)."""
+        user = f"{self.user}@" if self.user else ""
+        return f"{user}{self.host}:{self.port or 22}"
+
+
+def check_host(host: str, what: str) -> None:
+    """Refuse a host name that could forge or widen a known_hosts line or pass as an option."""
+    if any(character.isspace() or character in ",*?!|#@" for character in host) or host.startswith("-"):
+        # It is written into known_hosts lines, where whitespace, a newline or a pattern
+        # character would forge entries or widen them to other hosts.
+        raise ValueError(
+            f"{what}: host must not contain whitespace or any of , * ? ! | # @, nor start with -, got {host!r}"
+        )
+
+
+def check_port(port: object, what: str) -> None:
+    if isinstance(port, bool) or not isinstance(port, int):
+        raise ValueError(f"{what}: port must be an integer, got {port!r}")
+    if not MIN_PORT <= port <= MAX_PORT:
+        raise ValueError(f"{what}: port {port} out of range {MIN_PORT}-{MAX_PORT}")
 
 
 SERVER_FIELDS = tuple(f.name for f in fields(Server))

@@ -50,10 +50,10 @@ class SetupDeadline:
 
     def __init__(self, event: Event) -> None:
         self.budget = event.timeout + event.grace_period
-        self._at = asyncio.get_running_loop().time() + self.budget
+        self.at = asyncio.get_running_loop().time() + self.budget  # the loop's time
 
     async def bound(self, awaitable: Awaitable[Any], step: str) -> Any:
-        remaining = max(0.0, self._at - asyncio.get_running_loop().time())
+        remaining = max(0.0, self.at - asyncio.get_running_loop().time())
         try:
             return await asyncio.wait_for(awaitable, remaining)
         except asyncio.TimeoutError:
@@ -123,7 +123,7 @@ class ServerRun:
         parts, result, execution = self.parts, self.result, self.execution
         clock = time.monotonic()
         deadline = SetupDeadline(execution.event)
-        async with parts.pool.lease(self.server, deadline.bound) as pooled:
+        async with parts.pool.lease(self.server, deadline.bound, retry_until=deadline.at) as pooled:
             result.phases["connect"] = time.monotonic() - clock
             clock = time.monotonic()
             execution.status(result, "deploy")

@@ -7,23 +7,32 @@ import os
 import threading
 import warnings
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import asyncssh
 
 from cronium_nb.errors import HostKeyError
-from cronium_nb.model import Server
 
-DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
+if TYPE_CHECKING:
+    from cronium_nb.ssh.resolve import Target
+
 _record_lock = threading.Lock()
 
 
-def _known_hosts_file(server: Server) -> Path:
-    return Path(os.path.expanduser(server.known_hosts or DEFAULT_KNOWN_HOSTS))
+class HostAndPort(Protocol):
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int | None: ...
 
 
-def _host_pattern(server: Server) -> str:
-    return server.host if server.port == 22 else f"[{server.host}]:{server.port}"
+def _known_hosts_files(target: Target) -> list[Path]:
+    return [Path(os.path.expanduser(path)) for path in target.known_hosts]
+
+
+def _host_pattern(server: HostAndPort) -> str:
+    port = server.port or 22
+    return server.host if port == 22 else f"[{server.host}]:{port}"
 
 
 class KnownHostsMatch(NamedTuple):
@@ -57,15 +66,16 @@ def _revocations(path: str) -> tuple[list[asyncssh.SSHKey], asyncssh.SSHKnownHos
     return keys, asyncssh.import_known_hosts("\n".join(entries) + "\n")
 
 
-def match_known_hosts(paths: list[Path], server: Server) -> KnownHostsMatch:
+def match_known_hosts(paths: list[Path], server: HostAndPort) -> KnownHostsMatch:
     found = KnownHostsMatch([], [], [], [])
+    port = server.port or 22
     for path in paths:
         if path.is_file():
-            keys, ca_keys, *_others = parsed_file(path, asyncssh.read_known_hosts).match(server.host, "", server.port)
+            keys, ca_keys, *_others = parsed_file(path, asyncssh.read_known_hosts).match(server.host, "", port)
             all_revoked, revoked_entries = parsed_file(path, _revocations)
             found.keys.extend(keys)
             found.ca_keys.extend(ca_keys)
-            found.revoked.extend(revoked_entries.match(server.host, "", server.port)[0])
+            found.revoked.extend(revoked_entries.match(server.host, "", port)[0])
             found.all_revoked.extend(all_revoked)
     return found
 
@@ -76,7 +86,7 @@ class _AcceptNewClient(asyncssh.SSHClient):
     revoked line), decided again under a lock that other threads and processes respect, so two
     connections opened at once to a new host cannot record two different keys."""
 
-    def __init__(self, record_file: Path, sources: list[Path], server: Server) -> None:
+    def __init__(self, record_file: Path, sources: list[Path], server: HostAndPort) -> None:
         self._record_file, self._sources, self._server = record_file, sources, server
 
     def validate_host_public_key(self, host: str, addr: str, port: int, key: asyncssh.SSHKey) -> bool:
@@ -114,33 +124,38 @@ def parsed_file(path: Path | str, parse: Any) -> Any:
     return cached[1]
 
 
-def connect_options(server: Server, policy: str, accept_new_file: Path) -> dict[str, Any]:
-    """The ``known_hosts`` / ``client_factory`` arguments of ``asyncssh.connect`` for a policy.
+def connect_options(target: Target, accept_new_file: Path) -> dict[str, Any]:
+    """The ``known_hosts`` / ``client_factory`` arguments of ``asyncssh.connect`` for the
+    target's policy (``target.host_key_policy``).
 
     A key listed as ``@revoked`` is refused under every policy; a host certificate signed by a
     matching ``@cert-authority`` key is accepted under "strict" and "accept-new"."""
-    known_hosts = _known_hosts_file(server)
+    known_hosts, policy = _known_hosts_files(target), target.host_key_policy
     if policy == "off":
-        warnings.warn(f"host key checking is off for {server.name}: the connection can be intercepted", stacklevel=3)
-        revoked = match_known_hosts([known_hosts, accept_new_file], server).all_revoked
+        warnings.warn(f"host key checking is off for {target.name}: the connection can be intercepted", stacklevel=3)
+        revoked = match_known_hosts([*known_hosts, accept_new_file], target).all_revoked
         return {"known_hosts": ([], [], revoked), "client_factory": _AnyKeyClient}
     if policy == "strict":
-        if not known_hosts.is_file():
+        if not any(path.is_file() for path in known_hosts):
+            files = ", ".join(map(str, known_hosts)) or "(none: UserKnownHostsFile none)"
             raise HostKeyError(
-                f"no known_hosts file {known_hosts} to verify {server.address}: add the host key there, "
+                f"no known_hosts file {files} to verify {target.address}: add the host key there "
+                f"(ssh-keyscan -p {target.port} {target.host}, checked by hand), "
                 "or use host_key_policy='accept-new'"
             )
-        return {"known_hosts": match_known_hosts([known_hosts], server).as_connect_argument()}
-    sources = [known_hosts, accept_new_file]
+        return {"known_hosts": match_known_hosts(known_hosts, target).as_connect_argument()}
+    sources = [*known_hosts, accept_new_file]
     return {
-        "known_hosts": match_known_hosts(sources, server).as_connect_argument(),
-        "client_factory": lambda: _AcceptNewClient(accept_new_file, sources, server),
+        "known_hosts": match_known_hosts(sources, target).as_connect_argument(),
+        "client_factory": lambda: _AcceptNewClient(accept_new_file, sources, target),
     }
 
 
-def describe_host_key_failure(server: Server, policy: str, error: Exception) -> str:
-    where = _known_hosts_file(server) if policy == "strict" else "known_hosts"
+def describe_host_key_failure(target: Target, error: Exception) -> str:
+    files = _known_hosts_files(target)
+    where = (", ".join(map(str, files)) or "known_hosts") if target.host_key_policy == "strict" else "known_hosts"
     return (
-        f"host key of {server.address} does not match {where}: refusing to connect "
-        f"(the server was reinstalled, or someone is intercepting the connection) [{error}]"
+        f"host key of {target.address} does not match {where}: refusing to connect "
+        f"(the server was reinstalled, or someone is intercepting the connection: check the key, "
+        f"then remove the old line with ssh-keygen -R) [{error}]"
     )

@@ -6,6 +6,14 @@ MaxSessions); a server gets up to ``max_connections_per_server`` connections, th
 (sshd drops connections beyond MaxStartups). Connections idle longer than ``idle_timeout`` are
 closed; a closed one is dropped at the next acquire and replaced transparently.
 
+A server is first resolved (:mod:`cronium_nb.ssh.resolve`: the inventory over the ssh config over
+OpenSSH's defaults) and connections are shared by the resolved values. A server behind a jump
+host (``jump:`` or ``ProxyJump``) is reached through an SSH tunnel on the jump host's pooled
+connection, one connection per jump host shared by every server behind it, kept open while any
+of them uses it. A connection refused or reset while connecting is tried again with back-off
+(``SSHOptions.connect_attempts``/``connect_backoff``, never past the caller's deadline); a
+refused key or a host key that does not match is not.
+
 The pool knows connections and channels only. What others keep per connection (the deployer's
 probe, the API forward, idle runner sessions) they keep themselves, keyed by the
 :class:`PooledConnection`. Channels an owner keeps open between uses (idle runner sessions) are
@@ -16,10 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,23 +37,29 @@ import asyncssh
 
 from cronium_nb.errors import ConnectError, HostKeyError
 from cronium_nb.model import Server
-from cronium_nb.ssh.hostkeys import connect_options, describe_host_key_failure, parsed_file
+from cronium_nb.ssh.hostkeys import connect_options, describe_host_key_failure
+from cronium_nb.ssh.keys import load_key
 from cronium_nb.ssh.options import SSHOptions
+from cronium_nb.ssh.resolve import Resolver, Target
 
-ServerKey = tuple[str, int, str, str | None, str | None]
+ServerKey = tuple[Any, ...]  # Target.key: the resolved values a connection is shared by
 Bound = Callable[[Awaitable[Any], str], Awaitable[Any]]  # bound(awaitable, step): a deadline
 _serials = itertools.count(1)
+_RETRYABLE_ERRNOS = (errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED)
 
 
-def server_key(server: Server) -> ServerKey:
-    return (server.host, server.port, server.user, server.key_path, server.known_hosts)
+class _Retryable(ConnectError):
+    """Refused or reset while connecting: worth another attempt."""
 
 
 @dataclass(eq=False)  # hashed by identity: owners key their per-connection state by it
 class PooledConnection:
     connection: asyncssh.SSHClientConnection
     key: ServerKey
+    target: Target
     channels: int = 0  # leased to callers now
+    tunnels: int = 0  # connections of servers behind this one (a jump host) that go through it
+    via: PooledConnection | None = None  # the jump host's connection this one goes through
     last_used: float = field(default_factory=time.monotonic)
     serial: int = field(default_factory=lambda: next(_serials))  # unlike id(), never reused
 
@@ -71,16 +86,25 @@ class ChannelKeeper(Protocol):
 
 
 class ConnectionPool:
-    def __init__(self, options: SSHOptions, accept_new_file: Path, keeper: ChannelKeeper | None = None) -> None:
+    def __init__(
+        self,
+        options: SSHOptions,
+        accept_new_file: Path,
+        keeper: ChannelKeeper | None = None,
+        servers: Callable[[], Mapping[str, Server]] | None = None,
+    ) -> None:
+        """``servers()``: the inventory's servers by name, which ``jump`` names refer to."""
         self.options = options
         self.accept_new_file = accept_new_file
         self.keeper = keeper
+        self.resolver = Resolver(options, servers)
         self._connections: dict[ServerKey, list[PooledConnection]] = {}
         self._opening: dict[ServerKey, int] = {}
-        self._handshakes: dict[tuple[str, int], asyncio.Semaphore] = {}
+        self._handshakes: dict[tuple[str, int, ServerKey | None], asyncio.Semaphore] = {}
         self._changed = asyncio.Condition()
         self._reaper: asyncio.Task | None = None
         self.connects = 0
+        self.connect_retries = 0
 
     def _count(self) -> int:
         return sum(len(c) for c in self._connections.values()) + sum(self._opening.values())
@@ -101,17 +125,27 @@ class ConnectionPool:
         return None
 
     def _drop_dead(self, key: ServerKey) -> None:
-        self._connections[key] = [c for c in self._connections.get(key, []) if c.alive]
+        alive = []
+        for pooled in self._connections.get(key, []):
+            if pooled.alive:
+                alive.append(pooled)
+            elif pooled.via is not None:
+                pooled.via.tunnels -= 1
+                pooled.via = None
+        self._connections[key] = alive
 
     @contextlib.asynccontextmanager
     async def lease(
         self,
         server: Server,
         bound: Callable[[Awaitable[PooledConnection], str], Awaitable[PooledConnection]] | None = None,
+        retry_until: float | None = None,
     ) -> AsyncIterator[PooledConnection]:
         """A connection with one channel reserved for the caller. ``bound(awaitable, "connect")``,
-        if given, bounds the wait for it (see the executor's SetupDeadline)."""
-        pooled = await (bound(self._acquire(server), "connect") if bound else self._acquire(server))
+        if given, bounds the wait for it (see the executor's SetupDeadline); no connect retry
+        starts after ``retry_until`` (the loop's time), so a refused server fails with its reason."""
+        acquiring = self._acquire(server, retry_until)
+        pooled = await (bound(acquiring, "connect") if bound else acquiring)
         try:
             yield pooled
         finally:
@@ -120,8 +154,13 @@ class ConnectionPool:
                 pooled.last_used = time.monotonic()
                 self._changed.notify_all()
 
-    async def _acquire(self, server: Server) -> PooledConnection:
-        key = server_key(server)
+    def resolve(self, server: Server) -> Target:
+        """Where ``server``'s connection goes (see :mod:`cronium_nb.ssh.resolve`)."""
+        return self.resolver.resolve(server)
+
+    async def _acquire(self, server: Server, retry_until: float | None) -> PooledConnection:
+        target = self.resolve(server)
+        key = target.key
         if self._reaper is None:
             self._reaper = asyncio.get_running_loop().create_task(self._reap_idle())
         while True:
@@ -151,62 +190,145 @@ class ConnectionPool:
                 await self._notify()
                 raise
             return donor
-        connection = None
+        return await self._open(target, retry_until, channels=1)
+
+    async def _open(
+        self, target: Target, retry_until: float | None, channels: int = 0, tunnels: int = 0
+    ) -> PooledConnection:
+        """A new connection to ``target``, whose ``_opening`` count the caller has raised."""
+        key, opened = target.key, None
         try:
-            connection = await self._connect(server)
+            opened = await self._connect(target, retry_until)
         finally:
             # No await until both are done, so no other task sees one without the other (and a
             # cancellation arriving now cannot lose the connection just opened).
             self._opening[key] -= 1
-            if connection is not None:
-                pooled = PooledConnection(connection, key, channels=1)
+            if opened is not None:
+                connection, via = opened
+                pooled = PooledConnection(connection, key, target, channels=channels, tunnels=tunnels, via=via)
                 self._connections.setdefault(key, []).append(pooled)
             await self._notify()
         return pooled
+
+    async def _tunnel(self, jump: Target, retry_until: float | None) -> PooledConnection:
+        """The jump host's pooled connection, counted as carrying one more tunnel (the caller
+        gives it back with ``tunnels -= 1`` when its connection fails to open or is dropped)."""
+        key = jump.key
+        while True:
+            async with self._changed:
+                self._drop_dead(key)
+                alive = self._connections[key]
+                if alive:
+                    chosen = min(alive, key=lambda c: c.tunnels)
+                    chosen.tunnels += 1
+                    return chosen
+                if not self._opening.get(key):
+                    self._opening[key] = 1
+                    break
+                await self._changed.wait()
+        try:
+            return await self._open(jump, retry_until, tunnels=1)
+        except ConnectError as error:
+            raise ConnectError(f"jump host {jump.name} failed: {error}", error_kind=error.error_kind) from None
 
     async def _notify(self) -> None:
         async with self._changed:
             self._changed.notify_all()
 
-    async def _connect(self, server: Server) -> asyncssh.SSHClientConnection:
+    async def _connect(
+        self, target: Target, retry_until: float | None
+    ) -> tuple[asyncssh.SSHClientConnection, PooledConnection | None]:
+        """A new connection (and the jump host's it goes through), tried again while it is
+        refused or reset, ``connect_backoff`` apart, at most ``connect_attempts`` times and never
+        starting after ``retry_until``."""
+        options, loop = self.options, asyncio.get_running_loop()
+        host_key_args = connect_options(target, self.accept_new_file)  # HostKeyError
+        keys = [await asyncio.to_thread(load_key, path, options.passphrase) for path in target.key_files]
+        attempt = 0
+        while True:
+            attempt += 1
+            via = await self._tunnel(target.jump, retry_until) if target.jump is not None else None
+            try:
+                connection = await self._connect_once(target, keys, host_key_args, via)
+            except _Retryable as error:
+                if via is not None:
+                    await self._untunnel(via)
+                delay = options.connect_backoff[min(attempt, len(options.connect_backoff)) - 1]
+                late = retry_until is not None and loop.time() + delay >= retry_until
+                if attempt >= options.connect_attempts or late:
+                    tries = f" ({attempt} attempts)" if attempt > 1 else ""
+                    raise ConnectError(f"{error}{tries}", error_kind=error.error_kind) from None
+                self.connect_retries += 1
+                await asyncio.sleep(delay)
+                continue
+            except BaseException:
+                if via is not None:
+                    await self._untunnel(via)
+                raise
+            self.connects += 1
+            return connection, via
+
+    async def _untunnel(self, via: PooledConnection) -> None:
+        async with self._changed:
+            via.tunnels -= 1
+            via.last_used = time.monotonic()
+            self._changed.notify_all()
+
+    async def _connect_once(
+        self,
+        target: Target,
+        keys: list[asyncssh.SSHKey],
+        host_key_args: dict[str, Any],
+        via: PooledConnection | None,
+    ) -> asyncssh.SSHClientConnection:
         options = self.options
-        host_key_args = connect_options(server, options.host_key_policy, self.accept_new_file)  # HostKeyError
-        try:
-            client_keys = [parsed_file(server.key_path, asyncssh.read_private_key)] if server.key_path else ()
-        except OSError as error:  # a missing or unreadable key file
-            raise ConnectError(f"cannot use key {server.key_path}: {error.strerror}", error_kind="auth") from None
-        except (asyncssh.KeyImportError, asyncssh.KeyEncryptionError) as error:
-            raise ConnectError(f"cannot use key {server.key_path}: {error}", error_kind="auth") from None
+        address = target.address + (f" (through jump host {via.target.name})" if via is not None else "")
         semaphore = self._handshakes.setdefault(
-            (server.host, server.port), asyncio.Semaphore(options.max_handshakes_per_host)
+            (target.host, target.port, via.key if via else None), asyncio.Semaphore(options.max_handshakes_per_host)
         )
         async with semaphore:
             try:
-                connection = await asyncssh.connect(
-                    server.host,
-                    port=server.port,
-                    username=server.user,
-                    client_keys=client_keys,
-                    agent_path=None,
-                    connect_timeout=options.connect_timeout,
+                return await asyncssh.connect(
+                    target.host,
+                    port=target.port,
+                    tunnel=via.connection if via is not None else (),
+                    config=None,  # resolved already (cronium_nb.ssh.resolve): nothing implicit
+                    username=target.user,
+                    client_keys=keys or (),
+                    agent_path=target.agent_path,
+                    agent_forwarding=target.forward_agent,
+                    connect_timeout=target.connect_timeout,
                     keepalive_interval=options.keepalive_interval,
                     keepalive_count_max=options.keepalive_count_max,
                     **host_key_args,
                 )
             except asyncssh.HostKeyNotVerifiable as error:
-                raise HostKeyError(describe_host_key_failure(server, options.host_key_policy, error)) from None
+                raise HostKeyError(describe_host_key_failure(target, error)) from None
             except asyncssh.PermissionDenied as error:
-                raise ConnectError(f"{server.address} refused our key ({error.reason})", error_kind="auth") from None
+                tried = ", ".join([*target.key_files, *(["ssh-agent"] if target.agent_path else [])]) or "no key"
+                raise ConnectError(
+                    f"{address} refused our key ({error.reason}; tried {tried}): authorize the key for "
+                    f"{target.user} there, or set key_path / IdentityFile",
+                    error_kind="auth",
+                ) from None
+            except asyncssh.ChannelOpenError as error:  # the jump host could not reach the target
+                message = f"cannot reach {address}: the jump host said: {error.reason}"
+                if error.code == asyncssh.OPEN_CONNECT_FAILED:
+                    raise _Retryable(message) from None
+                raise ConnectError(message) from None
+            except asyncssh.ConnectionLost as error:  # reset during the handshake (e.g. MaxStartups)
+                raise _Retryable(f"cannot reach {address}: connection lost while connecting ({error.reason})") from None
             except asyncssh.Error as error:
-                raise ConnectError(f"SSH to {server.address} failed: {error.reason}") from None
+                raise ConnectError(f"SSH to {address} failed: {error.reason}") from None
             except (OSError, asyncio.TimeoutError) as error:
                 if isinstance(error, asyncio.TimeoutError):
-                    reason = f"no answer within {options.connect_timeout:g} s"
+                    reason = f"no answer within {target.connect_timeout:g} s (ConnectTimeout)"
                 else:  # asyncio's "Connect call failed" hides the errno's text
                     reason = os.strerror(error.errno) if error.errno else str(error)
-                raise ConnectError(f"cannot reach {server.address}: {reason}") from None
-        self.connects += 1
-        return connection
+                message = f"cannot reach {address}: {reason}"
+                if isinstance(error, OSError) and error.errno in _RETRYABLE_ERRNOS:
+                    raise _Retryable(message) from None
+                raise ConnectError(message) from None
 
     async def _reap_idle(self) -> None:
         while True:
@@ -215,7 +337,8 @@ class ConnectionPool:
             async with self._changed:
                 for key, connections in self._connections.items():
                     for pooled in connections:
-                        if pooled.channels == 0 and now - pooled.last_used > self.options.idle_timeout:
+                        idle = pooled.channels == 0 and pooled.tunnels == 0
+                        if idle and now - pooled.last_used > self.options.idle_timeout:
                             pooled.connection.close()
                     self._drop_dead(key)
 

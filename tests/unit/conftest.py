@@ -16,6 +16,7 @@ from tests.unit.inprocess_sshd import LocalFleet, SSHHub
 
 RUNNER_DIST = REPO_ROOT / "runner" / "dist"
 FAST_BACKOFF = (0.1, 0.1, 0.1)
+FAST_CONNECT_BACKOFF = (0.05,)
 
 
 def _host_build_missing() -> str | None:
@@ -61,9 +62,10 @@ def local_servers(ssh_hub: SSHHub, tmp_path: Path) -> Iterator[Callable[..., Loc
 @pytest.fixture
 def local_executor(local_servers, tmp_path: Path) -> Iterator[Callable[..., object]]:
     """``local_executor(inventory, **options)``: an Executor with its own state dir (or
-    ``state_dir=``), the checkout's runner builds and short deploy back-offs; all are closed
-    before the servers stop."""
-    from cronium_nb import Executor
+    ``state_dir=``), the checkout's runner builds, short deploy and connect back-offs and no
+    ssh config file (unless ``ssh_options=`` says otherwise); all are closed before the servers
+    stop."""
+    from cronium_nb import Executor, SSHOptions
 
     made: list[Executor] = []
 
@@ -71,6 +73,7 @@ def local_executor(local_servers, tmp_path: Path) -> Iterator[Callable[..., obje
         options.setdefault("state_dir", tmp_path / f"state{len(made)}")
         options.setdefault("deploy_backoff", FAST_BACKOFF)
         options.setdefault("runner_dist", RUNNER_DIST)
+        options.setdefault("ssh_options", SSHOptions(ssh_config=None, connect_backoff=FAST_CONNECT_BACKOFF))
         executor = Executor(inventory, **options)
         made.append(executor)
         return executor

@@ -19,7 +19,14 @@ Stream-local forwarding, which API mode and the runner daemon need: remote forwa
 server listens on a Unix socket path and forwards connections back over SSH) and direct
 stream-local channels (the client connects to a Unix socket on the server), with sshd's
 half-close rules (see :class:`_Bridge`); both can be switched off per server (``allow_stream_local=False``, like sshd's
-``AllowStreamLocalForwarding no``). ``stall_exec=True`` accepts exec requests and never starts
+``AllowStreamLocalForwarding no``). TCP forwarding (``direct-tcpip``: what a jump host does for
+``ssh -J`` and asyncssh's ``tunnel=``) is on, as sshd's ``AllowTcpForwarding yes``, switched off
+by ``allow_tcp_forwarding=False``; each forwarded connection is recorded in ``forwarded`` (its
+destination and the local port it came from), and each client connection's peer address in
+``peers``, so a test can tell that a connection came through a jump host.
+:meth:`LocalSSHServer.stop_listening` and :meth:`LocalSSHServer.listen` close and reopen the
+server's port (connections refused meanwhile); ``connections_made`` counts the client
+connections accepted (handshakes begun). ``stall_exec=True`` accepts exec requests and never starts
 them (a login stuck in a shell rc file); :meth:`LocalSSHServer.drop_connections` aborts every
 connection (a dead link).
 """
@@ -398,6 +405,24 @@ async def _connect(dest_path: str) -> _Bridge:
     return bridge
 
 
+class _TCPBridge(_Bridge, asyncssh.SSHTCPSession):
+    """A ``direct-tcpip`` channel joined to a TCP connection the "server" opened."""
+
+
+async def _connect_tcp(server: LocalSSHServer, host: str, port: int) -> _TCPBridge:
+    """A direct TCP channel: connected first, so that a refusal is the channel's (as sshd's
+    "open failed: connect failed: Connection refused")."""
+    bridge = _TCPBridge()
+    try:
+        transport, _ = await asyncio.get_running_loop().create_connection(lambda: _SocketSide(bridge), host, port)
+    except OSError as error:
+        reason = f"connect failed: {os.strerror(error.errno) if error.errno else error}"
+        raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, reason) from None
+    server.forwarded.append((host, port, transport.get_extra_info("sockname")[1]))
+    transport.pause_reading()  # until the channel is open
+    return bridge
+
+
 class _ServerConnection(asyncssh.SSHServer):
     """One client connection: public-key login for the server's user and the client key only."""
 
@@ -408,6 +433,8 @@ class _ServerConnection(asyncssh.SSHServer):
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._connection = conn
         self._server._connections.add(conn)
+        self._server.connections_made += 1
+        self._server.peers.append(conn.get_extra_info("peername")[:2])
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._server._connections.discard(self._connection)
@@ -433,6 +460,11 @@ class _ServerConnection(asyncssh.SSHServer):
     def unix_server_requested(self, listen_path: str) -> Any:
         return self._server.allow_stream_local and _listen(self._connection, listen_path)
 
+    def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> Any:
+        if not self._server.allow_tcp_forwarding:
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "TCP forwarding is off")
+        return _connect_tcp(self._server, dest_host, dest_port)
+
     def unix_connection_requested(self, dest_path: str) -> Any:
         if not self._server.allow_stream_local:
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "stream-local forwarding is off")
@@ -450,8 +482,12 @@ class LocalSSHServer:
         self.host_key = asyncssh.generate_private_key("ssh-ed25519")
         self.home = Path(tempfile.mkdtemp(prefix="h-", dir=root))
         self.allow_stream_local = True
+        self.allow_tcp_forwarding = True
         self.stall_exec = False
         self.port = 0
+        self.connections_made = 0
+        self.peers: list[tuple[str, int]] = []  # each client connection's (address, port)
+        self.forwarded: list[tuple[str, int, int]] = []  # direct-tcpip: (host, port, from local port)
         self._acceptor: asyncssh.SSHAcceptor | None = None
         self._connections: set[asyncssh.SSHServerConnection] = set()
         self._sessions: set[_ExecSession] = set()  # those whose process runs
@@ -466,7 +502,7 @@ class LocalSSHServer:
         self._acceptor = await asyncssh.create_server(
             lambda: _ServerConnection(self),
             "127.0.0.1",
-            0,
+            self.port,
             server_host_keys=[self.host_key],
             encoding=None,  # bytes both ways, as sshd passes them
             line_editor=False,
@@ -477,6 +513,20 @@ class LocalSSHServer:
             keepalive_interval=0,
         )
         self.port = self._acceptor.sockets[0].getsockname()[1]
+
+    def stop_listening(self) -> None:
+        """Close the port: new connections are refused (those open go on)."""
+        self.hub.call(self._stop_listening())
+
+    async def _stop_listening(self) -> None:
+        if self._acceptor is not None:
+            self._acceptor.close()
+            await self._acceptor.wait_closed()
+            self._acceptor = None
+
+    def listen(self) -> None:
+        """Open the port again (the same number)."""
+        self.hub.call(self._start())
 
     def drop_connections(self) -> None:
         """Abort every connection at once, as a dead link or a killed sshd would."""

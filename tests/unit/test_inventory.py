@@ -42,7 +42,7 @@ def test_load_applies_defaults_and_groups(tmp_path: Path) -> None:
     assert (web2.host, web2.port, web2.user) == ("10.0.0.6", 2222, "deploy")
     assert web2.key_path == str(Path("~/.ssh/id_ed25519").expanduser())
     assert inventory["db1"].user == "root"
-    assert inventory["web1"].port == 22
+    assert inventory["web1"].port is None  # None: what the ssh config or OpenSSH (22) says
     assert inventory.groups == {"web": ("web1", "web2"), "data": ("db1",)}
 
 
