@@ -11,6 +11,9 @@ store's worker thread; the execution's last one is awaited before its result is 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
+import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -21,12 +24,13 @@ from cronium_nb.model import Event, Server, Status
 from cronium_nb.payload import PreparedPayload
 from cronium_nb.redaction import Redactor
 from cronium_nb.results import ExecutionResult, ServerResult, overall_status
-from cronium_nb.ssh.remote_run import uncancel
+from cronium_nb.ssh.remote_run import uncancel, uninterrupted
 from cronium_nb.store import LogBuffer, LogChunk
 from cronium_nb.store_worker import StoreWorker
 
 DEFAULT_MAX_LOG_BYTES = 2**30  # stored log text per execution; a runaway script cannot fill the disk
 LOG_FLUSH_INTERVAL_S = 0.5
+log = logging.getLogger("cronium_nb.execution")
 
 
 @dataclass
@@ -62,6 +66,7 @@ class Execution:
     dropped: dict[str, list[int]] = field(default_factory=dict)  # server -> [lines, bytes] not stored
 
     def __post_init__(self) -> None:
+        self.callbacks = _guarded(self.callbacks)
         self.redactor = Redactor(self.event.secrets.values())
         store = self.store.store
         self.log = LogBuffer(store, write=lambda chunks: self.store.submit(store.append_log_chunks, chunks))
@@ -97,7 +102,8 @@ class Execution:
             uncancel()
             for task in tasks:
                 task.cancel()
-            await asyncio.wait(tasks)
+            if tasks:
+                await uninterrupted(asyncio.wait(tasks))  # a second cancel must not cut this short
         finally:
             flusher.cancel()
             self.log.flush()
@@ -109,8 +115,9 @@ class Execution:
                 fields = {"status": result.status, "error": result.error, "error_kind": result.error_kind}
                 self.store.submit(store.update_server, self.execution_id, result.server, **fields)
         status = overall_status(list(self.results.values()), cancelled=cancelled)
-        self.store.submit(store.finish_execution, self.execution_id, status)
-        await self.store.drain()  # the result handed back is the one stored
+        # Waited for (after every write queued before it): the result handed back is the one
+        # stored, and a store that cannot take it is an error, not a log line.
+        await uninterrupted(self.store.call(store.finish_execution, self.execution_id, status))
         return ExecutionResult(self.execution_id, self.event.name, status, self.results, store)
 
     async def _flush_logs(self) -> None:
@@ -154,3 +161,23 @@ class Execution:
         result.phase = phase
         if self.callbacks.on_status is not None:
             self.callbacks.on_status(result)
+
+
+def _guarded(callbacks: Callbacks) -> Callbacks:
+    """``callbacks`` with each one's exceptions logged, not raised: a bug in a widget or a
+    notebook's callback must not stop a server's run, nor leave the execution unrecorded."""
+
+    def guard(name: str, callback: Callable[..., None] | None) -> Callable[..., None] | None:
+        if callback is None:
+            return None
+
+        @functools.wraps(callback)
+        def guarded(*args: Any) -> None:
+            try:
+                callback(*args)
+            except Exception:
+                log.exception("the %s callback raised (the run goes on)", name)
+
+        return guarded
+
+    return Callbacks(**{f.name: guard(f.name, getattr(callbacks, f.name)) for f in dataclasses.fields(Callbacks)})

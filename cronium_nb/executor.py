@@ -16,9 +16,11 @@ sync and async twins::
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import uuid
+import weakref
 from collections.abc import Coroutine, Iterable
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,7 @@ from cronium_nb.inventory import Inventory
 from cronium_nb.jobs import Job, LoopThread
 from cronium_nb.metrics import Metrics
 from cronium_nb.model import Event, Server, check_input
-from cronium_nb.payload import PayloadService
+from cronium_nb.payload import PayloadService, PreparedPayload
 from cronium_nb.results import ExecutionResult, ServerResult
 from cronium_nb.runtime_api import RuntimeService
 from cronium_nb.server_run import RunParts, ServerRun
@@ -40,7 +42,7 @@ from cronium_nb.ssh.api_forward import ApiForwards
 from cronium_nb.ssh.deploy import DEFAULT_BACKOFF_S, Deployer, RunnerBuilds
 from cronium_nb.ssh.options import SSHOptions
 from cronium_nb.ssh.pool import ConnectionPool
-from cronium_nb.ssh.remote_run import uncancel
+from cronium_nb.ssh.remote_run import uncancel, uninterrupted
 from cronium_nb.ssh.sessions import RunnerSessions
 from cronium_nb.store import Store
 from cronium_nb.store_worker import StoreWorker
@@ -49,6 +51,7 @@ from cronium_nb.tools import ToolRegistry
 __all__ = ["DEFAULT_CONCURRENCY", "Callbacks", "Executor", "Job"]
 
 DEFAULT_CONCURRENCY = 32
+CLOSE_WAIT_S = 60.0  # close(): how long running executions get to stop and be recorded
 _UNSET: Any = object()  # `input` not given: the event's own input
 
 
@@ -140,7 +143,9 @@ class Executor:
         execution_id = uuid.uuid4().hex[:12]
         keep_going = self.continue_on_failure if continue_on_failure is None else continue_on_failure
         coroutine = self._execute(execution_id, event, targets, run_input, keep_going, callbacks or Callbacks(), api)
-        return Job(execution_id, self._loop_thread, coroutine)
+        job = Job(execution_id, self._loop_thread, coroutine)
+        self._jobs.add(job)
+        return job
 
     def run(
         self,
@@ -208,9 +213,16 @@ class Executor:
         return self.store.history(limit)
 
     def close(self) -> None:
+        """Cancel what still runs (and wait, up to ``CLOSE_WAIT_S``, for it to stop and be
+        recorded), then close the connections, the runtime service and the store."""
         if self._closed:
             return
         self._closed = True
+        running = [job for job in list(self._jobs) if not job.done()]
+        for job in running:
+            job.cancel()
+        if running and not self._loop_thread.on_loop():
+            concurrent.futures.wait(running, timeout=CLOSE_WAIT_S)
         with contextlib.suppress(Exception):
             self._loop_thread.call(self.pool.close(), timeout=30)
         with contextlib.suppress(Exception):
@@ -261,23 +273,28 @@ class Executor:
         api: bool,
     ) -> ExecutionResult:
         worker = self._store_worker
-        # Cancelled meanwhile, the execution is still recorded (as cancelled), so the payload is
-        # prepared to the end.
-        preparing = asyncio.ensure_future(worker.call(self._payloads.prepare, event))
+        options = {"timeout": event.timeout, "type": event.type, "continue_on_failure": keep_going, "api": api}
+
+        def prepare_and_record() -> PreparedPayload:  # on the store's thread
+            payload = self._payloads.prepare(event)
+            names = [s.name for s in targets]
+            self.store.start_execution(
+                execution_id,
+                event.name,
+                names,
+                event_id=payload.event_id,
+                payload_version=payload.version,
+                options=options,
+            )
+            return payload
+
+        # Cancelled meanwhile, the execution is still recorded (as cancelled): this goes to its end.
+        recording = asyncio.ensure_future(worker.call(prepare_and_record))
         try:
-            payload, cancelled = await asyncio.shield(preparing), False
+            payload, cancelled = await asyncio.shield(recording), False
         except asyncio.CancelledError:
             uncancel()
-            payload, cancelled = await preparing, True
-        worker.submit(
-            self.store.start_execution,
-            execution_id,
-            event.name,
-            [s.name for s in targets],
-            event_id=payload.event_id,
-            payload_version=payload.version,
-            options={"timeout": event.timeout, "type": event.type, "continue_on_failure": keep_going, "api": api},
-        )
+            payload, cancelled = await uninterrupted(recording), True
         execution = Execution(execution_id, event, payload, run_input, callbacks, worker, api, self.max_log_bytes)
 
         def run_server(server: Server, limit: asyncio.Semaphore) -> Coroutine[Any, Any, ServerResult]:

@@ -61,6 +61,7 @@ class Job(concurrent.futures.Future):
         self.execution_id = execution_id
         self._loop = loop_thread.loop
         self._task: asyncio.Task[ExecutionResult] | None = None
+        self._cancel_sent = False  # a task is cancelled once: its cleanup must not be cut short
         # Not waiting for the task to exist: a callback on the loop may submit, too.
         self._loop.call_soon_threadsafe(self._start, coroutine)
 
@@ -69,7 +70,7 @@ class Job(concurrent.futures.Future):
         self._task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[ExecutionResult]) -> None:
-        if task.cancelled():  # cancelled before it began (the executor closing)
+        if task.cancelled():  # the executor's loop stopped under it
             self.set_exception(concurrent.futures.CancelledError())
         elif task.exception() is not None:
             self.set_exception(task.exception())
@@ -81,8 +82,11 @@ class Job(concurrent.futures.Future):
         False when the execution has already ended."""
         if self.done():
             return False
-        # Queued after _start (the loop runs its thread-safe calls in order), so the task exists.
-        self._loop.call_soon_threadsafe(self._cancel_task)
+        if not self._cancel_sent:
+            self._cancel_sent = True
+            # Queued after _start (the loop runs its thread-safe calls in order), so the task
+            # exists; and cancelled only after its first step, so the execution is recorded.
+            self._loop.call_soon_threadsafe(self._loop.call_soon, self._cancel_task)
         return True
 
     def _cancel_task(self) -> None:

@@ -19,9 +19,9 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncssh
 
@@ -34,6 +34,7 @@ STOP_MARGIN_S = 5.0
 MAX_LINE = 1024 * 1024
 # The lines handler gets (stream, text, count, ts): ``count`` lines read together, joined by
 # newlines (one call per chunk, not per line); lines longer than MAX_LINE arrive in pieces.
+T = TypeVar("T")
 LinesHandler = Callable[[str, str, int, float], None]
 
 
@@ -282,3 +283,16 @@ def uncancel() -> None:
     task = asyncio.current_task()
     if task is not None and hasattr(task, "uncancel"):
         task.uncancel()
+
+
+async def uninterrupted(awaitable: Awaitable[T]) -> T:
+    """Await ``awaitable`` to its end even when the caller is cancelled meanwhile (cleanup that
+    must finish: stopping the servers, storing the result); such cancellations are absorbed."""
+    future = asyncio.ensure_future(awaitable)
+    while True:
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            if future.cancelled():
+                raise
+            uncancel()

@@ -11,8 +11,9 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from cronium_nb import Callbacks, Event, Executor, Fleet, Status
+from cronium_nb import Event, Executor, Fleet, Status
 from cronium_nb.model import Server
+from cronium_nb.server_run import ServerRun
 from cronium_nb.store import Store
 from tests.runner_harness import submit_and_wait_for_output
 
@@ -82,7 +83,7 @@ def test_deploy_when_no_build_fits(cronium_fleet: Fleet, tmp_path: Path) -> None
 
 
 def test_runner_error_script_timeout_and_internal(
-    cronium_fleet: Fleet, cronium_bare_fleet: Fleet, tmp_path: Path
+    cronium_fleet: Fleet, cronium_bare_fleet: Fleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     first = cronium_fleet.names[0]
     with Executor(cronium_fleet.inventory, state_dir=tmp_path / "state") as executor:
@@ -91,13 +92,16 @@ def test_runner_error_script_timeout_and_internal(
         slow = Event(name="kinds-timeout", script=f'[ "$CRONIUM_SERVER" = {first} ] && sleep 60; echo fine')
         check(executor.run(slow, servers="all", timeout=2), first, "timeout", tmp_path / "state", Status.TIMEOUT)
 
-        def on_status(result) -> None:  # stands in for a bug on the way to one server's run
-            if result.server == first and result.phase == "deploy":
-                raise RuntimeError("boom")
+        original = ServerRun._run_payload
 
-        result = executor.run(
-            Event(name="kinds-internal", script="echo fine"), callbacks=Callbacks(on_status=on_status)
-        )
+        async def buggy(self, *args, **kwargs):  # stands in for a bug on the way to one server's run
+            if self.server.name == first:
+                raise RuntimeError("boom")
+            return await original(self, *args, **kwargs)
+
+        monkeypatch.setattr(ServerRun, "_run_payload", buggy)
+        result = executor.run(Event(name="kinds-internal", script="echo fine"))
+        monkeypatch.undo()
         check(result, first, "internal", tmp_path / "state")
         assert "boom" in result[first].error
     bare = cronium_bare_fleet.names[0]

@@ -77,3 +77,82 @@ def test_cancel_gives_the_cancelled_result(local_servers, local_executor) -> Non
     result = job.result(timeout=30)
     assert result.status == Status.CANCELLED and not job.cancelled()  # completed, with the result
     assert job.cancel() is False  # over
+
+
+def recorded_status(executor, execution_id: str) -> str:
+    history = executor.history()
+    return history.set_index("execution_id").loc[execution_id, "status"]
+
+
+@pytest.mark.timeout(60)
+def test_a_cancel_at_once_is_recorded(local_servers, local_executor) -> None:
+    fleet = local_servers(1)
+    executor = local_executor(fleet.inventory)
+    job = executor.submit(Event(name="cancel-at-once", script="sleep 600"))
+    job.cancel()
+    result = job.result(timeout=30)
+    assert result.status == Status.CANCELLED
+    assert recorded_status(executor, job.execution_id) == "cancelled"
+
+
+@pytest.mark.timeout(60)
+def test_cancelling_twice_still_records_the_cancelled_result(local_servers, local_executor) -> None:
+    fleet = local_servers(2)
+    executor = local_executor(fleet.inventory)
+    started = concurrent.futures.Future()
+    job = executor.submit(
+        Event(name="cancel-twice", script="echo running; sleep 600"),
+        callbacks=Callbacks(on_line=lambda *line: started.done() or started.set_result(True)),
+    )
+    started.result(timeout=30)
+    job.cancel()
+    job.cancel()
+    result = job.result(timeout=30)
+    assert result.status == Status.CANCELLED
+    assert recorded_status(executor, job.execution_id) == "cancelled"
+    assert set(result.summary["status"]) == {"cancelled"}
+
+
+@pytest.mark.timeout(60)
+def test_a_cancelled_run_async_is_recorded(local_servers, local_executor) -> None:
+    fleet = local_servers(1)
+    executor = local_executor(fleet.inventory)
+
+    async def main() -> None:
+        task = asyncio.ensure_future(executor.run_async(Event(name="async-cancel", script="echo up; sleep 600")))
+        while executor.history().empty:  # bounded by the test's timeout
+            await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert executor.history().iloc[0]["status"] == "cancelled"
+
+
+@pytest.mark.timeout(120)
+def test_close_cancels_what_runs_and_records_it(local_servers, local_executor) -> None:
+    fleet = local_servers(1)
+    executor = local_executor(fleet.inventory)
+    started = concurrent.futures.Future()
+    job = executor.submit(
+        Event(name="closed-under-it", script="echo running; sleep 600"),
+        callbacks=Callbacks(on_line=lambda *line: started.done() or started.set_result(True)),
+    )
+    started.result(timeout=30)
+    executor.close()
+    result = job.result(timeout=5)  # close() waited for it
+    assert result.status == Status.CANCELLED and result[fleet.names[0]].error_kind == "cancelled"
+
+
+def test_a_raising_callback_does_not_stop_the_run(local_servers, local_executor) -> None:
+    fleet = local_servers(2)
+    executor = local_executor(fleet.inventory)
+
+    def broken(*args) -> None:
+        raise RuntimeError("a bug in a widget")
+
+    callbacks = Callbacks(on_line=broken, on_status=broken)
+    result = executor.run(Event(name="broken-callbacks", script="echo fine"), callbacks=callbacks)
+    assert result.ok and result.logs["line"].tolist() == ["fine", "fine"]
+    assert recorded_status(executor, result.execution_id) == "success"
