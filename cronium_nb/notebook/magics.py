@@ -42,9 +42,12 @@ class CroniumMagics(Magics):
 
     @magic_arguments()
     @argument("path", nargs="?", help="inventory YAML to load; without it, show the servers")
+    @argument("--raw", action="store_true", help="the inventory as written, not resolved through the ssh config")
     @line_magic
     def cronium_servers(self, line: str) -> Any:
-        """Load an inventory file, or show the servers known to this notebook."""
+        """Load an inventory file, or show the servers known to this notebook: the host, port,
+        user, keys, known_hosts files, jump hosts, host-key policy and connect timeout each
+        connection uses, resolved through the ssh config, and where each value came from."""
         args = _parse(self.cronium_servers, line)
         if args.path:
             from cronium_nb.inventory import Inventory
@@ -53,7 +56,21 @@ class CroniumMagics(Magics):
                 self.session.loaded = Inventory.load(args.path)
             except InventoryError as error:
                 raise UsageError(str(error)) from None
-        return self.session.inventory.to_dataframe()
+        if args.raw:
+            return self.session.inventory.to_dataframe()
+        from cronium_nb.ssh.resolve import resolved_frame
+
+        return resolved_frame(self.session.inventory, self.session.ssh_options)
+
+    @magic_arguments()
+    @argument("path", help="the key file protected by a passphrase")
+    @line_magic
+    def cronium_unlock(self, line: str) -> Any:
+        """A password field that unlocks a passphrase-protected key for this notebook (the
+        passphrase is not kept; the decrypted key stays in this process's memory)."""
+        from cronium_nb.notebook.passphrase import unlock_widget
+
+        return unlock_widget(_parse(self.cronium_unlock, line).path)
 
     @magic_arguments()
     @argument("-s", "--servers", default="all", help="server names, group names or 'all', comma-separated")

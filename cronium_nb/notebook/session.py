@@ -5,6 +5,7 @@ from __future__ import annotations
 from cronium_nb.executor import Executor
 from cronium_nb.fleet import Fleet
 from cronium_nb.inventory import Inventory
+from cronium_nb.ssh.options import SSHOptions
 
 
 class NotebookSession:
@@ -19,6 +20,11 @@ class NotebookSession:
     @property
     def inventory(self) -> Inventory:
         return self.loaded.merged(self.fleet.inventory) if self.fleet else self.loaded
+
+    @property
+    def ssh_options(self) -> SSHOptions:
+        """The executor's SSH options (the defaults before it exists)."""
+        return self._executor.ssh_options if self._executor is not None else SSHOptions()
 
     @property
     def executor(self) -> Executor:

@@ -18,13 +18,18 @@ import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from asyncssh.config import ConfigParseError, SSHClientConfig, SSHConfig
 
 from cronium_nb.errors import ConnectError
 from cronium_nb.model import Server, check_host, check_port
 from cronium_nb.ssh.options import DEFAULT_SSH_CONFIG, SSHOptions
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from cronium_nb.inventory import Inventory
 
 DEFAULT_PORT = 22
 DEFAULT_KNOWN_HOSTS = ("~/.ssh/known_hosts", "~/.ssh/known_hosts2")
@@ -358,3 +363,11 @@ def resolved_rows(servers: list[Server], resolver: Resolver) -> list[dict[str, A
             }
         )
     return rows
+
+
+def resolved_frame(inventory: Inventory, options: SSHOptions) -> pd.DataFrame:
+    """:func:`resolved_rows` of every server of ``inventory``, as a DataFrame."""
+    import pandas as pd
+
+    resolver = Resolver(options, lambda: inventory.servers)
+    return pd.DataFrame(resolved_rows(list(inventory), resolver), columns=list(FRAME_COLUMNS))

@@ -186,3 +186,49 @@ def test_server_validation_still_refuses_dangerous_values() -> None:
             Server(name="s", host="h", user=user)
     with pytest.raises(ValueError, match="forward_agent must be true or false"):
         Server(name="s", host="h", forward_agent="yes")  # type: ignore[arg-type]
+
+
+def test_cronium_servers_shows_resolved_values_and_their_origin(tmp_path: Path, monkeypatch) -> None:
+    from cronium_nb.notebook.magics import CroniumMagics
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    ssh_dir = tmp_path / ".ssh"
+    ssh_dir.mkdir()
+    (ssh_dir / "config").write_text("Host web\n  HostName 10.1.1.1\n  User deploy\n  Port 2222\n")
+    inventory = tmp_path / "servers.yaml"
+    inventory.write_text(
+        "servers:\n  - {name: gw, host: gw.example.com, user: ops}\n  - {name: web, host: web, jump: gw}\n"
+    )
+    magics = CroniumMagics(shell=None)
+    frame = magics.cronium_servers(str(inventory)).set_index("name")
+    assert (frame.loc["web", "host"], frame.loc["web", "port"], frame.loc["web", "user"]) == (
+        "10.1.1.1",
+        2222,
+        "deploy",
+    )
+    assert frame.loc["web", "jump"] == "gw" and frame.loc["gw", "port"] == 22
+    assert "port: ssh_config" in frame.loc["web", "origins"] and "user: inventory" in frame.loc["gw", "origins"]
+    raw = magics.cronium_servers("--raw").set_index("name")
+    assert raw.loc["web", "host"] == "web" and raw.loc["web", "jump"] == "gw"
+
+
+def test_the_unlock_widget_unlocks_a_key_and_clears_the_field(tmp_path: Path) -> None:
+    import asyncssh
+
+    from cronium_nb.notebook.passphrase import unlock_widget
+    from cronium_nb.ssh import keys
+
+    path = tmp_path / "id_locked"
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    with pytest.warns(UserWarning, match="bcrypt"):
+        key.write_private_key(str(path), passphrase="s3cret", rounds=4)
+    widget = unlock_widget(str(path))
+    field, button = widget.children[0].children
+    status = widget.children[1]
+    field.value = "nope"
+    button.click()
+    assert field.value == "" and "wrong passphrase" in status.value
+    field.value = "s3cret"
+    button.click()
+    assert field.value == "" and "unlocked" in status.value and "s3cret" not in status.value
+    assert keys.load_key(str(path), None).public_data == key.public_data  # no prompt: kept for the process
