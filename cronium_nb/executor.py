@@ -113,6 +113,7 @@ class Executor:
             self._metrics,
             variable_scope,
         )
+        self._jobs: weakref.WeakSet[Job] = weakref.WeakSet()  # not finished yet, or not collected
         self._closed = False
 
     async def _make_pool(self, accept_new: Path, sessions: RunnerSessions) -> ConnectionPool:
