@@ -117,7 +117,7 @@ class Executor:
         self._closed = False
 
     async def _make_pool(self, accept_new: Path, sessions: RunnerSessions) -> ConnectionPool:
-        return ConnectionPool(self.ssh_options, accept_new, keeper=sessions)
+        return ConnectionPool(self.ssh_options, accept_new, keeper=sessions, servers=lambda: self.inventory.servers)
 
     # -- public API
 
