@@ -233,6 +233,9 @@ INSTALL_SCRIPT = (
     'listing "$tmp" > "$tmp/listing" || exit 6\n'
     'if [ -e "$dir" ] || [ -L "$dir" ]; then rm -rf "$dir" || exit 6; fi\n'
     'mv "$tmp" "$dir" || exit 6\n'
+    # Another install made $dir between the rm and the mv (two processes deploying at once):
+    # theirs stays, ours landed inside it.
+    'if [ -e "$dir/${tmp##*/}" ]; then rm -rf "$dir/${tmp##*/}"; fi\n'
     "trap - EXIT\n"
     "@THEN@"
 )
@@ -354,7 +357,7 @@ class Deployer:
             probe = self._probes.get(pooled)
             probed = probe.builds.pop(build.remote_name, None) if probe is not None else None
             # The probe's "missing" is taken as it is unless we waited for another deployment here
-            # (if another process deployed since, the install replaces it, atomically).
+            # (if another process deployed since, the install replaces it, or keeps it if it won a race).
             if not force and not (probed == VERIFY_MISSING and not waited):
                 # Its "good" is final; anything else is checked again: a bad one may be stale by
                 # now, and an unsafe one needs the script's message.
