@@ -256,8 +256,9 @@ class ConnectionPool:
                 delay = options.connect_backoff[min(attempt, len(options.connect_backoff)) - 1]
                 late = retry_until is not None and loop.time() + delay >= retry_until
                 if attempt >= options.connect_attempts or late:
-                    tries = f" ({attempt} attempts)" if attempt > 1 else ""
-                    raise ConnectError(f"{error}{tries}", error_kind=error.error_kind) from None
+                    tries = f"{attempt} attempts; " if attempt > 1 else ""
+                    advice = f"is sshd running there, on port {target.port}?"
+                    raise ConnectError(f"{error} ({tries}{advice})", error_kind=error.error_kind) from None
                 self.connect_retries += 1
                 await asyncio.sleep(delay)
                 continue

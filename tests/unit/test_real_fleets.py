@@ -138,7 +138,7 @@ def test_retries_stop_at_the_attempt_limit_and_the_deadline(local_servers, local
     fleet["srv-1"].stop_listening()
     executor = local_executor(fleet.inventory, ssh_options=_options(connect_backoff=(0.05,), connect_attempts=3))
     result = executor.run(ECHO, servers="srv-1")
-    assert result["srv-1"].error_kind == "unreachable" and "(3 attempts)" in result["srv-1"].error
+    assert result["srv-1"].error_kind == "unreachable" and "(3 attempts;" in result["srv-1"].error
     assert executor.pool.connect_retries == 2
     # a back-off that would pass the event's timeout is not waited for: the refusal is the error
     slow = local_executor(fleet.inventory, ssh_options=_options(connect_backoff=(60.0,), connect_attempts=5))
@@ -239,3 +239,40 @@ def test_agent_forwarding_only_where_asked(local_servers, local_executor, ssh_ag
     assert executor.pool.resolve(inventory["srv-1"]).forward_agent is False
     assert executor.pool.resolve(inventory["forwarding"]).forward_agent is True
     assert executor.pool.resolve(inventory["srv-1"]).key != executor.pool.resolve(inventory["forwarding"]).key
+
+
+def test_a_connection_reset_while_connecting_is_retried(local_executor, tmp_path) -> None:
+    """A listener that resets every connection before the SSH banner (as sshd past MaxStartups)."""
+    import socket
+    import struct
+    import threading
+
+    from cronium_nb import Server
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    port, accepted = listener.getsockname()[1], []
+
+    def reset_all() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(conn)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()  # an RST
+
+    threading.Thread(target=reset_all, daemon=True).start()
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text("")
+    server = Server(name="flaky", host="127.0.0.1", port=port, user="u", known_hosts=str(known_hosts))
+    executor = local_executor(Inventory([server]), ssh_options=_options(connect_attempts=3))
+    try:
+        result = executor.run(ECHO, servers="flaky")
+    finally:
+        listener.close()
+    error = result["flaky"].error
+    assert result["flaky"].error_kind == "unreachable" and "(3 attempts;" in error, error
+    assert len(accepted) == 3 and executor.pool.connect_retries == 2
