@@ -60,7 +60,10 @@ def ask_passphrase(path: str) -> str:
     if kernel is not None:
         if not getattr(kernel, "_allow_stdin", False):
             raise KeyNeedsPassphrase(path, "this notebook frontend cannot ask for input")
-        return str(kernel.getpass(prompt))
+        try:
+            return str(kernel.getpass(prompt))
+        except Exception as error:  # e.g. StdinNotImplementedError: the frontend cannot answer
+            raise KeyNeedsPassphrase(path, f"the notebook could not ask ({error})") from None
     if sys.stdin is not None and sys.stdin.isatty():
         return getpass.getpass(prompt)
     raise KeyNeedsPassphrase(path)

@@ -232,3 +232,25 @@ def test_the_unlock_widget_unlocks_a_key_and_clears_the_field(tmp_path: Path) ->
     button.click()
     assert field.value == "" and "unlocked" in status.value and "s3cret" not in status.value
     assert keys.load_key(str(path), None).public_data == key.public_data  # no prompt: kept for the process
+
+
+def test_asking_for_a_passphrase_uses_the_notebook_frontend_or_says_what_to_do(monkeypatch) -> None:
+    import io
+    from types import SimpleNamespace
+
+    import IPython
+
+    from cronium_nb.ssh.keys import KeyNeedsPassphrase, ask_passphrase
+
+    prompts: list[str] = []
+    kernel = SimpleNamespace(_allow_stdin=True, getpass=lambda prompt: prompts.append(prompt) or "pw")
+    monkeypatch.setattr(IPython, "get_ipython", lambda: SimpleNamespace(kernel=kernel))
+    assert ask_passphrase("/k") == "pw" and prompts == ["Passphrase for /k: "]
+    kernel._allow_stdin = False  # nbclient, or a frontend without input requests
+    with pytest.raises(KeyNeedsPassphrase, match=r"cannot ask for input.*%cronium_unlock /k") as refused:
+        ask_passphrase("/k")
+    assert refused.value.error_kind == "auth"
+    monkeypatch.setattr(IPython, "get_ipython", lambda: None)
+    monkeypatch.setattr("sys.stdin", io.StringIO())  # not a terminal
+    with pytest.raises(KeyNeedsPassphrase, match=r"SSHOptions\(passphrase=\.\.\.\), add the key to ssh-agent"):
+        ask_passphrase("/k")
