@@ -85,6 +85,13 @@ class Target:
         return f"{self.user}@{self.host}:{self.port}"
 
     @property
+    def route(self) -> str:
+        """The address and the jump hosts' (two networks behind two jump hosts may use the same
+        private address): what the store's host facts are kept by."""
+        hops = [hop.address for hop in self.chain]
+        return self.address + (f" via {','.join(hops)}" if hops else "")
+
+    @property
     def chain(self) -> list[Target]:
         """The jump hosts, the first one connected to first."""
         hops: list[Target] = []

@@ -64,14 +64,14 @@ class RunnerSessions:
         known = self.deployer.known(pooled)
         if known is not None:
             return known
-        facts = await self.hosts.host_facts(pooled.target.address)
+        facts = await self.hosts.host_facts(pooled.target.route)
         if facts is not None:
             remembered = HostInfo.from_facts(facts)
             if await self._reach_daemon(pooled, remembered):
                 return remembered
         info = await self.deployer.host_info(pooled)  # probed already when the daemon did not answer
         if info.facts() != facts:
-            self.hosts.remember_host(pooled.target.address, info.facts())
+            self.hosts.remember_host(pooled.target.route, info.facts())
         return info
 
     async def take(self, pooled: PooledConnection, build: RunnerBuild) -> RunnerSession:

@@ -150,6 +150,7 @@ def test_inventory_jumps_chain_and_shared_targets(tmp_path: Path) -> None:
     resolver = Resolver(SSHOptions(ssh_config=None), lambda: {s.name: s for s in servers})
     app = resolver.resolve(servers[2])
     assert [hop.name for hop in app.chain] == ["edge", "mid"] and app.origin("jump") == "inventory"
+    assert app.route == "u@10.0.0.3:22 via u@10.0.0.1:22,u@10.0.0.2:22"  # host facts are kept by it
     assert resolver.resolve(servers[3]).key == app.key  # the pool shares connections by the resolved values
     assert resolver.resolve(servers[1]).key == app.jump.key
     rows = {row["name"]: row for row in resolved_rows(servers, resolver)}
