@@ -100,6 +100,7 @@ class ConnectionPool:
         self.resolver = Resolver(options, servers)
         self._connections: dict[ServerKey, list[PooledConnection]] = {}
         self._opening: dict[ServerKey, int] = {}
+        self._jump_opening: dict[ServerKey, asyncio.Future] = {}  # a jump host's opening, shared
         self._handshakes: dict[tuple[str, int, ServerKey | None], asyncio.Semaphore] = {}
         self._changed = asyncio.Condition()
         self._reaper: asyncio.Task | None = None
@@ -212,7 +213,10 @@ class ConnectionPool:
 
     async def _tunnel(self, jump: Target, retry_until: float | None) -> PooledConnection:
         """The jump host's pooled connection, counted as carrying one more tunnel (the caller
-        gives it back with ``tunnels -= 1`` when its connection fails to open or is dropped)."""
+        gives it back with ``tunnels -= 1`` when its connection fails to open or is dropped).
+
+        One opening at a time per jump host, whose outcome every server waiting for it shares:
+        twenty servers behind a dead jump host fail together, after one round of attempts."""
         key = jump.key
         while True:
             async with self._changed:
@@ -222,14 +226,32 @@ class ConnectionPool:
                     chosen = min(alive, key=lambda c: c.tunnels)
                     chosen.tunnels += 1
                     return chosen
-                if not self._opening.get(key):
+                pending = self._jump_opening.get(key)
+                opener = pending is None and not self._opening.get(key)
+                if opener:
+                    pending = self._jump_opening[key] = asyncio.get_running_loop().create_future()
                     self._opening[key] = 1
-                    break
-                await self._changed.wait()
+                elif pending is None:  # opened as a target by another caller: wait for it
+                    await self._changed.wait()
+                    continue
+            assert pending is not None
+            if opener:
+                await self._open_jump(jump, retry_until, pending)
+            failure = await asyncio.shield(pending)
+            if failure is not None:
+                raise ConnectError(f"jump host {jump.name} failed: {failure}", error_kind=failure.error_kind)
+
+    async def _open_jump(self, jump: Target, retry_until: float | None, pending: asyncio.Future) -> None:
+        """Open the jump host's connection; ``pending`` gets None (opened, or this opener was
+        cancelled: the others try again) or the ConnectError every waiter fails with."""
+        outcome: ConnectError | None = None
         try:
-            return await self._open(jump, retry_until, tunnels=1)
+            await self._open(jump, retry_until)
         except ConnectError as error:
-            raise ConnectError(f"jump host {jump.name} failed: {error}", error_kind=error.error_kind) from None
+            outcome = error
+        finally:
+            del self._jump_opening[jump.key]
+            pending.set_result(outcome)
 
     async def _notify(self) -> None:
         async with self._changed:

@@ -98,17 +98,20 @@ def test_a_dead_jump_host_fails_only_its_servers_naming_it(local_servers, local_
         [
             fleet.server("srv-1", name="bastion"),
             fleet.server("srv-2", name="behind", jump="bastion"),
+            fleet.server("srv-3", name="behind-too", jump="bastion"),
             fleet.server("srv-3", name="direct"),
         ]
     )
     fleet["srv-1"].stop_listening()
-    executor = local_executor(inventory, ssh_options=_options(connect_attempts=2))
-    result = executor.run(ECHO, servers="behind,direct")
+    executor = local_executor(inventory, ssh_options=_options(connect_attempts=2, connect_backoff=(0.3,)))
+    result = executor.run(ECHO, servers="behind,behind-too,direct")
     assert result.status == Status.PARTIAL, result.summary.to_string()
     assert result["direct"].status == Status.SUCCESS
-    assert result["behind"].error_kind == "unreachable"
-    assert result["behind"].error.startswith("jump host bastion failed: cannot reach"), result["behind"].error
-    assert "refused" in result["behind"].error.lower()
+    for name in ("behind", "behind-too"):
+        assert result[name].error_kind == "unreachable"
+        assert result[name].error.startswith("jump host bastion failed: cannot reach"), result[name].error
+        assert "refused" in result[name].error.lower()
+    assert executor.pool.connect_retries == 1  # one round of attempts, shared by both servers behind it
     # a target the jump host cannot reach: the jump host's refusal, named
     fleet["srv-1"].listen()
     fleet["srv-2"].stop_listening()
