@@ -156,11 +156,12 @@ class Resolver:
         raise ConnectError(f"ssh config {path} does not exist (SSHOptions(ssh_config=...); None reads none)")
 
     def _state(self) -> tuple[Any, ...]:
-        path = self._config_path()
+        """What else a resolution depends on: the config file's state and the agent's socket."""
+        path, agent = self._config_path(), os.environ.get("SSH_AUTH_SOCK")
         if path is None:
-            return (None,)
+            return (None, agent)
         stat = path.stat()
-        return (str(path), stat.st_mtime_ns, stat.st_size)
+        return (str(path), stat.st_mtime_ns, stat.st_size, agent)
 
     def resolve(self, server: Server) -> Target:
         """``server``'s target (raises :class:`ConnectError` saying what to fix)."""
