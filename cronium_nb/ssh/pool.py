@@ -38,7 +38,7 @@ import asyncssh
 from cronium_nb.errors import ConnectError, HostKeyError
 from cronium_nb.model import Server
 from cronium_nb.ssh.hostkeys import connect_options, describe_host_key_failure
-from cronium_nb.ssh.keys import load_key
+from cronium_nb.ssh.keys import KeyNeedsPassphrase, load_key
 from cronium_nb.ssh.options import SSHOptions
 from cronium_nb.ssh.resolve import Resolver, Target
 
@@ -265,13 +265,20 @@ class ConnectionPool:
         starting after ``retry_until``."""
         options, loop = self.options, asyncio.get_running_loop()
         host_key_args = connect_options(target, self.accept_new_file)  # HostKeyError
-        keys = [await asyncio.to_thread(load_key, path, options.passphrase) for path in target.key_files]
+        keys, skipped = [], []
+        for path in target.key_files:
+            try:
+                keys.append(await asyncio.to_thread(load_key, path, options.passphrase))
+            except KeyNeedsPassphrase:
+                if target.origin("keys") == "inventory":
+                    raise
+                skipped.append(path)  # as ssh: a key of the config or a default one, passed over
         attempt = 0
         while True:
             attempt += 1
             via = await self._tunnel(target.jump, retry_until) if target.jump is not None else None
             try:
-                connection = await self._connect_once(target, keys, host_key_args, via)
+                connection = await self._connect_once(target, keys, host_key_args, via, skipped)
             except _Retryable as error:
                 if via is not None:
                     await self._untunnel(via)
@@ -303,6 +310,7 @@ class ConnectionPool:
         keys: list[asyncssh.SSHKey],
         host_key_args: dict[str, Any],
         via: PooledConnection | None,
+        skipped: list[str],
     ) -> asyncssh.SSHClientConnection:
         options = self.options
         address = target.address + (f" (through jump host {via.target.name})" if via is not None else "")
@@ -328,10 +336,17 @@ class ConnectionPool:
             except asyncssh.HostKeyNotVerifiable as error:
                 raise HostKeyError(describe_host_key_failure(target, error)) from None
             except asyncssh.PermissionDenied as error:
-                tried = ", ".join([*target.key_files, *(["ssh-agent"] if target.agent_path else [])]) or "no key"
+                used = [path for path in target.key_files if path not in skipped]
+                tried = ", ".join([*used, *(["ssh-agent"] if target.agent_path else [])]) or "no key"
+                passed_over = (
+                    f"; passed over {', '.join(skipped)}: protected by a passphrase nobody could give "
+                    "(SSHOptions(passphrase=...), ssh-add, or %cronium_unlock)"
+                    if skipped
+                    else ""
+                )
                 raise ConnectError(
-                    f"{address} refused our key ({error.reason}; tried {tried}): authorize the key for "
-                    f"{target.user} there, or set key_path / IdentityFile",
+                    f"{address} refused our key ({error.reason}; tried {tried}{passed_over}): authorize the key "
+                    f"for {target.user} there, or set key_path / IdentityFile",
                     error_kind="auth",
                 ) from None
             except asyncssh.ChannelOpenError as error:  # the jump host could not reach the target

@@ -279,3 +279,24 @@ def test_a_connection_reset_while_connecting_is_retried(local_executor, tmp_path
     error = result["flaky"].error
     assert result["flaky"].error_kind == "unreachable" and "(3 attempts;" in error, error
     assert len(accepted) == 3 and executor.pool.connect_retries == 2
+
+
+@pytest.mark.filterwarnings("ignore:.*bcrypt.kdf")
+def test_a_locked_key_of_the_ssh_config_is_passed_over_for_the_agent(
+    local_servers, local_executor, ssh_agent, tmp_path, monkeypatch
+) -> None:
+    """As ssh: a key named by the config that nobody can unlock is passed over, and the agent's
+    keys still work; without them the error says which key was passed over and why."""
+    monkeypatch.setattr("sys.stdin", io.StringIO())
+    fleet = local_servers(1)
+    locked = tmp_path / "id_locked"
+    asyncssh.generate_private_key("ssh-ed25519").write_private_key(str(locked), passphrase="pw", rounds=4)
+    config = tmp_path / "ssh_config"
+    config.write_text(f"Host *\n  IdentityFile {locked}\n")
+    subprocess.run(["ssh-add", "-q", str(fleet.hub.key_path)], env=ssh_agent, check=True, capture_output=True)
+    monkeypatch.setenv("SSH_AUTH_SOCK", ssh_agent["SSH_AUTH_SOCK"])
+    inventory = Inventory([fleet.server("srv-1", key_path=None)])
+    result = local_executor(inventory, ssh_options=_options(ssh_config=config)).run(ECHO, servers="srv-1")
+    assert result.status == Status.SUCCESS, result.summary.to_string()
+    off = local_executor(inventory, ssh_options=_options(ssh_config=config, agent=False)).run(ECHO, servers="srv-1")
+    assert off["srv-1"].error_kind == "auth" and f"passed over {locked}" in off["srv-1"].error, off["srv-1"].error
