@@ -54,9 +54,10 @@ class Server:
             if "\0" in value:  # it reaches the script's environment, where NUL cannot be
                 raise ValueError(f"server {text_field} must not contain NUL bytes, got {value!r}")
         check_host(self.host, f"server {self.name!r}")
-        if self.user is not None and (self.user.startswith("-") or any(c.isspace() or c in "@:" for c in self.user)):
+        if self.user is not None and (self.user.startswith("-") or any(c.isspace() for c in self.user)):
+            # (an @ is allowed: directory users log in as user@domain)
             raise ValueError(
-                f"server {self.name!r}: user must not start with - or contain whitespace, @ or :, got {self.user!r}"
+                f"server {self.name!r}: user must not start with - or contain whitespace, got {self.user!r}"
             )
         if self.port is not None:
             check_port(self.port, f"server {self.name!r}")

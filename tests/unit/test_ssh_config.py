@@ -182,9 +182,10 @@ def test_server_validation_still_refuses_dangerous_values() -> None:
     for host in ("a b", "h\nx", "*.example.com", "-oProxyCommand=x", "a,b", "u@h"):
         with pytest.raises(ValueError, match="host must not contain"):
             Server(name="s", host=host)
-    for user in ("-oFoo", "a b", "a@b"):
+    for user in ("-oFoo", "a b", "a\nb"):
         with pytest.raises(ValueError, match="user must not"):
             Server(name="s", host="h", user=user)
+    assert Server(name="s", host="h", user="jane@corp.example").user == "jane@corp.example"  # directory users
     with pytest.raises(ValueError, match="forward_agent must be true or false"):
         Server(name="s", host="h", forward_agent="yes")  # type: ignore[arg-type]
 
