@@ -228,14 +228,15 @@ def run_local(archive: PayloadArchive, **kwargs: Any) -> RunReport:
 
 
 async def connect(server: Server, *, connect_timeout: float = 60) -> asyncssh.SSHClientConnection:
-    """A strict-host-key connection to a fleet server (tests only; the executor has its pool)."""
+    """A strict-host-key connection to a fleet server (tests only; the executor has its pool).
+    A port or user left as None is asyncssh's default (22, the local user), as for the executor."""
+    defaults = {"port": server.port, "username": server.user}
     return await asyncssh.connect(
         server.host,
-        port=server.port,
-        username=server.user,
         client_keys=[server.key_path],
         known_hosts=server.known_hosts,
         connect_timeout=connect_timeout,
+        **{name: value for name, value in defaults.items() if value is not None},
     )
 
 
