@@ -59,6 +59,7 @@ class Execution:
     callbacks: Callbacks
     store: StoreWorker
     api: bool
+    variable_scope: str  # the executor's when the execution started
     max_log_bytes: int = DEFAULT_MAX_LOG_BYTES
     results: dict[str, ServerResult] = field(default_factory=dict)
     seq: Counter[str] = field(default_factory=Counter)

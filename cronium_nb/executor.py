@@ -111,7 +111,6 @@ class Executor:
             self._runtime,
             self._store_worker,
             self._metrics,
-            variable_scope,
         )
         self._jobs: weakref.WeakSet[Job] = weakref.WeakSet()  # not finished yet, or not collected
         self._closed = False
@@ -296,7 +295,9 @@ class Executor:
         except asyncio.CancelledError:
             uncancel()
             payload, cancelled = await uninterrupted(recording), True
-        execution = Execution(execution_id, event, payload, run_input, callbacks, worker, api, self.max_log_bytes)
+        execution = Execution(
+            execution_id, event, payload, run_input, callbacks, worker, api, self.variable_scope, self.max_log_bytes
+        )
 
         def run_server(server: Server, limit: asyncio.Semaphore) -> Coroutine[Any, Any, ServerResult]:
             return ServerRun(execution, server, self._parts).run(limit)

@@ -74,7 +74,6 @@ class RunParts:
     runtime: RuntimeService
     store: StoreWorker
     metrics: Metrics
-    variable_scope: str
 
 
 class ServerRun:
@@ -131,7 +130,7 @@ class ServerRun:
             result.arch = info.machine
             outcome = await deadline.bound(self._deploy(pooled, force=False), "deploy")
             result.phases["deploy"] = time.monotonic() - clock
-            variables = await parts.store.call(parts.store.store.get_variables, parts.variable_scope)
+            variables = await parts.store.call(parts.store.store.get_variables, execution.variable_scope)
             context = {
                 "execution_id": execution.execution_id,
                 "server": self.server.name,
@@ -242,9 +241,9 @@ class ServerRun:
 
     def _variable_set(self, name: str, value: Any) -> None:
         """API mode: a variable the script set, stored at once and shown live."""
-        redactor, store = self.execution.redactor, self.parts.store
+        redactor = self.execution.redactor
         name, value = redactor.text(name), redactor.value(value)
-        store.submit(store.store.set_variable, self.parts.variable_scope, name, value, updated_by=self._updated_by)
+        self._store_variable(name, value)
         on_variable = self.execution.callbacks.on_variable
         if on_variable is not None:
             on_variable(self.server.name, name, value)
@@ -263,9 +262,10 @@ class ServerRun:
             arguments=None if holds_secret else json.dumps(arguments),  # never a secret in the store
         )
 
-    @property
-    def _updated_by(self) -> str:
-        return f"{self.execution.execution_id}/{self.server.name}"
+    def _store_variable(self, name: str, value: Any) -> None:
+        worker, execution = self.parts.store, self.execution
+        updated_by = f"{execution.execution_id}/{self.server.name}"
+        worker.submit(worker.store.set_variable, execution.variable_scope, name, value, updated_by=updated_by)
 
     def _apply(self, run: RunOutcome, seeded: dict[str, Any]) -> None:
         """The run's outcome into the result: status, error and its kind, exit code, outputs, and
@@ -293,7 +293,6 @@ class ServerRun:
         result.variables = execution.redactor.value(report.get("variables") or {})
         # Only what this run changed: rewriting the values it was given could undo what a
         # concurrent run set meanwhile (API mode stores its changes live, as they happen).
-        store = self.parts.store
         for name, value in result.variables.items():
             if name in seeded and seeded[name] == value:
                 continue
@@ -301,4 +300,4 @@ class ServerRun:
             if refused:
                 self._fail("script", f"{refused}: not stored")
                 continue
-            store.submit(store.store.set_variable, self.parts.variable_scope, name, value, updated_by=self._updated_by)
+            self._store_variable(name, value)
