@@ -11,6 +11,10 @@ every server before the first connection: strict host-key checking, no trust on 
         executor = Executor(inventory=fleet.inventory)
         fleet.exec("amd64-1", "ps -ef")
 
+``Fleet.up(..., behind_bastion=True)`` puts the servers on an internal Docker network of the
+fleet's own (no route out, no published port) and publishes one bastion, the only way in: the
+servers' inventory entries say ``jump: bastion``, as a real fleet behind a bastion would.
+
 The images are not part of the package and are never pulled from a registry: ``make fixtures``
 in a cronium_nb checkout builds them into this machine's Docker daemon, and an installed
 cronium_nb (the wheel, with the ``fleet`` extra for the docker SDK) uses them from there.
@@ -20,6 +24,7 @@ The docker SDK is imported when a fleet starts, not with this module.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import io
 import os
 import shutil
@@ -32,7 +37,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import asyncssh
 
@@ -54,7 +59,11 @@ IMAGES = tuple((arch, variant) for arch in ARCHES for variant in VARIANTS if arc
 FIXTURE_USERS = {"cronium": 1000, "intruder": 1001}
 FLEET_LABEL = "cronium.fleet"
 OWNER_LABEL = "cronium.fleet.owner"  # the starting process, as cronium_nb.store.current_owner() names it
+NETWORK_LABEL = "cronium.fleet.network"  # the fleet's networks: "internal" or "edge"
 HOST_KEY_PATH = "etc/ssh/ssh_host_ed25519_key"
+BASTION = "bastion"  # the bastion's server name (after the fleet's name prefix)
+# The bastion forwards TCP whatever the servers' sshd options say (OpenSSH's default is yes too).
+BASTION_SSHD_OPTIONS = {"AllowTcpForwarding": "yes"}
 READY_TIMEOUT_S = 120.0  # emulated arm64 sshd can take several seconds to answer
 BUILD_HINT = (
     "the fleet's sshd images are built on this machine, not downloaded: in a cronium_nb checkout "
@@ -99,6 +108,7 @@ class FleetMember:
     arch: str
     variant: str
     container_id: str
+    behind_bastion: bool = False  # on the fleet's internal network only, reached through the bastion
 
 
 def _free_loopback_port() -> int:
@@ -136,6 +146,8 @@ class Fleet:
         self.key_path = workdir / "id_ed25519"
         self.known_hosts = workdir / "known_hosts"
         self._members: dict[str, FleetMember] = {}
+        self.network: str | None = None  # behind_bastion: the internal network's name
+        self.bastion: str | None = None  # behind_bastion: the bastion's server name
 
     # -- start and stop
 
@@ -152,6 +164,7 @@ class Fleet:
         tmpfs: Mapping[str, str] | None = None,
         name_prefix: str = "",
         ready_timeout: float = READY_TIMEOUT_S,
+        behind_bastion: bool = False,
     ) -> Fleet:
         """Start ``amd64`` + ``arm64`` (+ ``riscv64``, bare only) servers of one image variant and
         wait until sshd answers.
@@ -159,6 +172,16 @@ class Fleet:
         Servers are named ``<prefix><arch>-<n>``. ``sshd_options`` are passed to sshd as
         ``-o KEY=VALUE`` (e.g. ``{"AllowTcpForwarding": "no"}``). ``tmpfs`` mounts small
         filesystems (path -> options, e.g. ``{"/root/.cache": "size=1m"}``) to fill disks in tests.
+
+        ``behind_bastion``: the servers go on an internal network the fleet creates
+        (``cronium-<id>-internal``: no route out, no published port; each server answers there
+        to its own name) and one more container, ``<prefix>bastion`` (amd64, the same variant,
+        sshd forwarding TCP), is the only one published on 127.0.0.1. It sits on that network
+        and on a second network of the fleet's (``cronium-<id>-edge``, a plain bridge that
+        carries the published port). The inventory lists the bastion and gives every server
+        ``host: <its name>``, port 22 and ``jump: <prefix>bastion``; ``known_hosts`` pins the
+        servers' keys under those names. ``names``/``servers`` and the groups ``fleet`` and
+        ``<arch>`` leave the bastion out.
         """
         if variant not in VARIANTS:
             raise ValueError(f"unknown fleet variant {variant!r}; expected one of {', '.join(VARIANTS)}")
@@ -174,18 +197,29 @@ class Fleet:
         import docker.errors
 
         missing = []
-        for arch, count in counts.items():
-            if count:
-                try:
-                    client.images.get(image_tag(arch, variant))
-                except docker.errors.ImageNotFound:
-                    missing.append(image_tag(arch, variant))
+        needed = [arch for arch, count in counts.items() if count]
+        if behind_bastion and "amd64" not in needed:
+            needed.append("amd64")  # the bastion's image
+        for arch in needed:
+            try:
+                client.images.get(image_tag(arch, variant))
+            except docker.errors.ImageNotFound:
+                missing.append(image_tag(arch, variant))
         if missing:
             raise FleetError(f"missing from the Docker daemon: image {', '.join(missing)}; {BUILD_HINT}")
         fleet_id = uuid.uuid4().hex[:8]
         fleet = cls(client, fleet_id, Path(tempfile.mkdtemp(prefix=f"cronium-fleet-{fleet_id}-")))
         try:
-            fleet._start(counts, variant, user, dict(sshd_options or {}), dict(tmpfs or {}), name_prefix, ready_timeout)
+            fleet._start(
+                counts,
+                variant,
+                user,
+                dict(sshd_options or {}),
+                dict(tmpfs or {}),
+                name_prefix,
+                ready_timeout,
+                behind_bastion,
+            )
         except BaseException:
             fleet.down()
             raise
@@ -201,53 +235,131 @@ class Fleet:
         tmpfs: dict[str, str],
         prefix: str,
         ready_timeout: float,
+        behind_bastion: bool = False,
     ) -> None:
         client_key = asyncssh.generate_private_key("ssh-ed25519", comment=f"cronium-fleet-{self.fleet_id}")
         client_key.write_private_key(str(self.key_path))
         os.chmod(self.key_path, 0o600)
         authorized = client_key.export_public_key("openssh")
-        command = [arg for key, value in sshd_options.items() for arg in ("-o", f"{key}={value}")]
         home_files = [("root/.ssh", None, 0o700, 0), ("root/.ssh/authorized_keys", authorized, 0o600, 0)]
         for fixture_user, uid in FIXTURE_USERS.items():
             home = f"home/{fixture_user}/.ssh"
             home_files += [(home, None, 0o700, uid), (f"{home}/authorized_keys", authorized, 0o600, uid)]
+
+        def sshd_args(options: Mapping[str, str]) -> list[str]:
+            return [arg for key, value in options.items() for arg in ("-o", f"{key}={value}")]
+
+        def files_for(name: str) -> tuple[bytes, str]:
+            """The container's files (host key, authorized keys) and its host key's public half."""
+            host_key = asyncssh.generate_private_key("ssh-ed25519", comment=name)
+            files = _tar(
+                [
+                    (HOST_KEY_PATH, host_key.export_private_key("openssh"), 0o600, 0),
+                    (HOST_KEY_PATH + ".pub", host_key.export_public_key("openssh"), 0o644, 0),
+                    *home_files,
+                ]
+            )
+            kind, blob = host_key.export_public_key("openssh").decode().split()[:2]
+            return files, f"{kind} {blob}"
+
         known_hosts_lines = []
+        bastion: str | None = None
+        if behind_bastion:
+            self.network, edge = self._create_networks()
+            bastion = self.bastion = f"{prefix}{BASTION}"
+            files, public = files_for(bastion)
+            container, port = self._start_container(
+                bastion, "amd64", variant, sshd_args({**sshd_options, **BASTION_SSHD_OPTIONS}), files, {}, network=edge
+            )
+            assert port is not None
+            server = Server(
+                name=bastion,
+                host="127.0.0.1",
+                port=port,
+                user=user,
+                key_path=str(self.key_path),
+                known_hosts=str(self.known_hosts),
+            )
+            self._members[bastion] = FleetMember(server, "amd64", variant, container.id)
+            known_hosts_lines.append(f"[127.0.0.1]:{port} {public}\n")
         for arch, count in counts.items():
             for index in range(1, count + 1):
                 name = f"{prefix}{arch}-{index}"
-                host_key = asyncssh.generate_private_key("ssh-ed25519", comment=name)
-                files = _tar(
-                    [
-                        (HOST_KEY_PATH, host_key.export_private_key("openssh"), 0o600, 0),
-                        (HOST_KEY_PATH + ".pub", host_key.export_public_key("openssh"), 0o644, 0),
-                        *home_files,
-                    ]
+                files, public = files_for(name)
+                container, port = self._start_container(
+                    name, arch, variant, sshd_args(sshd_options), files, tmpfs, internal=self.network
                 )
-                container, port = self._start_container(name, arch, variant, command, files, tmpfs)
-                server = Server(
-                    name=name,
-                    host="127.0.0.1",
-                    port=port,
-                    user=user,
-                    key_path=str(self.key_path),
-                    known_hosts=str(self.known_hosts),
-                )
-                self._members[name] = FleetMember(server, arch, variant, container.id)
-                public = host_key.export_public_key("openssh").decode().split()
-                known_hosts_lines.append(f"[127.0.0.1]:{port} {public[0]} {public[1]}\n")
+                if port is None:  # behind the bastion: its name on the internal network, port 22
+                    server = Server(
+                        name=name,
+                        host=name,
+                        port=22,
+                        user=user,
+                        key_path=str(self.key_path),
+                        known_hosts=str(self.known_hosts),
+                        jump=bastion,
+                    )
+                    known_hosts_lines.append(f"{name} {public}\n")
+                else:
+                    server = Server(
+                        name=name,
+                        host="127.0.0.1",
+                        port=port,
+                        user=user,
+                        key_path=str(self.key_path),
+                        known_hosts=str(self.known_hosts),
+                    )
+                    known_hosts_lines.append(f"[127.0.0.1]:{port} {public}\n")
+                self._members[name] = FleetMember(server, arch, variant, container.id, behind_bastion=port is None)
         self.known_hosts.write_text("".join(known_hosts_lines))
         with ThreadPoolExecutor(max_workers=max(1, len(self._members))) as pool:
             list(pool.map(lambda name: self.wait_ready(name, ready_timeout), self._members))
 
+    def _create_networks(self) -> tuple[str, str]:
+        """The fleet's internal network (no route out) and the bastion's edge network (a plain
+        bridge, for its published port); both carry the fleet's labels and go with it."""
+        import docker.errors
+
+        labels = {FLEET_LABEL: self.fleet_id, OWNER_LABEL: current_owner()}
+        names = []
+        for role, internal in (("internal", True), ("edge", False)):
+            name = f"cronium-{self.fleet_id}-{role}"
+            try:
+                labels[NETWORK_LABEL] = role
+                self._client.networks.create(name, driver="bridge", internal=internal, labels=dict(labels))
+            except docker.errors.APIError as error:
+                raise FleetError(f"cannot create the fleet's {role} network: {error.explanation}") from error
+            names.append(name)
+        return names[0], names[1]
+
     def _start_container(
-        self, name: str, arch: str, variant: str, command: list[str], files: bytes, tmpfs: dict[str, str]
+        self,
+        name: str,
+        arch: str,
+        variant: str,
+        command: list[str],
+        files: bytes,
+        tmpfs: dict[str, str],
+        *,
+        network: str | None = None,
+        internal: str | None = None,
     ):
-        """Create the container, copy ``files`` (a tar) into it, start it; returns it and its port."""
+        """Create the container, copy ``files`` (a tar) into it, start it; returns it and its
+        port on 127.0.0.1. With ``internal`` (a network name) it goes on that network only,
+        answering to ``name`` there, and publishes nothing (port None). With ``network`` it is
+        published from that network; the fleet's internal network, if any, is added too (the
+        bastion)."""
         import docker.errors
 
         labels = {FLEET_LABEL: self.fleet_id, OWNER_LABEL: current_owner(), "cronium.fleet.server": name}
+        placement: dict[str, Any] = {}
+        if internal is not None:
+            endpoint = self._client.api.create_endpoint_config(aliases=[name])
+            placement = {"network": internal, "networking_config": {internal: endpoint}}
+        elif network is not None:
+            placement = {"network": network}
         for _attempt in range(10):
-            port = _free_loopback_port()
+            port = None if internal is not None else _free_loopback_port()
             try:
                 container = self._client.containers.create(
                     image_tag(arch, variant),
@@ -255,11 +367,14 @@ class Fleet:
                     name=f"cronium-{self.fleet_id}-{name}",
                     hostname=name,
                     labels=labels,
-                    ports={"22/tcp": ("127.0.0.1", port)},
+                    ports={"22/tcp": ("127.0.0.1", port)} if port is not None else {},
                     tmpfs=tmpfs,
                     detach=True,
+                    **placement,
                 )
                 container.put_archive("/", files)
+                if network is not None and self.network is not None:
+                    self._client.networks.get(self.network).connect(container, aliases=[name])
             except docker.errors.APIError as error:
                 raise FleetError(f"cannot create container for {name}: {error.explanation}") from error
             try:
@@ -267,17 +382,19 @@ class Fleet:
             except docker.errors.APIError as error:
                 container.remove(force=True)
                 # The port was free when probed, but another process may have taken it since.
-                if "already allocated" in str(error) or "address already in use" in str(error):
+                if port is not None and ("already allocated" in str(error) or "address already in use" in str(error)):
                     continue
                 raise FleetError(f"cannot start container for {name}: {error.explanation}") from error
             return container, port
         raise FleetError(f"no free loopback port for {name} after 10 attempts")
 
     def down(self) -> None:
-        """Remove every container of the fleet and its key files. Safe to call twice."""
+        """Remove every container of the fleet, its networks and its key files. Safe to call twice."""
         atexit.unregister(self.down)
         for container in self._client.containers.list(all=True, filters={"label": f"{FLEET_LABEL}={self.fleet_id}"}):
             container.remove(force=True, v=True)
+        for network in self._client.networks.list(filters={"label": f"{FLEET_LABEL}={self.fleet_id}"}):
+            network.remove()
         self._members.clear()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -289,7 +406,10 @@ class Fleet:
 
     @staticmethod
     def cleanup_stale(client: docker.DockerClient | None = None) -> int:
-        """Remove fleet containers whose starting process is gone; returns how many."""
+        """Remove fleet containers (and then the fleets' networks) whose starting process is
+        gone; returns how many containers."""
+        import docker.errors
+
         client = client or _docker_client()
         removed = 0
         for container in client.containers.list(all=True, filters={"label": FLEET_LABEL}):
@@ -297,6 +417,11 @@ class Fleet:
                 continue
             container.remove(force=True, v=True)
             removed += 1
+        for network in client.networks.list(filters={"label": FLEET_LABEL}):
+            if owner_alive(network.attrs.get("Labels", {}).get(OWNER_LABEL, "")):
+                continue
+            with contextlib.suppress(docker.errors.NotFound):  # removed meanwhile by its own fleet
+                network.remove()
         for leftover in Path(tempfile.gettempdir()).glob("cronium-fleet-*"):
             fleet_id = leftover.name.split("-")[2]
             if not client.containers.list(all=True, filters={"label": f"{FLEET_LABEL}={fleet_id}"}):
@@ -307,20 +432,23 @@ class Fleet:
 
     @property
     def inventory(self) -> Inventory:
-        """The fleet's servers, with groups ``amd64``, ``arm64`` and ``fleet``."""
+        """The fleet's servers, with groups ``amd64``, ``arm64`` and ``fleet``; the bastion
+        (behind_bastion) is listed too, in no group."""
         groups: dict[str, list[str]] = {}
-        for name, member in self._members.items():
-            groups.setdefault(member.arch, []).append(name)
-        groups["fleet"] = list(self._members)
+        for name in self.names:
+            groups.setdefault(self._members[name].arch, []).append(name)
+        groups["fleet"] = self.names
         return Inventory([m.server for m in self._members.values()], groups)
 
     @property
     def servers(self) -> list[Server]:
-        return [m.server for m in self._members.values()]
+        """The servers, the bastion left out."""
+        return [self._members[name].server for name in self.names]
 
     @property
     def names(self) -> list[str]:
-        return list(self._members)
+        """The servers' names, the bastion left out."""
+        return [name for name in self._members if name != self.bastion]
 
     def member(self, name: str) -> FleetMember:
         try:
@@ -331,6 +459,16 @@ class Fleet:
     def container(self, name: str):
         """The docker SDK container of a server."""
         return self._client.containers.get(self.member(name).container_id)
+
+    def internal_address(self, name: str) -> str:
+        """A server's (or the bastion's) IP address on the fleet's internal network (a fleet
+        behind a bastion): where the servers see the bastion's connections come from."""
+        if self.network is None:
+            raise FleetError("this fleet has no internal network (Fleet.up(behind_bastion=True) makes one)")
+        networks = self.container(name).attrs["NetworkSettings"]["Networks"]
+        if self.network not in networks or not networks[self.network].get("IPAddress"):
+            raise FleetError(f"{name} has no address on {self.network} (is it running?)")
+        return str(networks[self.network]["IPAddress"])
 
     # -- driving servers (for tests)
 
@@ -357,9 +495,24 @@ class Fleet:
         self.container(name).restart(timeout=1)
         self.wait_ready(name, ready_timeout)
 
+    def stop(self, name: str) -> None:
+        """Stop the container (``docker stop``): its published port is closed, connections to it
+        are refused; :meth:`start` brings it back with the same port, host key and files."""
+        self.container(name).stop(timeout=1)
+
+    def start(self, name: str, *, ready_timeout: float = READY_TIMEOUT_S) -> None:
+        """Start a stopped container again and wait for sshd."""
+        self.container(name).start()
+        self.wait_ready(name, ready_timeout)
+
     def wait_ready(self, name: str, timeout: float = READY_TIMEOUT_S) -> None:
-        """Poll until the server's sshd sends its SSH banner; raise FleetError after ``timeout``."""
-        server = self.member(name).server
+        """Poll until the server's sshd sends its SSH banner; raise FleetError after ``timeout``.
+        A server behind the bastion is polled from the bastion, over the internal network."""
+        member = self.member(name)
+        if member.behind_bastion:
+            self._wait_ready_behind(name, timeout)
+            return
+        server = member.server
         deadline = time.monotonic() + timeout
         last_error = "no answer"
         while time.monotonic() < deadline:
@@ -377,3 +530,27 @@ class Fleet:
                 raise FleetError(f"{name}: container exited before sshd was ready:\n{logs}")
             time.sleep(0.1)
         raise FleetError(f"{name}: sshd on port {server.port} not ready after {timeout:.0f} s ({last_error})")
+
+    def _wait_ready_behind(self, name: str, timeout: float) -> None:
+        """Poll from the bastion (``docker exec``: bash's /dev/tcp, on the internal network, by
+        the server's name) until the server's sshd sends its banner."""
+        import docker.errors
+
+        assert self.bastion is not None
+        probe = 'exec 3<>"/dev/tcp/$1/22" && head -c 4 <&3'
+        deadline = time.monotonic() + timeout
+        last_error = "no answer"
+        while time.monotonic() < deadline:
+            try:
+                result = self.exec(self.bastion, ["timeout", "5", "bash", "-c", probe, "probe", name])
+                if result.output.startswith("SSH-"):
+                    return
+                last_error = result.output.strip() or f"exit {result.exit_code}"
+            except docker.errors.APIError as error:  # the bastion not running (yet)
+                last_error = str(error)
+            container = self.container(name)
+            if container.status == "exited":
+                logs = container.logs(tail=20).decode(errors="replace")
+                raise FleetError(f"{name}: container exited before sshd was ready:\n{logs}")
+            time.sleep(0.1)
+        raise FleetError(f"{name}: sshd not ready behind {self.bastion} after {timeout:.0f} s ({last_error})")
