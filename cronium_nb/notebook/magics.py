@@ -43,6 +43,11 @@ class CroniumMagics(Magics):
     @magic_arguments()
     @argument("path", nargs="?", help="inventory YAML to load; without it, show the servers")
     @argument("--raw", action="store_true", help="the inventory as written, not resolved through the ssh config")
+    @argument(
+        "--ssh-config",
+        dest="ssh_config",
+        help="the OpenSSH client config to resolve and connect with from now on (default ~/.ssh/config)",
+    )
     @line_magic
     def cronium_servers(self, line: str) -> Any:
         """Load an inventory file, or show the servers known to this notebook: the host, port,
@@ -55,6 +60,11 @@ class CroniumMagics(Magics):
             try:
                 self.session.loaded = Inventory.load(args.path)
             except InventoryError as error:
+                raise UsageError(str(error)) from None
+        if args.ssh_config:
+            try:
+                self.session.use_ssh_config(args.ssh_config)
+            except ValueError as error:
                 raise UsageError(str(error)) from None
         if args.raw:
             return self.session.inventory.to_dataframe()
@@ -145,6 +155,11 @@ class CroniumMagics(Magics):
     @argument("--amd64", type=int, default=1, help="amd64 servers (default 1)")
     @argument("--arm64", type=int, default=1, help="arm64 servers (default 1)")
     @argument("--variant", default="full", choices=list(VARIANTS))
+    @argument(
+        "--behind-bastion",
+        action="store_true",
+        help="servers on an internal network, reached only through a published bastion (their jump host)",
+    )
     @argument("-o", "--output", dest="output_var", help="also store the Fleet in this variable")
     @line_magic
     def cronium_fleet(self, line: str) -> Any:
@@ -156,7 +171,9 @@ class CroniumMagics(Magics):
             if self.session.fleet is not None:
                 raise UsageError("a fleet is already up: %cronium_fleet down first")
             try:
-                self.session.fleet = Fleet.up(amd64=args.amd64, arm64=args.arm64, variant=args.variant)
+                self.session.fleet = Fleet.up(
+                    amd64=args.amd64, arm64=args.arm64, variant=args.variant, behind_bastion=args.behind_bastion
+                )
             except (FleetError, ValueError) as error:
                 raise UsageError(str(error)) from None
             if args.output_var:

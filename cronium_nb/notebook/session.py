@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+from dataclasses import replace
+from pathlib import Path
+
 from cronium_nb.executor import Executor
 from cronium_nb.fleet import Fleet
 from cronium_nb.inventory import Inventory
@@ -16,6 +20,7 @@ class NotebookSession:
         self.loaded = Inventory()
         self.fleet: Fleet | None = None
         self._executor: Executor | None = None
+        self._ssh_options: SSHOptions | None = None  # None: the defaults
 
     @property
     def inventory(self) -> Inventory:
@@ -23,13 +28,29 @@ class NotebookSession:
 
     @property
     def ssh_options(self) -> SSHOptions:
-        """The executor's SSH options (the defaults before it exists)."""
-        return self._executor.ssh_options if self._executor is not None else SSHOptions()
+        """The executor's SSH options (the defaults, or those chosen, before it exists)."""
+        if self._executor is not None:
+            return self._executor.ssh_options
+        return self._ssh_options or SSHOptions()
+
+    def use_ssh_config(self, path: str | os.PathLike[str]) -> None:
+        """Resolve and connect with the OpenSSH client config ``path`` from now on. An executor
+        made with another one is closed (what it runs in the background is cancelled); the next
+        run makes a new one, with the same state dir."""
+        config = Path(os.path.expanduser(os.fspath(path))).absolute()
+        if not config.is_file():
+            raise ValueError(f"ssh config {config} is not a file")
+        if self.ssh_options.ssh_config is not None and Path(self.ssh_options.ssh_config) == config:
+            return
+        self._ssh_options = replace(self.ssh_options, ssh_config=config)
+        if self._executor is not None:
+            self._executor.close()
+            self._executor = None
 
     @property
     def executor(self) -> Executor:
         if self._executor is None:
-            self._executor = Executor(self.inventory)
+            self._executor = Executor(self.inventory, ssh_options=self._ssh_options)
         self._executor.inventory = self.inventory
         return self._executor
 

@@ -214,6 +214,36 @@ def test_cronium_servers_shows_resolved_values_and_their_origin(tmp_path: Path, 
     assert raw.loc["web", "host"] == "web" and raw.loc["web", "jump"] == "gw"
 
 
+def test_cronium_servers_takes_another_ssh_config_for_the_notebook(tmp_path: Path, monkeypatch) -> None:
+    from IPython.core.error import UsageError
+
+    from cronium_nb.notebook.magics import CroniumMagics
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ssh/config of the machine's own
+    monkeypatch.setenv("CRONIUM_HOME", str(tmp_path / "cronium-home"))
+    config = tmp_path / "fleet_ssh_config"
+    config.write_text("Host gateway\n  HostName 10.9.9.9\n  Port 2200\nHost app\n  ProxyJump gateway\n")
+    inventory = tmp_path / "servers.yaml"
+    inventory.write_text("servers:\n  - {name: gateway, host: gateway}\n  - {name: app, host: app}\n")
+    magics = CroniumMagics(shell=None)
+    try:
+        frame = magics.cronium_servers(f"{inventory} --ssh-config {config}").set_index("name")
+        assert (frame.loc["gateway", "host"], frame.loc["gateway", "port"]) == ("10.9.9.9", 2200)
+        assert frame.loc["app", "jump"] == "gateway" and "jump: ssh_config" in frame.loc["app", "origins"]
+        executor = magics.session.executor
+        assert executor.ssh_options.ssh_config == config
+        with pytest.raises(UsageError, match="is not a file"):
+            magics.cronium_servers(f"--ssh-config {tmp_path / 'missing'}")
+        assert magics.session.executor is executor  # nothing changed
+        other = tmp_path / "other_ssh_config"
+        other.write_text("")
+        frame = magics.cronium_servers(f"--ssh-config {other}").set_index("name")
+        assert frame.loc["gateway", "host"] == "gateway" and frame.loc["app", "jump"] == "-"
+        assert magics.session.executor is not executor and magics.session.executor.ssh_options.ssh_config == other
+    finally:
+        magics.session.close()
+
+
 def test_the_unlock_widget_unlocks_a_key_and_clears_the_field(tmp_path: Path) -> None:
     import asyncssh
 
