@@ -360,6 +360,53 @@ def test_a_dead_bastion_fails_only_its_servers_within_the_connect_timeout(
     assert again.status == Status.SUCCESS, again.summary.to_string()
 
 
+def test_a_server_the_bastion_cannot_reach_fails_alone_with_the_bastions_reason(
+    hidden_fleet: Fleet, executor_factory
+) -> None:
+    executor = executor_factory(hidden_fleet.inventory, ssh_options=_options(connect_attempts=2))
+    hidden_fleet.stop("hidden-amd64-1")
+    try:
+        result = executor.run(WHERE, servers="fleet")
+    finally:
+        hidden_fleet.start("hidden-amd64-1")
+    assert result.status == Status.PARTIAL, result.summary.to_string()
+    assert result["hidden-arm64-1"].status == Status.SUCCESS
+    failed = result["hidden-amd64-1"]
+    assert failed.error_kind == "unreachable", failed.error
+    assert failed.error.startswith(
+        "cannot reach root@hidden-amd64-1:22 (through jump host hidden-bastion): the jump host said: "
+    ), failed.error
+    assert "(2 attempts;" in failed.error  # the bastion's refusal to open the channel is tried again
+
+
+def test_after_the_bastion_restarts_the_next_run_reconnects_through_it(hidden_fleet: Fleet, executor_factory) -> None:
+    """The pooled bastion connection and the servers' connections through it die with the
+    bastion's sshd; the pool notices and the next run opens new ones."""
+    executor = executor_factory(hidden_fleet.inventory)
+    assert executor.run(WHERE, servers="fleet").status == Status.SUCCESS
+    hidden_fleet.restart("hidden-bastion")
+    result = executor.run(WHERE, servers="fleet")
+    assert result.status == Status.SUCCESS, result.summary.to_string()
+    bastion = hidden_fleet.internal_address("hidden-bastion")
+    assert {_ssh_connection(result, name)[0] for name in hidden_fleet.names} == {bastion}
+    assert executor.pool.connects == 6
+
+
+def test_the_fleet_magic_starts_a_fleet_behind_a_bastion(tmp_path: Path, monkeypatch) -> None:
+    from cronium_nb.notebook.magics import CroniumMagics
+
+    monkeypatch.setenv("CRONIUM_HOME", str(tmp_path / "cronium-home"))
+    magics = CroniumMagics(shell=None)
+    try:
+        frame = magics.cronium_fleet("up --amd64 1 --arm64 0 --variant bare --behind-bastion").set_index("name")
+        assert list(frame.index) == ["bastion", "amd64-1"]
+        assert (frame.loc["amd64-1", "host"], frame.loc["amd64-1", "jump"]) == ("amd64-1", "bastion")
+        resolved = magics.cronium_servers("").set_index("name")
+        assert resolved.loc["amd64-1", "jump"] == "bastion"
+    finally:
+        magics.session.close()
+
+
 # -- connect retries
 
 
