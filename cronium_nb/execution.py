@@ -11,12 +11,13 @@ store's worker thread; the execution's last one is awaited before its result is 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import functools
 import logging
 import time
-from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,9 @@ from cronium_nb.store_worker import StoreWorker
 
 DEFAULT_MAX_LOG_BYTES = 2**30  # stored log text per execution; a runaway script cannot fill the disk
 LOG_FLUSH_INTERVAL_S = 0.5
+# Log text queued for the store's thread and not written yet; past it, reading the servers'
+# output waits (the runners then wait on SSH flow control), so memory stays bounded.
+MAX_LOG_BYTES_IN_FLIGHT = 32 * 2**20
 log = logging.getLogger("cronium_nb.execution")
 
 
@@ -69,8 +73,22 @@ class Execution:
     def __post_init__(self) -> None:
         self.callbacks = _guarded(self.callbacks)
         self.redactor = Redactor(self.event.secrets.values())
-        store = self.store.store
-        self.log = LogBuffer(store, write=lambda chunks: self.store.submit(store.append_log_chunks, chunks))
+        self._in_flight: deque[tuple[concurrent.futures.Future[None], int]] = deque()
+        self._bytes_in_flight = 0
+        self.log = LogBuffer(self.store.store, write=self._write_logs)
+
+    def _write_logs(self, chunks: Sequence[LogChunk]) -> None:
+        size = sum(len(chunk.lines) for chunk in chunks)
+        self._in_flight.append((self.store.submit(self.store.store.append_log_chunks, chunks), size))
+        self._bytes_in_flight += size
+
+    async def room_for_output(self) -> None:
+        """Wait while more than ``MAX_LOG_BYTES_IN_FLIGHT`` of log text waits for the store."""
+        while self._in_flight and (self._in_flight[0][0].done() or self._bytes_in_flight > MAX_LOG_BYTES_IN_FLIGHT):
+            written, size = self._in_flight.popleft()
+            if not written.done():
+                await asyncio.wait([asyncio.wrap_future(written)])  # a failed write: the worker logs it
+            self._bytes_in_flight -= size
 
     async def run(
         self,

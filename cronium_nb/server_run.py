@@ -199,6 +199,7 @@ class ServerRun:
             grace=execution.event.grace_period,
             on_lines=functools.partial(execution.lines, self.server.name),
             redactor=execution.redactor,
+            room=execution.room_for_output,
         )
         try:
             outcome = await run.run()

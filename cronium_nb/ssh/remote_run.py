@@ -140,6 +140,8 @@ class RunnerSession:
             while data := await self._reader_stream.read(READ_SIZE):
                 for frame in self._decoder.feed(data):
                     self._dispatch(frame)
+                if self._run is not None and self._run.room is not None:
+                    await self._run.room()  # the runner waits meanwhile (SSH flow control)
         except ProtocolError as error:
             self.error = f"corrupt runner output: {error}"
             self.abort()
@@ -187,8 +189,10 @@ class RemoteRun:
         grace: float,
         on_lines: LinesHandler,
         redactor: Redactor | None = None,
+        room: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.session = session
+        self.room = room  # awaited after each chunk read: where the lines go may be full
         self.request = {**context, "op": "run", "sha256": sha256, "payload_size": len(payload)}
         self.payload = payload
         self.timeout, self.grace = timeout, grace
