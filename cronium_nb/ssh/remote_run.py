@@ -31,6 +31,10 @@ from cronium_nb.redaction import Redactor
 
 READ_SIZE = 65536
 STOP_MARGIN_S = 5.0
+# A runner session says hello within milliseconds (about a second under emulation); one that
+# stays silent (a daemon that accepted into its backlog and then stalled or left) is given up,
+# and the caller falls back to a runner process of its own, instead of waiting out the timeout.
+HELLO_TIMEOUT_S = 30.0
 MAX_LINE = 1024 * 1024
 # The lines handler gets (stream, text, count, ts): ``count`` lines read together, joined by
 # newlines (one call per chunk, not per line); lines longer than MAX_LINE arrive in pieces.
@@ -92,7 +96,10 @@ class RunnerSession:
 
     async def _greeted(self) -> RunnerSession:
         try:
-            await self._hello_seen.wait()
+            await asyncio.wait_for(self._hello_seen.wait(), HELLO_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            self.close()
+            raise RunnerUnavailable(f"no hello from the runner within {HELLO_TIMEOUT_S:g} s") from None
         except asyncio.CancelledError:
             self.close()
             raise

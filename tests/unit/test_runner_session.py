@@ -103,3 +103,30 @@ def test_a_serve_process_without_hello_is_runner_unavailable_with_its_exit_statu
     message = _with_connection(scenario)
     assert message.startswith("runner did not start (exit 127): ")
     assert "cronium-runner: not found" in message
+
+
+def test_a_daemon_that_accepts_and_stays_silent_is_given_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A daemon whose socket takes the connection (its listen backlog) but never answers: the
+    session gives up after HELLO_TIMEOUT_S with RunnerUnavailable (the session layer then starts
+    a runner of its own) instead of waiting out the event's timeout."""
+    monkeypatch.setattr("cronium_nb.ssh.remote_run.HELLO_TIMEOUT_S", 0.5)
+
+    async def scenario(connection: asyncssh.SSHClientConnection, directory: Path) -> str:
+        silent = asyncio.Event()
+
+        async def daemon(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await silent.wait()  # never set: the connection is held and nothing is said
+            writer.close()
+
+        socket_path = directory / "daemon.sock"
+        listener = await asyncio.start_unix_server(daemon, str(socket_path))
+        try:
+            with pytest.raises(RunnerUnavailable) as caught:
+                await RunnerSession.connect(connection, str(socket_path), "cronium-runner-test")
+        finally:
+            silent.set()
+            listener.close()
+            await listener.wait_closed()
+        return str(caught.value)
+
+    assert _with_connection(scenario) == "no hello from the runner within 0.5 s"
