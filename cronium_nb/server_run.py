@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import sys
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -55,6 +56,10 @@ class SetupDeadline:
     async def bound(self, awaitable: Awaitable[Any], step: str) -> Any:
         remaining = max(0.0, self.at - asyncio.get_running_loop().time())
         try:
+            if sys.version_info >= (3, 11):
+                # wait_for can return a result that lands with a cancel, swallowing it (3.11)
+                async with asyncio.timeout(remaining):
+                    return await awaitable
             return await asyncio.wait_for(awaitable, remaining)
         except asyncio.TimeoutError:
             raise SetupStalled(
@@ -217,7 +222,11 @@ class ServerRun:
         if not execution.api:
             result.helpers = "bundled"
             return None
-        service_path = await parts.runtime.start()
+        try:
+            service_path = await parts.runtime.start()
+        except OSError as error:  # here, not on the server: no socket directory, no room to bind
+            result.helpers = f"bundled (API unavailable: the runtime service would not start: {error})"
+            return None
         if not info.home:
             result.helpers = "bundled (API unavailable: the server did not say where its home directory is)"
             return None

@@ -367,7 +367,10 @@ class Deployer:
                     return DeployOutcome(build, "verified", 0)
                 if status[0] == UNSAFE:
                     raise DeployError(status[1], retryable=False)
-            data = build.upload()
+            try:
+                data = build.upload()
+            except OSError as error:  # the build here, not the server
+                raise DeployError(f"cannot read the runner build {build.path}: {error}", retryable=False) from None
             args = daemon_args(build) if daemon_args is not None else None
             start_daemon = f"{build.invocation(args)} >/dev/null 2>&1 || true\n" if args else ""
             install = remote_script(INSTALL_SCRIPT, build, then=start_daemon)
