@@ -325,7 +325,10 @@ class ConnectionPool:
                     tunnel=via.connection if via is not None else (),
                     config=None,  # resolved already (cronium_nb.ssh.resolve): nothing implicit
                     username=target.user,
-                    client_keys=keys or (),
+                    # No key file and no agent: None, as asyncssh reads () as "load ~/.ssh/id_*
+                    # yourself", which OpenSSH does not when the config names other IdentityFiles
+                    # (with an agent, () must stay: asyncssh uses no agent without client keys).
+                    client_keys=keys or (() if target.agent_path else None),
                     agent_path=target.agent_path,
                     agent_forwarding=target.forward_agent,
                     connect_timeout=target.connect_timeout,

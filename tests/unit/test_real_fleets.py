@@ -300,3 +300,23 @@ def test_a_locked_key_of_the_ssh_config_is_passed_over_for_the_agent(
     assert result.status == Status.SUCCESS, result.summary.to_string()
     off = local_executor(inventory, ssh_options=_options(ssh_config=config, agent=False)).run(ECHO, servers="srv-1")
     assert off["srv-1"].error_kind == "auth" and f"passed over {locked}" in off["srv-1"].error, off["srv-1"].error
+
+
+def test_no_key_file_and_no_agent_offers_no_default_key_behind_our_back(
+    local_servers, local_executor, tmp_path, monkeypatch
+) -> None:
+    """As OpenSSH: an ``IdentityFile`` of the config that does not exist means no key file at
+    all (OpenSSH adds its default ~/.ssh/id_* keys only when no IdentityFile is configured), not
+    asyncssh's own default keys; and "tried no key" is then true."""
+    fleet = local_servers(1)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".ssh").mkdir()
+    shutil.copy(fleet.hub.key_path, tmp_path / ".ssh" / "id_ed25519")  # authorized, but not configured
+    config = tmp_path / "ssh_config"
+    config.write_text(f"Host *\n  IdentityFile {tmp_path}/.ssh/id_missing\n")
+    inventory = Inventory([fleet.server("srv-1", key_path=None)])
+    executor = local_executor(inventory, ssh_options=_options(ssh_config=config, agent=False))
+    assert executor.pool.resolve(inventory["srv-1"]).key_files == ()
+    result = executor.run(ECHO, servers="srv-1")
+    assert result["srv-1"].error_kind == "auth", result.summary.to_string()
+    assert "tried no key" in result["srv-1"].error
