@@ -152,6 +152,25 @@ def test_a_key_only_in_ssh_agent_runs_an_event(
     assert off[server.name].error_kind == "auth" and "tried no key" in off[server.name].error
 
 
+def test_the_agent_is_forwarded_only_to_a_server_that_asks_for_it(
+    hidden_fleet: Fleet, executor_factory, ssh_agent: str, monkeypatch
+) -> None:
+    """Behind the bastion too: the server with ``forward_agent: true`` sees the agent's key
+    (``ssh-add -l`` there), the other has no agent socket at all."""
+    env = {**os.environ, "SSH_AUTH_SOCK": ssh_agent}
+    subprocess.run(["ssh-add", "-q", str(hidden_fleet.key_path)], env=env, check=True, capture_output=True)
+    fingerprint = subprocess.run(["ssh-add", "-l"], env=env, check=True, capture_output=True, text=True).stdout
+    monkeypatch.setenv("SSH_AUTH_SOCK", ssh_agent)
+    servers = {s.name: s for s in hidden_fleet.inventory}
+    servers["hidden-arm64-1"] = replace(servers["hidden-arm64-1"], forward_agent=True)
+    executor = executor_factory(Inventory(list(servers.values())), ssh_options=_options(agent=True))
+    event = Event(name="agent", script='cronium.output "${SSH_AUTH_SOCK:+$(ssh-add -l)}"', timeout=120)
+    result = executor.run(event, servers=hidden_fleet.names)
+    assert result.status == Status.SUCCESS, result.summary.to_string()
+    assert result.outputs["hidden-arm64-1"] == fingerprint.strip()
+    assert result.outputs["hidden-amd64-1"] == ""
+
+
 @pytest.mark.parametrize("arch", ARCHES)
 def test_a_passphrase_protected_key_works_with_its_passphrase_and_fails_clearly_without(
     cronium_fleet: Fleet, executor_factory, tmp_path: Path, monkeypatch, arch: str
