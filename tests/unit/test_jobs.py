@@ -9,6 +9,7 @@ import concurrent.futures
 import pytest
 
 from cronium_nb import Callbacks, Event, Job, Status
+from tests.runner_harness import submit_and_wait_for_output
 
 
 @pytest.mark.timeout(60)  # a hang is the bug
@@ -67,12 +68,7 @@ def test_a_job_is_a_future(local_servers, local_executor) -> None:
 def test_cancel_gives_the_cancelled_result(local_servers, local_executor) -> None:
     fleet = local_servers(1)
     executor = local_executor(fleet.inventory)
-    started = concurrent.futures.Future()
-    job = executor.submit(
-        Event(name="to-cancel", script="echo running; sleep 600"),
-        callbacks=Callbacks(on_line=lambda *line: started.done() or started.set_result(True)),
-    )
-    started.result(timeout=30)
+    job = submit_and_wait_for_output(executor, Event(name="to-cancel", script="echo running; sleep 600"))
     assert job.cancel() is True
     result = job.result(timeout=30)
     assert result.status == Status.CANCELLED and not job.cancelled()  # completed, with the result
@@ -99,12 +95,7 @@ def test_a_cancel_at_once_is_recorded(local_servers, local_executor) -> None:
 def test_cancelling_twice_still_records_the_cancelled_result(local_servers, local_executor) -> None:
     fleet = local_servers(2)
     executor = local_executor(fleet.inventory)
-    started = concurrent.futures.Future()
-    job = executor.submit(
-        Event(name="cancel-twice", script="echo running; sleep 600"),
-        callbacks=Callbacks(on_line=lambda *line: started.done() or started.set_result(True)),
-    )
-    started.result(timeout=30)
+    job = submit_and_wait_for_output(executor, Event(name="cancel-twice", script="echo running; sleep 600"))
     job.cancel()
     job.cancel()
     result = job.result(timeout=30)
@@ -134,12 +125,7 @@ def test_a_cancelled_run_async_is_recorded(local_servers, local_executor) -> Non
 def test_close_cancels_what_runs_and_records_it(local_servers, local_executor) -> None:
     fleet = local_servers(1)
     executor = local_executor(fleet.inventory)
-    started = concurrent.futures.Future()
-    job = executor.submit(
-        Event(name="closed-under-it", script="echo running; sleep 600"),
-        callbacks=Callbacks(on_line=lambda *line: started.done() or started.set_result(True)),
-    )
-    started.result(timeout=30)
+    job = submit_and_wait_for_output(executor, Event(name="closed-under-it", script="echo running; sleep 600"))
     executor.close()
     result = job.result(timeout=5)  # close() waited for it
     assert result.status == Status.CANCELLED and result[fleet.names[0]].error_kind == "cancelled"
