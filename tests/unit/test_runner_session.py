@@ -66,6 +66,24 @@ def _with_connection(scenario: Callable[[asyncssh.SSHClientConnection, Path], Aw
         shutil.rmtree(directory, ignore_errors=True)
 
 
+async def _daemon_session_error(
+    connection: asyncssh.SSHClientConnection,
+    directory: Path,
+    daemon: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+) -> str:
+    """Open a runner daemon session to a fake daemon served by ``daemon``: the message of the
+    RunnerUnavailable it must end in."""
+    socket_path = directory / "daemon.sock"
+    listener = await asyncio.start_unix_server(daemon, str(socket_path))
+    try:
+        with pytest.raises(RunnerUnavailable) as caught:
+            await RunnerSession.connect(connection, str(socket_path), "cronium-runner-test")
+    finally:
+        listener.close()
+        await listener.wait_closed()
+    return str(caught.value)
+
+
 @pytest.mark.parametrize("reply", [b"", b"this is not a runner frame\n"], ids=["closes", "garbage"])
 def test_a_daemon_session_without_hello_is_runner_unavailable(reply: bytes) -> None:
     """The daemon accepts the connection and closes it (or answers nonsense) without a hello:
@@ -78,15 +96,7 @@ def test_a_daemon_session_without_hello_is_runner_unavailable(reply: bytes) -> N
             await writer.drain()
             writer.close()
 
-        socket_path = directory / "daemon.sock"
-        listener = await asyncio.start_unix_server(daemon, str(socket_path))
-        try:
-            with pytest.raises(RunnerUnavailable) as caught:
-                await RunnerSession.connect(connection, str(socket_path), "cronium-runner-test")
-        finally:
-            listener.close()
-            await listener.wait_closed()
-        return str(caught.value)
+        return await _daemon_session_error(connection, directory, daemon)
 
     message = _with_connection(scenario)
     assert message.startswith("the runner daemon's session ended before its hello: ")
@@ -112,21 +122,10 @@ def test_a_daemon_that_accepts_and_stays_silent_is_given_up(monkeypatch: pytest.
     monkeypatch.setattr("cronium_nb.ssh.remote_run.HELLO_TIMEOUT_S", 0.5)
 
     async def scenario(connection: asyncssh.SSHClientConnection, directory: Path) -> str:
-        silent = asyncio.Event()
-
         async def daemon(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await silent.wait()  # never set: the connection is held and nothing is said
+            await reader.read()  # holds the connection and says nothing, until the client leaves
             writer.close()
 
-        socket_path = directory / "daemon.sock"
-        listener = await asyncio.start_unix_server(daemon, str(socket_path))
-        try:
-            with pytest.raises(RunnerUnavailable) as caught:
-                await RunnerSession.connect(connection, str(socket_path), "cronium-runner-test")
-        finally:
-            silent.set()
-            listener.close()
-            await listener.wait_closed()
-        return str(caught.value)
+        return await _daemon_session_error(connection, directory, daemon)
 
     assert _with_connection(scenario) == "no hello from the runner within 0.5 s"
