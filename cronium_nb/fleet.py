@@ -263,6 +263,23 @@ class Fleet:
             return files, f"{kind} {blob}"
 
         known_hosts_lines = []
+
+        def add_member(
+            name: str, arch: str, container_id: str, public: str, host: str, port: int, jump: str | None = None
+        ) -> None:
+            """A started container as a fleet member, its host key pinned as the client will see it."""
+            server = Server(
+                name=name,
+                host=host,
+                port=port,
+                user=user,
+                key_path=str(self.key_path),
+                known_hosts=str(self.known_hosts),
+                jump=jump,
+            )
+            self._members[name] = FleetMember(server, arch, variant, container_id, behind_bastion=jump is not None)
+            known_hosts_lines.append(f"{host if port == 22 else f'[{host}]:{port}'} {public}\n")
+
         bastion: str | None = None
         if behind_bastion:
             self.network, edge = self._create_networks()
@@ -272,16 +289,7 @@ class Fleet:
                 bastion, "amd64", variant, sshd_args({**sshd_options, **BASTION_SSHD_OPTIONS}), files, {}, network=edge
             )
             assert port is not None
-            server = Server(
-                name=bastion,
-                host="127.0.0.1",
-                port=port,
-                user=user,
-                key_path=str(self.key_path),
-                known_hosts=str(self.known_hosts),
-            )
-            self._members[bastion] = FleetMember(server, "amd64", variant, container.id)
-            known_hosts_lines.append(f"[127.0.0.1]:{port} {public}\n")
+            add_member(bastion, "amd64", container.id, public, "127.0.0.1", port)
         for arch, count in counts.items():
             for index in range(1, count + 1):
                 name = f"{prefix}{arch}-{index}"
@@ -290,27 +298,9 @@ class Fleet:
                     name, arch, variant, sshd_args(sshd_options), files, tmpfs, internal=self.network
                 )
                 if port is None:  # behind the bastion: its name on the internal network, port 22
-                    server = Server(
-                        name=name,
-                        host=name,
-                        port=22,
-                        user=user,
-                        key_path=str(self.key_path),
-                        known_hosts=str(self.known_hosts),
-                        jump=bastion,
-                    )
-                    known_hosts_lines.append(f"{name} {public}\n")
+                    add_member(name, arch, container.id, public, name, 22, jump=bastion)
                 else:
-                    server = Server(
-                        name=name,
-                        host="127.0.0.1",
-                        port=port,
-                        user=user,
-                        key_path=str(self.key_path),
-                        known_hosts=str(self.known_hosts),
-                    )
-                    known_hosts_lines.append(f"[127.0.0.1]:{port} {public}\n")
-                self._members[name] = FleetMember(server, arch, variant, container.id, behind_bastion=port is None)
+                    add_member(name, arch, container.id, public, "127.0.0.1", port)
         self.known_hosts.write_text("".join(known_hosts_lines))
         with ThreadPoolExecutor(max_workers=max(1, len(self._members))) as pool:
             list(pool.map(lambda name: self.wait_ready(name, ready_timeout), self._members))
