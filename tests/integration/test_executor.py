@@ -14,29 +14,13 @@ import asyncssh
 import pytest
 
 import cronium_nb as cn
-from cronium_nb import Event, Executor, Fleet, SSHOptions, Status
+from cronium_nb import Event, Fleet, SSHOptions, Status
 from cronium_nb.executor import Callbacks
 from cronium_nb.model import Server
 from cronium_nb.resources import runner_dist
 from tests.runner_harness import leftover_processes, processes_matching, submit_and_wait_for_output, wait_for
 
 pytestmark = pytest.mark.fleet
-FAST_BACKOFF = (0.2, 0.2, 0.2)
-
-
-@pytest.fixture
-def executor_factory(tmp_path: Path):
-    made: list[Executor] = []
-
-    def make(inventory: cn.Inventory, **options) -> Executor:
-        options.setdefault("deploy_backoff", FAST_BACKOFF)
-        executor = Executor(inventory, state_dir=tmp_path / f"state{len(made)}", **options)
-        made.append(executor)
-        return executor
-
-    yield make
-    for executor in made:
-        executor.close()
 
 
 def test_first_run_deploys_then_the_cache_is_used(cronium_fleet: Fleet, executor_factory) -> None:

@@ -45,19 +45,14 @@ def _options(**changes) -> SSHOptions:
 
 
 @pytest.fixture
-def executor_factory(tmp_path: Path) -> Iterator:
-    made: list[Executor] = []
+def executor_factory(executor_factory):
+    """The shared factory, with this module's SSH options unless a test gives its own."""
 
     def make(inventory: Inventory, **options) -> Executor:
         options.setdefault("ssh_options", _options())
-        options.setdefault("deploy_backoff", (0.2, 0.2, 0.2))
-        executor = Executor(inventory, state_dir=tmp_path / f"state{len(made)}", **options)
-        made.append(executor)
-        return executor
+        return executor_factory(inventory, **options)
 
-    yield make
-    for executor in made:
-        executor.close()
+    return make
 
 
 @pytest.fixture(scope="module")
