@@ -1,4 +1,4 @@
-"""Write 1,000,000 log lines through LogBuffer and read them back as a DataFrame.
+"""Write 1,000,000 log lines (two servers, one line per read) through LogBuffer and read them back as a DataFrame.
 
 Usage: python benchmarks/store_logs.py [LINES]
 Prints write time, read time and the process's peak RSS (this runs in its own process, so the
@@ -20,8 +20,11 @@ def main(lines: int = 1_000_000) -> None:
         store.start_execution("bench", "bench", ["a", "b"])
         started = time.perf_counter()
         buffer = LogBuffer(store, batch_size=10_000)
-        for seq in range(lines):
-            buffer.add("bench", "ab"[seq % 2], seq, 1.7e9 + seq / 1000, "stdout", f"line {seq:07d} of the benchmark")
+        for number in range(lines):  # two servers' lines interleaved, 1 ms apart, each one a read
+            seq = number // 2 + 1
+            buffer.add(
+                "bench", "ab"[number % 2], seq, 1.7e9 + number / 1000, "stdout", f"line {seq:07d} of the benchmark"
+            )
         buffer.flush()
         written = time.perf_counter() - started
         started = time.perf_counter()

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import pandas as pd
 
 from cronium_nb.errors import CroniumError
@@ -439,16 +440,12 @@ class Store:
         where, params = "execution_id = ?", [execution_id]
         if server is not None:
             where, params = where + " AND server = ?", [*params, server]
-        chunks = self._frame(
-            f"SELECT server, first_seq, ts, stream, lines FROM log_chunks WHERE {where} ORDER BY server, first_seq",
-            params,
-        )
-        frame = chunks.assign(line=chunks["lines"].str.split("\n")).explode("line")
-        offset = frame.groupby(level=0).cumcount()
-        frame = frame.assign(seq=frame["first_seq"] + offset)[["server", "seq", "ts", "stream", "line"]]
-        frame = frame.reset_index(drop=True).astype({"seq": "int64", "line": object})
-        frame["ts"] = pd.to_datetime(frame["ts"], unit="s", utc=True)
-        return frame
+        with self._lock:
+            chunks = self._connection.execute(
+                f"SELECT server, first_seq, ts, stream, lines FROM log_chunks WHERE {where} ORDER BY server, first_seq",
+                params,
+            ).fetchall()
+        return _explode_chunks(chunks)
 
     # -- tool calls
 
@@ -534,11 +531,64 @@ class LogChunk(NamedTuple):
     lines: str
 
 
+@dataclass
+class _PendingChunk:
+    """A chunk in a :class:`LogBuffer`, still open to the lines that continue it."""
+
+    execution_id: str
+    server: str
+    first_seq: int
+    line_count: int
+    ts: float
+    stream: str
+    texts: list[str]
+
+    @property
+    def next_seq(self) -> int:
+        return self.first_seq + self.line_count
+
+    def joined(self) -> LogChunk:
+        return LogChunk(self.execution_id, self.server, self.first_seq, self.line_count, self.ts, self.stream,
+                        "\n".join(self.texts))  # fmt: skip
+
+
+def _explode_chunks(rows: list[tuple[str, int, float, str, str]]) -> pd.DataFrame:
+    """One row per line from stored chunks (server, first_seq, ts, stream, lines), built column
+    by column: each chunk's fields repeated by its line count, the texts split once for all."""
+    texts = [row[4] for row in rows]
+    counts = np.fromiter((text.count("\n") + 1 for text in texts), dtype=np.int64, count=len(rows))
+    first_row = np.cumsum(counts) - counts
+    first_seqs = np.fromiter((row[1] for row in rows), dtype=np.int64, count=len(rows))
+    stamps_ns = np.fromiter((round(row[2] * 1e9) for row in rows), dtype=np.int64, count=len(rows))
+
+    def repeated(field: int) -> np.ndarray:
+        return np.repeat(np.array([row[field] for row in rows], dtype=object), counts)
+
+    return pd.DataFrame(
+        {
+            "server": repeated(0),
+            "seq": np.repeat(first_seqs - first_row, counts) + np.arange(counts.sum(), dtype=np.int64),
+            "ts": pd.to_datetime(np.repeat(stamps_ns, counts), utc=True),
+            "stream": repeated(3),
+            "line": np.array("\n".join(texts).split("\n") if rows else [], dtype=object),
+        }
+    )
+
+
 class LogBuffer:
     """Collects log chunks and writes them in batches (never a transaction per line or chunk):
-    when ``batch_size`` chunks or ``batch_bytes`` of text are waiting, or on :meth:`flush`.
+    when ``batch_size`` chunks have been added or ``batch_bytes`` of text are waiting, or on
+    :meth:`flush`.
     ``write`` writes one batch (default: ``store.append_log_chunks``; the executor queues it on
-    its store thread instead)."""
+    its store thread instead).
+
+    A chunk that continues the waiting chunk of its server and stream (the next seq) and arrived
+    within ``COALESCE_S`` of its start is joined to it: a script that prints fast reaches us in
+    many small reads, and a stored row per read made reading 2 million lines back take seconds.
+    The joined lines keep the first read's ts, so a line's ts is when it arrived, within
+    ``COALESCE_S``."""
+
+    COALESCE_S = 0.05
 
     def __init__(
         self,
@@ -551,7 +601,9 @@ class LogBuffer:
         self._write = write or store.append_log_chunks
         self._batch_size = batch_size
         self._batch_bytes = batch_bytes
-        self._chunks: list[LogChunk] = []
+        self._chunks: list[_PendingChunk] = []
+        self._open: dict[tuple[str, str, str], _PendingChunk] = {}  # (execution, server, stream)
+        self._added = 0  # chunks added since the last flush, joined ones too
         self._bytes = 0
         self._lock = threading.Lock()
 
@@ -560,16 +612,27 @@ class LogBuffer:
         self.add_chunk(LogChunk(execution_id, server, seq, 1, ts, stream, line))
 
     def add_chunk(self, chunk: LogChunk) -> None:
+        key = (chunk.execution_id, chunk.server, chunk.stream)
         with self._lock:
-            self._chunks.append(chunk)
+            waiting = self._open.get(key)
+            if waiting is not None and waiting.next_seq == chunk.first_seq and chunk.ts - waiting.ts <= self.COALESCE_S:
+                waiting.texts.append(chunk.lines)
+                waiting.line_count += chunk.line_count
+            else:
+                waiting = _PendingChunk(chunk.execution_id, chunk.server, chunk.first_seq, chunk.line_count,
+                                        chunk.ts, chunk.stream, [chunk.lines])  # fmt: skip
+                self._chunks.append(waiting)
+                self._open[key] = waiting
+            self._added += 1
             self._bytes += len(chunk.lines)
-            full = len(self._chunks) >= self._batch_size or self._bytes >= self._batch_bytes
+            full = self._added >= self._batch_size or self._bytes >= self._batch_bytes
         if full:
             self.flush()
 
     def flush(self) -> None:
         with self._lock:
-            chunks, self._chunks = self._chunks, []
-            self._bytes = 0
-        if chunks:
-            self._write(chunks)
+            pending, self._chunks = self._chunks, []
+            self._open.clear()
+            self._added = self._bytes = 0
+        if pending:
+            self._write([chunk.joined() for chunk in pending])

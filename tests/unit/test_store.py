@@ -179,6 +179,31 @@ def test_log_chunks_read_back_as_lines(tmp_path: Path) -> None:
     assert only_b["line"].tolist() == ["b one", "b two"]
 
 
+def test_reads_that_continue_a_stream_within_moments_are_stored_as_one_chunk(tmp_path: Path) -> None:
+    written: list[list[LogChunk]] = []
+    with Store(tmp_path) as store:
+        store.start_execution("joined", "e", ["a", "b"])
+        buffer = LogBuffer(store, write=lambda chunks: (written.append(list(chunks)), store.append_log_chunks(chunks)))
+        buffer.add_chunk(LogChunk("joined", "a", 1, 2, 10.00, "stdout", "one\ntwo"))
+        buffer.add_chunk(LogChunk("joined", "b", 1, 1, 10.01, "stdout", "b one"))  # another server between
+        buffer.add_chunk(LogChunk("joined", "a", 3, 1, 10.02, "stdout", "three"))  # continues a's: joined
+        buffer.add_chunk(LogChunk("joined", "a", 4, 1, 10.03, "stderr", "err"))  # another stream
+        buffer.add_chunk(LogChunk("joined", "a", 5, 1, 10.04, "stdout", "five"))  # seq 4 went to stderr
+        buffer.add_chunk(LogChunk("joined", "a", 6, 1, 10.50, "stdout", "six"))  # too late to join five
+        buffer.flush()
+        frame = store.logs("joined", "a")
+    assert [(c.server, c.first_seq, c.line_count, c.stream, c.lines) for c in written[0]] == [
+        ("a", 1, 3, "stdout", "one\ntwo\nthree"),
+        ("b", 1, 1, "stdout", "b one"),
+        ("a", 4, 1, "stderr", "err"),
+        ("a", 5, 1, "stdout", "five"),
+        ("a", 6, 1, "stdout", "six"),
+    ]
+    assert frame["line"].tolist() == ["one", "two", "three", "err", "five", "six"]
+    assert frame["seq"].tolist() == [1, 2, 3, 4, 5, 6]
+    assert [round(ts.timestamp(), 2) for ts in frame["ts"]] == [10.0, 10.0, 10.0, 10.03, 10.04, 10.5]
+
+
 def test_host_facts_are_remembered_per_address(tmp_path: Path) -> None:
     with Store(tmp_path) as store:
         assert store.host_facts("root@127.0.0.1:2222") is None
