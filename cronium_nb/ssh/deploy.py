@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import functools
 import gzip
+import hashlib
 import json
 import re
 import shlex
@@ -127,7 +128,12 @@ class RunnerBuild:
 
 @functools.lru_cache(maxsize=8)
 def _compressed(path: Path, sha256: str) -> bytes:
-    return gzip.compress(path.read_bytes(), compresslevel=6, mtime=0)
+    """The build compressed, once its bytes are checked against ``sha256``: the server checks
+    only gzip's CRC of what it unpacks, so the checksum that names the build is checked here."""
+    binary = path.read_bytes()
+    if hashlib.sha256(binary).hexdigest() != sha256:
+        raise OSError(f"{path} changed since its checksum was taken (rebuild with `make runner`)")
+    return gzip.compress(binary, compresslevel=6, mtime=0)
 
 
 class RunnerBuilds:
@@ -224,8 +230,11 @@ INSTALL_SCRIPT = (
     "done\n"
     'tmp=$(mktemp -d "$runner_root/.partial-XXXXXX") || exit 6\n'
     "trap 'rm -rf \"$tmp\"' EXIT\n"
-    'gzip -dc > "$tmp/cronium-runner" || exit 6\n'
-    'hash_ok "$tmp" "@SHA256@" || exit 5\n'
+    # gzip checks the CRC-32 and length of what it wrote: the binary is the one that was sent
+    # (whose SHA-256 the orchestrator checked when it compressed it), without a second read.
+    'if ! out=$(gzip -dc 2>&1 > "$tmp/cronium-runner"); then\n'
+    '  echo "the upload did not arrive intact:$(printf %s "$out" | tr -s "\\n" " ")" >&2; exit 5\n'
+    "fi\n"
     'chmod 700 "$tmp/cronium-runner" || exit 6\n'
     'if ! out=$("$tmp/cronium-runner" version 2>&1); then\n'
     '  echo "the runner cannot run on this server ($(uname -m), kernel $(uname -r)): $out" >&2; exit 7\n'
