@@ -1,8 +1,9 @@
 """cronium_nb against its peers, on one local fleet, in one run: ``make bench``.
 
-B1 warm single-server latency, B2 fan-out, B3 cold deployment, B4 streaming, B5 where the time
-goes. Every sample is checked (all servers answered, every line arrived); the medians, the
-machine, the tool versions and the command go to ``benchmarks/RESULTS.md``, the raw samples to
+B1 warm single-server latency, B2 fan-out, B3 cold deployment, B4 streaming (and reading the
+2 million lines back), B5 where the time goes, B6 scale to 100 servers. Every sample is checked
+(all servers answered, every line arrived); the medians, the targets met or not, the machine,
+the tool versions and the command go to ``benchmarks/RESULTS.md``, the raw samples to
 ``benchmarks/results/samples.csv`` and the plots to ``benchmarks/results/*.png``.
 
 Usage: python benchmarks/bench.py [--quick] [--only B1,B2,...]
@@ -55,12 +56,14 @@ class Plan:
     deploy_runs: int = 3
     stream_runs: int = 3
     profile_runs: int = 10
-    only: set[str] = field(default_factory=lambda: {"B1", "B2", "B3", "B4", "B5"})
+    scale_sizes: Sequence[int] = (20, 50, 100)
+    scale_runs: int = 5
+    only: set[str] = field(default_factory=lambda: {"B1", "B2", "B3", "B4", "B5", "B6"})
 
     @classmethod
     def quick(cls) -> Plan:
         return cls(latency_runs=5, fanout_sizes=(1, 5), fanout_runs=2, ansible_runs=1, deploy_sizes=(1,),
-                   deploy_runs=1, stream_runs=1, profile_runs=2)  # fmt: skip
+                   deploy_runs=1, stream_runs=1, profile_runs=2, scale_sizes=(5, 10), scale_runs=1)  # fmt: skip
 
 
 def timed(action: Callable[[], object], runs: int, prepare: Callable[[], object] | None = None) -> list[float]:
@@ -201,11 +204,12 @@ def bench_deploy(report: Report, fleet: Fleet, state: Path, plan: Plan) -> None:
 # --- B4 ---------------------------------------------------------------------------------------
 
 
-def _peak_rss_mb() -> float:
+def _status_mb(field: str = "VmHWM") -> float:
+    """A memory figure of this process from /proc/self/status (VmHWM: peak RSS; VmRSS: now)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 async def _stream_raw(server: Server) -> int:
@@ -221,7 +225,7 @@ async def _stream_raw(server: Server) -> int:
         return lines
 
 
-def _stream_ours(server: Server, state: str) -> tuple[int, float]:
+def _stream_ours(server: Server, state: str) -> tuple[int, float, float]:
     event = Event(name="bench-stream", script=STREAM_COMMAND, type="sh", timeout=600)
     with Executor(state_dir=state) as executor:
         check(executor.run(event, [server]), [server])  # deploy first: B4 measures streaming
@@ -232,26 +236,32 @@ def _stream_ours(server: Server, state: str) -> tuple[int, float]:
         stored = executor.store._query(
             "SELECT SUM(line_count) FROM log_chunks WHERE execution_id = ?", (result.execution_id,)
         )[0][0]  # fmt: skip
-        return stored, elapsed
+        started = time.perf_counter()
+        logs = result.logs
+        read_back = time.perf_counter() - started
+        if len(logs) != stored:
+            raise RuntimeError(f"res.logs gave {len(logs)} of {stored} stored lines")
+        return stored, elapsed, read_back
 
 
 def stream_child(tool: str, server_json: str, state: str) -> None:
     """One B4 measurement in its own process, so that its peak RSS is its own."""
     server = Server(**json.loads(server_json))
     started = time.perf_counter()
+    read_back = None
     if tool == "raw":
         lines = asyncio.run(_stream_raw(server))
         elapsed = time.perf_counter() - started
     else:
-        lines, elapsed = _stream_ours(server, state)
-    print(json.dumps({"lines": lines, "seconds": elapsed, "peak_rss_mb": _peak_rss_mb()}))
+        lines, elapsed, read_back = _stream_ours(server, state)
+    print(json.dumps({"lines": lines, "seconds": elapsed, "peak_rss_mb": _status_mb(), "read_back_s": read_back}))
 
 
 def bench_streaming(report: Report, fleet: Fleet, state: Path, plan: Plan) -> None:
     server = fleet.servers[0]
     megabytes = STREAM_LINES * (len(STREAM_LINE) + 1) / 1e6
     for tool, label in (("raw", "asyncssh read(65536), open connection"), ("ours", "cronium_nb (stored, lines)")):
-        seconds, rss = [], []
+        seconds, rss, read_back = [], [], []
         for _ in range(plan.stream_runs):
             child = subprocess.run(
                 [sys.executable, __file__, "--stream-child", tool, json.dumps(server.__dict__), str(state)],
@@ -264,8 +274,59 @@ def bench_streaming(report: Report, fleet: Fleet, state: Path, plan: Plan) -> No
                 raise RuntimeError(f"{label}: {measured['lines']} of {STREAM_LINES} lines arrived")
             seconds.append(measured["seconds"])
             rss.append(measured["peak_rss_mb"])
-        report.add("B4", label, 1, seconds, extra={"mb_per_s": megabytes / statistics.median(seconds),
-                                                  "peak_rss_mb": max(rss)})  # fmt: skip
+            if measured["read_back_s"] is not None:
+                read_back.append(measured["read_back_s"])
+        extra = {"mb_per_s": megabytes / statistics.median(seconds), "peak_rss_mb": max(rss)}
+        if read_back:
+            extra["logs_read_s"] = statistics.median(read_back)
+        report.add("B4", label, 1, seconds, extra=extra)
+
+
+# --- B6 ---------------------------------------------------------------------------------------
+
+
+def scale_child(servers_json: str, state: str, runs: str) -> None:
+    """One B6 size in its own process: cold fan-outs (a new executor each, runner cached), then
+    warm ones on one executor; the orchestrator's CPU per server and its resident memory with
+    every connection open."""
+    servers = [Server(**data) for data in json.loads(servers_json)]
+    event = Event(name="bench-fanout", script=FANOUT_COMMAND, type="sh")
+    with Executor(state_dir=state) as executor:  # deploy where needed, untimed
+        check(executor.run(event, servers), servers)
+    cpu = lambda: time.process_time()  # noqa: E731 - all threads of this process
+
+    def cold() -> None:
+        with Executor(state_dir=state) as executor:
+            check(executor.run(event, servers), servers)
+
+    cpu_before = cpu()
+    cold_samples = timed(cold, int(runs))
+    cold_cpu = (cpu() - cpu_before) / int(runs)
+    with Executor(state_dir=state) as executor:
+        check(executor.run(event, servers), servers)
+        cpu_before = cpu()
+        warm_samples = timed(lambda: check(executor.run(event, servers), servers), int(runs))
+        warm_cpu = (cpu() - cpu_before) / int(runs)
+        rss_mb = _status_mb("VmRSS")
+    print(json.dumps({"cold": cold_samples, "warm": warm_samples, "cold_cpu_s": cold_cpu, "warm_cpu_s": warm_cpu,
+                      "rss_mb": rss_mb}))  # fmt: skip
+
+
+def bench_scale(report: Report, fleet: Fleet, state: Path, plan: Plan) -> None:
+    for n in plan.scale_sizes:
+        servers = fleet.servers[:n]
+        child = subprocess.run(
+            [sys.executable, __file__, "--scale-child", json.dumps([s.__dict__ for s in servers]), str(state),
+             str(plan.scale_runs)], capture_output=True, text=True, timeout=1800,
+        )  # fmt: skip
+        if child.returncode != 0:
+            raise RuntimeError(f"B6 at {n} servers: the measuring process failed:\n{child.stderr[-2000:]}")
+        measured = json.loads(child.stdout.strip().splitlines()[-1])
+        extra = {"rss_mb": measured["rss_mb"]}
+        report.add("B6", "cronium_nb, cold connections (runner cached)", n, measured["cold"],
+                   extra={**extra, "cpu_ms_per_server": measured["cold_cpu_s"] * 1000 / n})  # fmt: skip
+        report.add("B6", "cronium_nb, warm connections", n, measured["warm"],
+                   extra={**extra, "cpu_ms_per_server": measured["warm_cpu_s"] * 1000 / n})  # fmt: skip
 
 
 # --- profile ----------------------------------------------------------------------------------
@@ -306,10 +367,11 @@ def profile_cold_fanout(report: Report, fleet: Fleet, state: Path, n: int, runs:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few samples: a smoke run, not for RESULTS.md")
-    parser.add_argument("--only", help="comma-separated subset of B1,B2,B3,B4 (B5 comes with B1 and B2)")
+    parser.add_argument("--only", help="comma-separated subset of B1,B2,B3,B4,B5,B6")
     parser.add_argument("--out", type=Path, default=HERE, help="where RESULTS.md and results/ go")
     parser.add_argument("--stream-child", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--profile-child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--scale-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.stream_child:
         stream_child(*args.stream_child)
@@ -317,19 +379,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.profile_child:
         profile_child(*args.profile_child)
         return
+    if args.scale_child:
+        scale_child(*args.scale_child)
+        return
     from report import Report
 
     plan = Plan.quick() if args.quick else Plan()
     if args.only:
         plan.only = {part.strip().upper() for part in args.only.split(",")}
-    servers_needed = max([*plan.fanout_sizes, *plan.deploy_sizes])
+    servers_needed = max([*plan.fanout_sizes, *plan.deploy_sizes, *(plan.scale_sizes if "B6" in plan.only else ())])
     command = "make bench" + (f" BENCH_ARGS='{' '.join(argv or sys.argv[1:])}'" if (argv or sys.argv[1:]) else "")
     report = Report(command=command, quick=args.quick)
     started = time.monotonic()
     print(f"bench: starting {servers_needed} amd64 sshd containers", flush=True)
     with Fleet.up(amd64=servers_needed, arm64=0) as fleet, tempfile.TemporaryDirectory() as state:
         for name, bench in (("B1", bench_latency), ("B2", bench_fanout), ("B3", bench_deploy),
-                            ("B4", bench_streaming)):  # fmt: skip
+                            ("B4", bench_streaming), ("B6", bench_scale)):  # fmt: skip
             if name in plan.only:
                 print(f"bench: {name}", flush=True)
                 bench(report, fleet, Path(state), plan)
