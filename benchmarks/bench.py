@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import asyncssh
 
 from cronium_nb import Event, Executor, Fleet, Server
+from cronium_nb.ssh.options import PREFERRED_CIPHERS  # the floors use the ciphers we use
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers import AnsibleAdHoc, FabricGroup, ParallelSsh
@@ -91,7 +92,7 @@ def _connect(server: Server, loop: asyncio.AbstractEventLoop) -> asyncssh.SSHCli
     return loop.run_until_complete(
         asyncssh.connect(
             server.host, port=server.port, username=server.user,
-            client_keys=[server.key_path], known_hosts=server.known_hosts,
+            client_keys=[server.key_path], known_hosts=server.known_hosts, encryption_algs=list(PREFERRED_CIPHERS),
         )
     )  # fmt: skip
 
@@ -215,7 +216,7 @@ def _status_mb(field: str = "VmHWM") -> float:
 async def _stream_raw(server: Server) -> int:
     async with asyncssh.connect(
         server.host, port=server.port, username=server.user,
-        client_keys=[server.key_path], known_hosts=server.known_hosts,
+        client_keys=[server.key_path], known_hosts=server.known_hosts, encryption_algs=list(PREFERRED_CIPHERS),
     ) as connection:  # fmt: skip
         process = await connection.create_process(STREAM_COMMAND, encoding=None)
         lines = 0

@@ -10,6 +10,17 @@ HOST_KEY_POLICIES = ("strict", "accept-new", "off")
 # SSHOptions.ssh_config's default: this file when it exists (as OpenSSH reads it); None: no file.
 DEFAULT_SSH_CONFIG = "~/.ssh/config"
 PassphraseSource = str | Callable[[str], str] | None
+# AES-GCM first: with AES-NI, asyncssh decrypts it with ~40% less CPU per byte than
+# ChaCha20-Poly1305 (its default first choice; 100 MB of output: 0.42 against 0.75 s of CPU
+# here), and sshd encrypts it cheaper too. All are OpenSSH's defaults, none weaker.
+PREFERRED_CIPHERS = (
+    "aes128-gcm@openssh.com",
+    "aes256-gcm@openssh.com",
+    "chacha20-poly1305@openssh.com",
+    "aes256-ctr",
+    "aes192-ctr",
+    "aes128-ctr",
+)
 
 
 @dataclass(frozen=True)
@@ -41,6 +52,9 @@ class SSHOptions:
     repeated), and never past the event's timeout; a refused key or a host key that does not
     match is never retried.
 
+    ``ciphers``: the encryption algorithms offered, in order of preference (the server picks the
+    first it also has).
+
     Keepalives: a link that stops answering is declared dead after about
     ``keepalive_interval * keepalive_count_max`` seconds (30 s by default).
     """
@@ -65,6 +79,7 @@ class SSHOptions:
     passphrase: PassphraseSource = field(default=None, repr=False, compare=False)
     connect_attempts: int = 4
     connect_backoff: tuple[float, ...] = (1.0, 2.0, 4.0)
+    ciphers: tuple[str, ...] = PREFERRED_CIPHERS
 
     def __post_init__(self) -> None:
         if self.host_key_policy not in HOST_KEY_POLICIES:
@@ -78,6 +93,8 @@ class SSHOptions:
         for name in ("connect_timeout", "keepalive_interval", "idle_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if not self.ciphers:
+            raise ValueError("ciphers must name at least one encryption algorithm")
         if self.runner_daemon_idle_timeout < 0:
             raise ValueError("runner_daemon_idle_timeout must be 0 (no daemon) or positive")
         backoff = tuple(self.connect_backoff)

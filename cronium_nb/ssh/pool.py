@@ -107,6 +107,10 @@ class ConnectionPool:
         self.connects = 0
         self.connect_retries = 0
 
+    def connections(self) -> list[PooledConnection]:
+        """The connections open now (a snapshot)."""
+        return [pooled for pooled_list in self._connections.values() for pooled in pooled_list]
+
     def _count(self) -> int:
         return sum(len(c) for c in self._connections.values()) + sum(self._opening.values())
 
@@ -334,6 +338,7 @@ class ConnectionPool:
                     connect_timeout=target.connect_timeout,
                     keepalive_interval=options.keepalive_interval,
                     keepalive_count_max=options.keepalive_count_max,
+                    encryption_algs=list(options.ciphers),
                     **host_key_args,
                 )
             except asyncssh.HostKeyNotVerifiable as error:

@@ -445,3 +445,17 @@ def test_only_variables_a_run_changed_are_written_back(cronium_fleet: Fleet, exe
     frame = executor.store.variables("global").set_index("name")
     assert frame.loc["untouched", "updated_by"] == "the notebook"  # a given value is not rewritten
     assert frame.loc["touched", "updated_by"] == f"{result.execution_id}/amd64-1"
+
+
+def test_connections_prefer_aes_gcm_and_the_ciphers_are_an_option(cronium_fleet: Fleet, executor_factory) -> None:
+    event = Event(name="ciphers", script="echo hi")
+    for ciphers, expected in ((SSHOptions().ciphers, "aes128-gcm@openssh.com"),
+                              (("chacha20-poly1305@openssh.com",), "chacha20-poly1305@openssh.com")):  # fmt: skip
+        executor = executor_factory(cronium_fleet.inventory, ssh_options=SSHOptions(ciphers=ciphers))
+        assert executor.run(event).ok
+        connections = executor.pool.connections()
+        assert {pooled.target.port for pooled in connections} >= {s.port for s in cronium_fleet.servers}
+        assert {(p.connection.get_extra_info("send_cipher"), p.connection.get_extra_info("recv_cipher"))
+                for p in connections} == {(expected, expected)}  # fmt: skip
+    with pytest.raises(ValueError, match="ciphers must name"):
+        SSHOptions(ciphers=())
