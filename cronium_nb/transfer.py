@@ -328,8 +328,12 @@ class Transfers:
                             asyncssh.SFTPAttrs(permissions=0o600),
                             encoding=None,
                         )
-                    except asyncssh.SFTPError as error:
+                    except asyncssh.SFTPNoSuchFile:
                         temp = None  # not created: nothing of ours to remove
+                        directory = posixpath.dirname(dest) or "the home directory"
+                        raise TransferFailed(f"cannot write {dest}: no such directory {directory}") from None
+                    except asyncssh.SFTPError as error:
+                        temp = None
                         raise TransferFailed(f"cannot write {dest}: {error.reason}") from None
                     async with handle:
                         digest = await _upload(
