@@ -258,7 +258,7 @@ class Transfers:
                 task.cancel()
             await uninterrupted(asyncio.wait(tasks))
             uncancel()
-        return pd.DataFrame([row.as_dict() for row in rows], columns=list(COLUMNS))
+        return _frame(rows)
 
     async def _one(
         self,
@@ -403,6 +403,15 @@ class Transfers:
 
 
 # -- pieces
+
+
+def _frame(rows: list[_Row]) -> pd.DataFrame:
+    """The result table; text columns keep None (not NaN) where there is no value."""
+    records = [row.as_dict() for row in rows]
+    numeric = {"bytes": "int64", "duration_s": "float64"}
+    return pd.DataFrame(
+        {name: pd.Series([r[name] for r in records], dtype=numeric.get(name, object)) for name in COLUMNS}
+    )
 
 
 @dataclass(frozen=True)

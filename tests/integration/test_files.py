@@ -24,9 +24,9 @@ from cronium_nb.transfer import COLUMNS
 pytestmark = pytest.mark.fleet
 ARCHES = ["amd64", "arm64"]
 BIG = 50 * 1000 * 1000  # bytes
-CANARY = "/tmp/cronium-files-canary"
-# spaces, both quotes, non-ASCII, and shell syntax that must never run
-HOSTILE_DIR = f"/tmp/d ir 'q' \"dq\" ü 日本 $(touch {CANARY}-1)"
+CANARY = "cronium-files-canary"  # relative: a command run by a shell would create it in its cwd
+# spaces, both quotes, non-ASCII, and shell syntax that must never run (no '/' in the name)
+HOSTILE_DIR = f"/tmp/d ir 'q' \"dq\" ü 日本 $(touch /tmp/{CANARY}-1)"
 HOSTILE_NAME = f"f 'i' \"l\" é `touch {CANARY}-2`; touch {CANARY}-3 .txt"
 
 
@@ -87,6 +87,7 @@ def test_put_then_fetch_50_mb_same_sha256_on_every_server_and_back(
     assert set(put) == set(cronium_fleet.names)
     for name, row in put.items():
         assert (row["status"], row["error"], row["bytes"], row["sha256"]) == ("success", None, BIG, local_sha), row
+        assert isinstance(row["duration_s"], float)
         assert row["path"] == "/tmp/files-big.bin"
         assert remote_sha256(cronium_fleet, name, "/tmp/files-big.bin") == local_sha
         assert remote_stat(cronium_fleet, name, "/tmp/files-big.bin") == f"644 root {BIG}"  # the default mode
@@ -131,7 +132,7 @@ def test_paths_with_spaces_quotes_and_non_ascii_arrive_verbatim(
     assert Path(got["path"]) == tmp_path / "out" / server.name / HOSTILE_NAME
     assert Path(got["path"]).read_bytes() == local.read_bytes()
     assert temp_files(cronium_fleet, server.name, HOSTILE_DIR) == []
-    canaries = cronium_fleet.exec(server.name, ["sh", "-c", f"ls {CANARY}-* 2>/dev/null | wc -l"]).output
+    canaries = cronium_fleet.exec(server.name, ["sh", "-c", f'ls / /tmp ~ "$HOME" | grep -c {CANARY}']).output
     assert canaries.strip() == "0"  # none of the embedded commands ran
 
 
@@ -178,7 +179,7 @@ def test_a_permission_error_fails_only_its_server(
     secret = "/tmp/files-root-only.txt"
     targets = []
     for server in cronium_fleet.servers:
-        command = f"echo secret > {secret} && chmod 600 {secret} && rm -rf /srv/root-only && mkdir -m 700 /srv/root-only"
+        command = f"echo secret > {secret}; chmod 600 {secret}; rm -rf /srv/root-only; mkdir -m 700 /srv/root-only"
         assert cronium_fleet.exec(server.name, ["sh", "-c", command]).exit_code == 0
         targets.append(as_user(server, "cronium") if server.name.startswith(unprivileged) else server)
     executor = executor_factory(cn.Inventory(targets))
