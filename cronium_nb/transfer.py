@@ -314,13 +314,13 @@ class Transfers:
             connection = pooled.connection
             temp: str | None = None
             try:
-                async with connection.start_sftp_client() as sftp:
+                async with _SFTPSession(connection) as sftp:
                     dest = remote
                     if remote.endswith("/") or await sftp.isdir(remote):
                         dest = posixpath.join(remote, local.name)
                     row.path = dest
                     replaced_mode = await _regular_file_mode(sftp, dest)
-                    temp = _temp_name(dest)
+                    temp = temp_name(dest)
                     try:
                         handle = await sftp.open(
                             temp,
@@ -348,7 +348,7 @@ class Transfers:
                         f"checksum mismatch for {dest}: sent sha256 {digest.hex}, the server has {remote_digest}; "
                         "the destination was left unchanged"
                     )
-                async with connection.start_sftp_client() as sftp:
+                async with _SFTPSession(connection) as sftp:
                     await sftp.chmod(temp, _first_given(mode, replaced_mode, DEFAULT_MODE))
                     try:
                         await sftp.posix_rename(temp, dest)
@@ -372,7 +372,7 @@ class Transfers:
             connection = pooled.connection
             partial: Path | None = None
             try:
-                async with connection.start_sftp_client() as sftp:
+                async with _SFTPSession(connection) as sftp:
                     try:
                         attributes = await sftp.stat(remote)
                         if attributes.permissions is not None and not stat.S_ISREG(attributes.permissions):
@@ -382,9 +382,9 @@ class Transfers:
                     except asyncssh.SFTPError as error:
                         raise TransferFailed(f"cannot read {remote}: {error.reason}") from None
                     async with handle:
-                        partial = await asyncio.to_thread(_private_partial, dest, server_dir, name)
+                        partial = received = await asyncio.to_thread(_private_partial, dest, server_dir, name)
                         digest = await _download(
-                            handle, partial, lambda done: self._report(request, row.server, done, attributes.size)
+                            handle, received, lambda done: self._report(request, row.server, done, attributes.size)
                         )
                     row.bytes = digest.size
                 remote_digest = await _remote_sha256(connection, remote, limit=digest.size)
@@ -393,7 +393,7 @@ class Transfers:
                         f"checksum mismatch for {remote}: received sha256 {digest.hex}, the server has {remote_digest} "
                         "for the same bytes (did the file change while it was read?)"
                     )
-                os.replace(partial, final)
+                os.replace(received, final)
                 partial = None
                 row.sha256 = digest.hex
             finally:
@@ -431,12 +431,37 @@ async def _within(awaitable: Awaitable[T], timeout: float | None) -> T:
     return await asyncio.wait_for(awaitable, timeout)
 
 
+class _SFTPSession:
+    """An SFTP session on ``connection`` (one channel), closed on leaving; a server that refuses
+    the subsystem is this server's clear failure."""
+
+    def __init__(self, connection: asyncssh.SSHClientConnection) -> None:
+        self.connection = connection
+        self.client: asyncssh.SFTPClient | None = None
+
+    async def __aenter__(self) -> asyncssh.SFTPClient:
+        try:
+            self.client = await self.connection.start_sftp_client()
+        except asyncssh.ChannelOpenError as error:
+            if error.code != asyncssh.OPEN_REQUEST_SESSION_FAILED:
+                raise
+            raise TransferFailed(
+                f"the server refused SFTP ({error.reason}): its sshd needs a 'Subsystem sftp' line"
+            ) from None
+        return self.client
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self.client is not None:
+            self.client.exit()
+            await self.client.wait_closed()
+
+
 def _first_given(*modes: int | None) -> int:
     """The mode to give: the caller's, else the replaced file's, else the default."""
     return next(mode for mode in modes if mode is not None)
 
 
-def _temp_name(dest: str) -> str:
+def temp_name(dest: str) -> str:
     """A fresh hidden name next to ``dest`` (same directory: the rename stays atomic)."""
     stem = posixpath.basename(dest).encode()[:_TEMP_STEM_BYTES].decode(errors="ignore")
     return posixpath.join(posixpath.dirname(dest), f".{stem}.cronium-{secrets.token_hex(8)}{TEMP_SUFFIX}")
@@ -514,7 +539,7 @@ async def _remove_remote(connection: asyncssh.SSHClientConnection, path: str) ->
     """Best effort, bounded: the connection may be the reason we are cleaning up."""
 
     async def remove() -> None:
-        async with connection.start_sftp_client() as sftp:
+        async with _SFTPSession(connection) as sftp:
             await sftp.remove(path)
 
     with contextlib.suppress(Exception, asyncio.TimeoutError):
