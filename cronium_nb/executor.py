@@ -117,6 +117,7 @@ class Executor:
         )
         self._transfers = Transfers(self.pool, concurrency)
         self._jobs: weakref.WeakSet[Job] = weakref.WeakSet()  # not finished yet, or not collected
+        self._transfer_jobs: weakref.WeakSet[TransferJob] = weakref.WeakSet()  # the same, for put/fetch
         self._closed = False
 
     async def _make_pool(self, accept_new: Path, sessions: RunnerSessions) -> ConnectionPool:
@@ -229,15 +230,17 @@ class Executor:
         transfer; ``progress(server, bytes_done, total)`` is called as pieces go (on the loop)."""
         self._check_open()
         targets = self._select(servers)
-        return start_put(
-            self._transfers,
-            self._loop_thread.loop,
-            targets,
-            local,
-            remote,
-            mode=mode,
-            timeout=timeout,
-            progress=progress,
+        return self._track(
+            start_put(
+                self._transfers,
+                self._loop_thread.loop,
+                targets,
+                local,
+                remote,
+                mode=mode,
+                timeout=timeout,
+                progress=progress,
+            )
         )
 
     def put(
@@ -265,8 +268,7 @@ class Executor:
         progress: Progress | None = None,
     ) -> pd.DataFrame:
         """The awaitable twin of :meth:`put`; cancelling the awaiting task cancels the transfer."""
-        job = self.submit_put(local, remote, servers, mode=mode, timeout=timeout, progress=progress)
-        return await self._await(job)
+        return await self._await(self.submit_put(local, remote, servers, mode=mode, timeout=timeout, progress=progress))
 
     def submit_fetch(
         self,
@@ -282,8 +284,10 @@ class Executor:
         (no '/', '.', '..' or NUL): anything else raises here, before anything runs."""
         self._check_open()
         targets = self._select(servers)
-        return start_fetch(
-            self._transfers, self._loop_thread.loop, targets, remote, dest=dest, timeout=timeout, progress=progress
+        return self._track(
+            start_fetch(
+                self._transfers, self._loop_thread.loop, targets, remote, dest=dest, timeout=timeout, progress=progress
+            )
         )
 
     def fetch(
@@ -309,6 +313,10 @@ class Executor:
     ) -> pd.DataFrame:
         """The awaitable twin of :meth:`fetch`; cancelling the awaiting task cancels the transfer."""
         return await self._await(self.submit_fetch(remote, servers, dest=dest, timeout=timeout, progress=progress))
+
+    def _track(self, job: TransferJob) -> TransferJob:
+        self._transfer_jobs.add(job)  # close() cancels it, so its temporary files are removed
+        return job
 
     def _wait(self, job: TransferJob) -> pd.DataFrame:
         if self._loop_thread.on_loop():
@@ -343,7 +351,7 @@ class Executor:
         if self._closed:
             return
         self._closed = True
-        running = [job for job in list(self._jobs) if not job.done()]
+        running = [job for job in [*self._jobs, *self._transfer_jobs] if not job.done()]
         for job in running:
             job.cancel()
         if running and not self._loop_thread.on_loop():

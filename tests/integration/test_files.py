@@ -317,6 +317,16 @@ def test_async_twins_and_cancel_leave_nothing_behind(
     for name in cronium_fleet.names:
         assert (tmp_path / "a" / name / "files-async.txt").read_text() == "async\n"
 
+    # closing the executor mid-transfer cancels it the same way
+    first_piece.clear()
+    job = executor.submit_put(
+        big_file, "/tmp/files-cancel/closed.bin", servers=[arm.name], progress=lambda *_: first_piece.set()
+    )
+    assert first_piece.wait(120)
+    executor.close()
+    assert rows(job.result(timeout=10))[arm.name]["status"] == "cancelled"
+    assert cronium_fleet.exec(arm.name, ["ls", "-A", "/tmp/files-cancel"]).output.strip() == ""
+
 
 def test_a_server_that_stalls_times_out_alone(cronium_fleet: Fleet, executor_factory, tmp_path: Path) -> None:
     amd = server_of(cronium_fleet, "amd64")
@@ -374,5 +384,36 @@ def test_magics_put_and_fetch_in_a_kernel(cronium_fleet: Fleet, tmp_path: Path, 
             reply, messages = kernel.run(code)
             shown = text_of(messages)
             assert "UsageError" in shown and expected in shown and "Traceback" not in shown, (code, shown)
+    finally:
+        kernel.close()
+
+
+def test_magics_show_progress_in_a_widget(cronium_fleet: Fleet, tmp_path: Path, monkeypatch) -> None:
+    from tests.integration.test_notebooks import Kernel
+
+    monkeypatch.setenv("CRONIUM_HOME", str(tmp_path / "cronium-home"))
+    inventory = tmp_path / "servers.yaml"
+    servers = [
+        {"name": s.name, "host": s.host, "port": s.port, "key_path": s.key_path, "known_hosts": s.known_hosts}
+        for s in cronium_fleet.servers
+    ]
+    inventory.write_text(yaml.safe_dump({"servers": servers}))
+    local = tmp_path / "widget.bin"
+    local.write_bytes(os.urandom(2 * 1024 * 1024))
+    kernel = Kernel({"CRONIUM_DISPLAY": "widgets"})
+    try:
+        kernel.run(f"%load_ext cronium_nb\n%cronium_servers {inventory}")
+        reply, messages = kernel.run(f"%cronium_put {local} /tmp/files-widget.bin -s all")
+        assert reply["status"] == "ok"
+        assert any(
+            m["msg_type"] == "display_data" and "application/vnd.jupyter.widget-view+json" in m["content"]["data"]
+            for m in messages
+        )
+        states = " ".join(str(m["content"]["data"].get("state", {})) for m in messages if m["msg_type"] == "comm_msg")
+        for name in cronium_fleet.names:
+            assert f"<b>{name}</b>" in states
+        assert "2.0 MiB of 2.0 MiB" in states
+        results = [m for m in messages if m["msg_type"] == "execute_result"]
+        assert "success" in results[0]["content"]["data"]["text/plain"]
     finally:
         kernel.close()
