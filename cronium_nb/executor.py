@@ -115,7 +115,7 @@ class Executor:
             self._store_worker,
             self._metrics,
         )
-        self._transfers = Transfers(self.pool, concurrency)
+        self._transfers = Transfers(self.pool, concurrency, self._store_worker)
         self._jobs: weakref.WeakSet[Job] = weakref.WeakSet()  # not finished yet, or not collected
         self._transfer_jobs: weakref.WeakSet[TransferJob] = weakref.WeakSet()  # the same, for put/fetch
         self._closed = False
@@ -344,6 +344,10 @@ class Executor:
 
     def history(self, limit: int = 50) -> pd.DataFrame:
         return self.store.history(limit)
+
+    def transfers(self, limit: int = 50) -> pd.DataFrame:
+        """Past puts and fetches from the store, one row per server, the last ``limit`` transfers."""
+        return self.store.transfers(limit)
 
     def close(self) -> None:
         """Cancel what still runs (and wait, up to ``CLOSE_WAIT_S``, for it to stop and be

@@ -54,6 +54,7 @@ import stat
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,7 @@ from cronium_nb.errors import CroniumError
 from cronium_nb.model import Server, Status
 from cronium_nb.ssh.pool import ConnectionPool
 from cronium_nb.ssh.remote_run import uncancel, uninterrupted
+from cronium_nb.store_worker import StoreWorker
 
 __all__ = ["COLUMNS", "DEFAULT_MODE", "Progress", "TransferJob", "Transfers"]
 
@@ -198,6 +200,8 @@ class TransferJob(concurrent.futures.Future):
 
 @dataclass(frozen=True)
 class _Request:
+    direction: str  # "put" or "fetch"
+    source: str  # put: the local file; fetch: the remote path
     targets: list[Server]
     timeout: float | None
     progress: Progress | None
@@ -206,9 +210,11 @@ class _Request:
 class Transfers:
     """``put`` and ``fetch`` on the executor's pool (coroutines for its loop)."""
 
-    def __init__(self, pool: ConnectionPool, concurrency: int) -> None:
+    def __init__(self, pool: ConnectionPool, concurrency: int, store: StoreWorker | None = None) -> None:
+        """``store``: where each transfer's rows are recorded (the store's ``transfers``)."""
         self.pool = pool
         self.concurrency = concurrency
+        self.store = store
 
     async def put(
         self,
@@ -219,7 +225,7 @@ class Transfers:
         timeout: float | None,
         progress: Progress | None,
     ) -> pd.DataFrame:
-        request = _Request(targets, timeout, progress)
+        request = _Request("put", str(local), targets, timeout, progress)
         return await self._fan_out(
             request, lambda server: remote, lambda server, row: self._put_one(request, server, row, local, remote, mode)
         )
@@ -227,7 +233,7 @@ class Transfers:
     async def fetch(
         self, targets: list[Server], remote: str, dest: Path, timeout: float | None, progress: Progress | None
     ) -> pd.DataFrame:
-        request = _Request(targets, timeout, progress)
+        request = _Request("fetch", remote, targets, timeout, progress)
         name = fetched_name(remote)
         return await self._fan_out(
             request,
@@ -244,7 +250,8 @@ class Transfers:
         transfer: Callable[[Server, _Row], Awaitable[None]],
     ) -> pd.DataFrame:
         """Every target's transfer at once (at most ``concurrency``); a cancel stops them all
-        and waits for their cleanup, and the table is returned either way."""
+        and waits for their cleanup, and the table is returned (and recorded) either way."""
+        transfer_id, started_at = uuid.uuid4().hex[:12], time.time()
         limit = asyncio.Semaphore(self.concurrency)
         rows = [_Row(server.name, path(server)) for server in request.targets]
         tasks = [
@@ -258,7 +265,20 @@ class Transfers:
                 task.cancel()
             await uninterrupted(asyncio.wait(tasks))
             uncancel()
-        return _frame(rows)
+        frame = _frame(rows)
+        frame.attrs["transfer_id"] = transfer_id
+        if self.store is not None:
+            records = frame.to_dict("records")
+            try:
+                store = self.store.store
+                await uninterrupted(
+                    self.store.call(
+                        store.record_transfer, transfer_id, request.direction, request.source, started_at, records
+                    )
+                )
+            except Exception:  # the table is still the caller's; the store says why it failed
+                log.exception("recording transfer %s failed", transfer_id)
+        return frame
 
     async def _one(
         self,

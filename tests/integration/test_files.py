@@ -104,6 +104,10 @@ def test_put_then_fetch_50_mb_same_sha256_on_every_server_and_back(
         assert hashlib.sha256(local.read_bytes()).hexdigest() == local_sha
         assert os.listdir(dest / name) == ["files-big.bin"]  # no partial file left
         assert local.stat().st_mode & 0o777 == 0o600  # private, like the temporary file it was
+    recorded = executor.transfers()[["direction", "server", "sha256", "status"]]
+    assert sorted(map(tuple, recorded.values.tolist())) == sorted(
+        (direction, name, local_sha, "success") for direction in ("put", "fetch") for name in cronium_fleet.names
+    )
 
 
 @pytest.mark.parametrize("arch", ARCHES)
@@ -305,6 +309,7 @@ def test_async_twins_and_cancel_leave_nothing_behind(
     row = rows(job.result(timeout=120))[arm.name]
     assert (row["status"], row["error"], row["sha256"]) == ("cancelled", "cancelled", None)
     assert cronium_fleet.exec(arm.name, ["ls", "-A", "/tmp/files-cancel"]).output.strip() == ""  # no temp, no file
+    assert executor.transfers()["status"].tolist() == ["cancelled"]  # recorded too
 
     async def both() -> tuple[pd.DataFrame, pd.DataFrame]:
         small = tmp_path / "small.txt"

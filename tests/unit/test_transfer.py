@@ -126,6 +126,14 @@ def test_a_server_without_sftp_and_a_closed_port_fail_alone(local_servers, local
     assert set(fetched["status"]) == {"failed"}
     assert not (tmp_path / "out").exists()  # nothing was read: no directory made
 
+    # both are in the store, failures included, newest first
+    recorded = executor.transfers()
+    assert list(recorded["direction"]) == ["fetch", "fetch", "put", "put"]
+    assert list(recorded["source"]) == ["/etc/hostname", "/etc/hostname", str(local), str(local)]
+    assert set(recorded["status"]) == {"failed"} and recorded["error"].notna().all()
+    assert recorded["transfer_id"].nunique() == 2
+    assert executor.transfers(limit=1)["direction"].tolist() == ["fetch", "fetch"]
+
 
 def test_a_port_that_never_answers_times_out(local_executor, tmp_path: Path) -> None:
     with socket.socket() as silent:  # accepts (the kernel does), never sends an SSH banner
