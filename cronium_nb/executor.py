@@ -23,7 +23,7 @@ import contextlib
 import dataclasses
 import uuid
 import weakref
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -255,7 +255,9 @@ class Executor:
     ) -> pd.DataFrame:
         """:meth:`submit_put` and wait: a DataFrame (server, path, bytes, sha256, status, error,
         duration_s), one row per server. Ctrl-C cancels (rows ``cancelled``)."""
-        return self._wait(self.submit_put(local, remote, servers, mode=mode, timeout=timeout, progress=progress))
+        return self._wait(
+            lambda: self.submit_put(local, remote, servers, mode=mode, timeout=timeout, progress=progress)
+        )
 
     async def put_async(
         self,
@@ -300,7 +302,7 @@ class Executor:
         progress: Progress | None = None,
     ) -> pd.DataFrame:
         """:meth:`submit_fetch` and wait: a DataFrame like :meth:`put`'s, ``path`` the local file."""
-        return self._wait(self.submit_fetch(remote, servers, dest=dest, timeout=timeout, progress=progress))
+        return self._wait(lambda: self.submit_fetch(remote, servers, dest=dest, timeout=timeout, progress=progress))
 
     async def fetch_async(
         self,
@@ -318,12 +320,13 @@ class Executor:
         self._transfer_jobs.add(job)  # close() cancels it, so its temporary files are removed
         return job
 
-    def _wait(self, job: TransferJob) -> pd.DataFrame:
+    def _wait(self, start: Callable[[], TransferJob]) -> pd.DataFrame:
+        """Start a transfer and wait for its table; Ctrl-C cancels it and waits for the rest."""
         if self._loop_thread.on_loop():
-            job.cancel()
             raise RuntimeError(
                 "put()/fetch() would wait for the executor's own loop: from a callback, use submit_put()"
             )
+        job = start()
         try:
             return job.result()
         except KeyboardInterrupt:
