@@ -393,6 +393,33 @@ def test_magics_put_and_fetch_in_a_kernel(cronium_fleet: Fleet, tmp_path: Path, 
         kernel.close()
 
 
+def test_interrupting_a_put_cell_cancels_it(cronium_fleet: Fleet, big_file: Path, tmp_path: Path, monkeypatch) -> None:
+    from tests.integration.test_notebooks import Kernel, idle, text_of
+
+    monkeypatch.setenv("CRONIUM_HOME", str(tmp_path / "cronium-home"))
+    arm = server_of(cronium_fleet, "arm64")
+    inventory = tmp_path / "servers.yaml"
+    entry = {"name": arm.name, "host": arm.host, "port": arm.port, "key_path": arm.key_path}
+    inventory.write_text(yaml.safe_dump({"servers": [entry | {"known_hosts": arm.known_hosts}]}))
+    cronium_fleet.exec(arm.name, ["sh", "-c", "rm -rf /tmp/files-interrupt && mkdir /tmp/files-interrupt"])
+    kernel = Kernel({"CRONIUM_DISPLAY": "text"})
+    try:
+        kernel.run(f"%load_ext cronium_nb\n%cronium_servers {inventory}")
+        msg_id = kernel.start(f"%cronium_put {big_file} /tmp/files-interrupt/big.bin -s all -o res")
+        kernel.messages(msg_id, lambda messages: f"[{arm.name}] 25%" in text_of(messages))
+        kernel.manager.interrupt_kernel()
+        messages = kernel.messages(msg_id, idle, timeout=60)
+        reply = kernel.client.get_shell_msg(timeout=10)["content"]
+        shown = text_of(messages)
+        assert reply["status"] == "ok" and "Traceback" not in shown, shown
+        assert "cancelling the transfer" in shown and "cancelled" in shown
+        reply, messages = kernel.run("print(res['status'].tolist())")
+        assert text_of(messages).strip() == "['cancelled']"
+    finally:
+        kernel.close()
+    assert cronium_fleet.exec(arm.name, ["ls", "-A", "/tmp/files-interrupt"]).output.strip() == ""
+
+
 def test_magics_show_progress_in_a_widget(cronium_fleet: Fleet, tmp_path: Path, monkeypatch) -> None:
     from tests.integration.test_notebooks import Kernel
 
