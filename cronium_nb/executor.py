@@ -11,6 +11,8 @@ sync and async twins::
     res = ex.run(event, servers="web")            # blocks; Ctrl-C cancels the remote work
     job = ex.submit(event, servers="all")         # a Job (a concurrent.futures.Future) at once
     res = await ex.run_async(event, servers=[...])
+    ex.put("app.tar", "/srv/app.tar", servers="web")   # files: a DataFrame, see cronium_nb.transfer
+    ex.fetch("/var/log/syslog", servers="web", dest="logs/")
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import contextlib
 import dataclasses
 import uuid
 import weakref
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,7 @@ from cronium_nb.ssh.sessions import RunnerSessions
 from cronium_nb.store import Store
 from cronium_nb.store_worker import StoreWorker
 from cronium_nb.tools import ToolRegistry
+from cronium_nb.transfer import Progress, TransferJob, Transfers, start_fetch, start_put
 
 __all__ = ["DEFAULT_CONCURRENCY", "Callbacks", "Executor", "Job"]
 
@@ -112,7 +115,9 @@ class Executor:
             self._store_worker,
             self._metrics,
         )
+        self._transfers = Transfers(self.pool, concurrency, self._store_worker)
         self._jobs: weakref.WeakSet[Job] = weakref.WeakSet()  # not finished yet, or not collected
+        self._transfer_jobs: weakref.WeakSet[TransferJob] = weakref.WeakSet()  # the same, for put/fetch
         self._closed = False
 
     async def _make_pool(self, accept_new: Path, sessions: RunnerSessions) -> ConnectionPool:
@@ -206,11 +211,146 @@ class Executor:
             await asyncio.shield(asyncio.wrap_future(job))
             raise
 
+    # -- files (cronium_nb.transfer): put, fetch, their submit_ and _async twins
+
+    def submit_put(
+        self,
+        local: str | Path,
+        remote: str,
+        servers: str | Iterable[str] | Iterable[Server] | None = None,
+        *,
+        mode: int | None = None,
+        timeout: float | None = None,
+        progress: Progress | None = None,
+    ) -> TransferJob:
+        """Start copying the local file ``local`` to ``remote`` on every server (a directory, or
+        a path ending in /, gets the file under its own name); a :class:`TransferJob` at once.
+        Each server's copy is streamed, checksummed on the server, then renamed into place with
+        ``mode`` (else the replaced file's mode, else 0644). ``timeout`` bounds each server's
+        transfer; ``progress(server, bytes_done, total)`` is called as pieces go (on the loop)."""
+        self._check_open()
+        targets = self._select(servers)
+        return self._track(
+            start_put(
+                self._transfers,
+                self._loop_thread.loop,
+                targets,
+                local,
+                remote,
+                mode=mode,
+                timeout=timeout,
+                progress=progress,
+            )
+        )
+
+    def put(
+        self,
+        local: str | Path,
+        remote: str,
+        servers: str | Iterable[str] | Iterable[Server] | None = None,
+        *,
+        mode: int | None = None,
+        timeout: float | None = None,
+        progress: Progress | None = None,
+    ) -> pd.DataFrame:
+        """:meth:`submit_put` and wait: a DataFrame (server, path, bytes, sha256, status, error,
+        duration_s), one row per server. Ctrl-C cancels (rows ``cancelled``)."""
+        return self._wait(
+            lambda: self.submit_put(local, remote, servers, mode=mode, timeout=timeout, progress=progress)
+        )
+
+    async def put_async(
+        self,
+        local: str | Path,
+        remote: str,
+        servers: str | Iterable[str] | Iterable[Server] | None = None,
+        *,
+        mode: int | None = None,
+        timeout: float | None = None,
+        progress: Progress | None = None,
+    ) -> pd.DataFrame:
+        """The awaitable twin of :meth:`put`; cancelling the awaiting task cancels the transfer."""
+        return await self._await(self.submit_put(local, remote, servers, mode=mode, timeout=timeout, progress=progress))
+
+    def submit_fetch(
+        self,
+        remote: str,
+        servers: str | Iterable[str] | Iterable[Server] | None = None,
+        *,
+        dest: str | Path,
+        timeout: float | None = None,
+        progress: Progress | None = None,
+    ) -> TransferJob:
+        """Start copying ``remote`` from every server to ``dest/<server>/<basename>``; a
+        :class:`TransferJob` at once. Server names and the basename must be plain file names
+        (no '/', '.', '..' or NUL): anything else raises here, before anything runs."""
+        self._check_open()
+        targets = self._select(servers)
+        return self._track(
+            start_fetch(
+                self._transfers, self._loop_thread.loop, targets, remote, dest=dest, timeout=timeout, progress=progress
+            )
+        )
+
+    def fetch(
+        self,
+        remote: str,
+        servers: str | Iterable[str] | Iterable[Server] | None = None,
+        *,
+        dest: str | Path,
+        timeout: float | None = None,
+        progress: Progress | None = None,
+    ) -> pd.DataFrame:
+        """:meth:`submit_fetch` and wait: a DataFrame like :meth:`put`'s, ``path`` the local file."""
+        return self._wait(lambda: self.submit_fetch(remote, servers, dest=dest, timeout=timeout, progress=progress))
+
+    async def fetch_async(
+        self,
+        remote: str,
+        servers: str | Iterable[str] | Iterable[Server] | None = None,
+        *,
+        dest: str | Path,
+        timeout: float | None = None,
+        progress: Progress | None = None,
+    ) -> pd.DataFrame:
+        """The awaitable twin of :meth:`fetch`; cancelling the awaiting task cancels the transfer."""
+        return await self._await(self.submit_fetch(remote, servers, dest=dest, timeout=timeout, progress=progress))
+
+    def _track(self, job: TransferJob) -> TransferJob:
+        self._transfer_jobs.add(job)  # close() cancels it, so its temporary files are removed
+        return job
+
+    def _wait(self, start: Callable[[], TransferJob]) -> pd.DataFrame:
+        """Start a transfer and wait for its table; Ctrl-C cancels it and waits for the rest."""
+        if self._loop_thread.on_loop():
+            raise RuntimeError(
+                "put()/fetch() would wait for the executor's own loop: from a callback, use submit_put()"
+            )
+        job = start()
+        try:
+            return job.result()
+        except KeyboardInterrupt:
+            job.cancel()
+            return job.result()
+
+    @staticmethod
+    async def _await(job: TransferJob) -> pd.DataFrame:
+        try:
+            return await asyncio.wrap_future(job)
+        except asyncio.CancelledError:
+            job.cancel()
+            await asyncio.shield(asyncio.wrap_future(job))
+            raise
+
     def metrics(self) -> pd.DataFrame:
         return self._metrics.frame()
 
     def history(self, limit: int = 50) -> pd.DataFrame:
         return self.store.history(limit)
+
+    def transfers(self, limit: int = 50) -> pd.DataFrame:
+        """Past puts and fetches from the store, one row per server, the last ``limit`` transfers."""
+        return self.store.transfers(limit)
 
     def close(self) -> None:
         """Cancel what still runs (and wait, up to ``CLOSE_WAIT_S``, for it to stop and be
@@ -218,7 +358,7 @@ class Executor:
         if self._closed:
             return
         self._closed = True
-        running = [job for job in list(self._jobs) if not job.done()]
+        running = [job for job in [*self._jobs, *self._transfer_jobs] if not job.done()]
         for job in running:
             job.cancel()
         if running and not self._loop_thread.on_loop():
@@ -254,11 +394,15 @@ class Executor:
             run_input = event.input
         else:
             check_input(run_input)
+        return event, self._select(servers), run_input
+
+    def _select(self, servers: Any) -> list[Server]:
+        """The servers a call names: Server objects as given, else names, groups or ``all``."""
         if servers is not None and not isinstance(servers, str):
             servers = list(servers)
             if servers and all(isinstance(s, Server) for s in servers):
-                return event, servers, run_input
-        return event, self.inventory.select(servers), run_input
+                return servers
+        return self.inventory.select(servers)
 
     # -- one execution, on the loop
 

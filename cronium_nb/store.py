@@ -1,4 +1,5 @@
-"""The SQLite store: events, payload versions, executions, per-server results, logs, variables.
+"""The SQLite store: events, payload versions, executions, per-server results, logs, variables,
+file transfers.
 
 One file in the state directory (``cronium.db``), WAL journal, foreign keys on, schema version
 in ``PRAGMA user_version`` with migrations applied on open. An execution is written when it
@@ -143,6 +144,23 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE server_results ADD COLUMN error_kind TEXT;
     """,
+    # 7: file transfers (Executor.put / fetch), one row per server, failed and cancelled too
+    """
+    CREATE TABLE transfers (
+        transfer_id TEXT NOT NULL,
+        direction TEXT NOT NULL,
+        source TEXT NOT NULL,
+        server TEXT NOT NULL,
+        path TEXT NOT NULL,
+        bytes INTEGER NOT NULL,
+        sha256 TEXT,
+        status TEXT NOT NULL,
+        error TEXT,
+        started_at REAL NOT NULL,
+        duration_s REAL
+    );
+    CREATE INDEX transfers_by_time ON transfers (started_at);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 SERVER_RESULT_FIELDS = (
@@ -150,6 +168,7 @@ SERVER_RESULT_FIELDS = (
     "phases",
 )  # fmt: skip
 JSON_FIELDS = ("outputs", "variables", "phases")
+TRANSFER_ROW = ("server", "path", "bytes", "sha256", "status", "error")  # then started_at, duration_s
 
 
 class StoreError(CroniumError, RuntimeError):
@@ -466,6 +485,39 @@ class Store:
                 "INSERT INTO tool_calls VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (execution_id, server, tool, started_at, duration_s, error is None, error, arguments),
             )
+
+    # -- file transfers (cronium_nb.transfer)
+
+    def record_transfer(
+        self, transfer_id: str, direction: str, source: str, started_at: float, rows: Sequence[dict[str, Any]]
+    ) -> None:
+        """One transfer's rows (server, path, bytes, sha256, status, error, duration_s)."""
+        with self._transaction() as db:
+            db.executemany(
+                "INSERT INTO transfers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        transfer_id,
+                        direction,
+                        source,
+                        *(row[name] for name in TRANSFER_ROW),
+                        started_at,
+                        row["duration_s"],
+                    )
+                    for row in rows
+                ],
+            )
+
+    def transfers(self, limit: int = 50) -> pd.DataFrame:
+        """The rows of the last ``limit`` transfers, newest first."""
+        frame = self._frame(
+            "SELECT transfer_id, direction, source, server, path, bytes, sha256, status, error, started_at, "
+            "duration_s FROM transfers WHERE transfer_id IN (SELECT transfer_id FROM transfers "
+            "GROUP BY transfer_id ORDER BY MAX(started_at) DESC LIMIT ?) ORDER BY started_at DESC, rowid",
+            (limit,),
+        )
+        frame["started_at"] = pd.to_datetime(frame["started_at"], unit="s", utc=True)
+        return frame
 
     def tool_calls(self, execution_id: str) -> pd.DataFrame:
         """server, tool, started_at, duration_s, ok, error, arguments (parsed; None when withheld)."""

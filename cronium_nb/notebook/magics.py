@@ -1,10 +1,11 @@
 """IPython magics: ``%cronium_servers``, ``%%cronium``, ``%cronium_fleet``, ``%cronium_metrics``,
-``%cronium_history``, ``%cronium_vars``."""
+``%cronium_history``, ``%cronium_vars``, ``%cronium_put``, ``%cronium_fetch``."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -18,11 +19,25 @@ from cronium_nb.manifest import SCRIPT_TYPES
 from cronium_nb.model import DEFAULT_TIMEOUT_S, Event, EventError
 from cronium_nb.notebook.live import BackgroundRun, EventQueue, WidgetView, make_view
 from cronium_nb.notebook.session import NotebookSession
+from cronium_nb.notebook.transfer_view import TransferProgress
 
 
 def _parse(magic: Any, line: str) -> Any:
     try:
         return parse_argstring(magic, line)
+    except UsageError as error:
+        raise UsageError(str(error).splitlines()[-1]) from None
+
+
+def _parse_paths(magic: Any, line: str) -> Any:
+    """Like :func:`_parse`, for magics that take paths: quotes are removed the way a shell does
+    (IPython's own splitting keeps them), so ``'my file.txt'`` is the path ``my file.txt``."""
+    try:
+        words = shlex.split(line)
+    except ValueError as error:
+        raise UsageError(f"cannot split the arguments: {error}") from None
+    try:
+        return magic.parser.parse_args(words)
     except UsageError as error:
         raise UsageError(str(error).splitlines()[-1]) from None
 
@@ -186,6 +201,63 @@ class CroniumMagics(Magics):
         if self.session.fleet is None:
             return "no fleet is up"
         return self.session.fleet.inventory.to_dataframe()
+
+    @magic_arguments()
+    @argument("local", help="the local file to copy")
+    @argument("remote", help="where it goes on each server (a directory keeps the file's name)")
+    @argument("-s", "--servers", default="all", help="server names, group names or 'all', comma-separated")
+    @argument("--mode", help="octal permissions of the remote file, e.g. 644 (default: the replaced file's, else 644)")
+    @argument("--timeout", type=float, default=None, help="seconds per server (default: no limit)")
+    @argument("-o", "--output", dest="output_var", help="store the result table in this variable")
+    @line_magic
+    def cronium_put(self, line: str) -> Any:
+        """Copy a local file to servers (streamed, checksummed, renamed into place); shows the
+        bytes done per server, then a table: server, path, bytes, sha256, status, error."""
+        args = _parse_paths(self.cronium_put, line)
+        mode = None
+        if args.mode is not None:
+            try:
+                mode = int(args.mode, 8)
+            except ValueError:
+                raise UsageError(f"--mode must be octal permissions such as 644, got {args.mode!r}") from None
+        executor = self.session.executor
+        try:
+            servers = [s.name for s in executor.inventory.select(args.servers)]
+            view = TransferProgress(servers, f"put {args.local} → {args.remote}")
+            job = executor.submit_put(
+                args.local, args.remote, servers, mode=mode, timeout=args.timeout, progress=view.callback()
+            )
+        except (OSError, ValueError, TypeError) as error:  # bad input: nothing was started
+            raise UsageError(str(error)) from None
+        return self._keep(args.output_var, view.follow(job))
+
+    @magic_arguments()
+    @argument("remote", help="the file to copy from each server")
+    @argument("-s", "--servers", default="all", help="server names, group names or 'all', comma-separated")
+    @argument("--dest", required=True, help="local directory: each server's copy goes to DEST/<server>/<name>")
+    @argument("--timeout", type=float, default=None, help="seconds per server (default: no limit)")
+    @argument("-o", "--output", dest="output_var", help="store the result table in this variable")
+    @line_magic
+    def cronium_fetch(self, line: str) -> Any:
+        """Copy a file from servers to DEST/<server>/<name> (streamed, checksummed); shows the
+        bytes done per server, then a table: server, path, bytes, sha256, status, error."""
+        args = _parse_paths(self.cronium_fetch, line)
+        executor = self.session.executor
+        try:
+            servers = [s.name for s in executor.inventory.select(args.servers)]
+            view = TransferProgress(servers, f"fetch {args.remote} → {args.dest}")
+            job = executor.submit_fetch(
+                args.remote, servers, dest=args.dest, timeout=args.timeout, progress=view.callback()
+            )
+        except (OSError, ValueError, TypeError) as error:  # bad input: nothing was started
+            raise UsageError(str(error)) from None
+        return self._keep(args.output_var, view.follow(job))
+
+    def _keep(self, name: str | None, value: Any) -> Any:
+        """``value``, also stored in the notebook variable ``name`` when one is given."""
+        if name:
+            self._user_ns[name] = value
+        return value
 
     @line_magic
     def cronium_executor(self, line: str) -> Any:
