@@ -100,7 +100,7 @@ class CroniumMagics(Magics):
     @argument("-n", "--name", help="event name (default: derived from the script)")
     @argument("-i", "--input", dest="input_json", help="input of the run, as JSON")
     @argument("-I", "--input-from", dest="input_var", help="input of the run: this notebook variable's value")
-    @argument("-o", "--output", dest="output_var", help="store the result (or --bg handle) in this variable")
+    @argument("-o", "--output", dest="output_var", help="store the result (the --bg handle, the --dry-run plan) here")
     @argument("--bg", action="store_true", help="return at once with a cancellable handle")
     @argument("--api", action="store_true", help="API mode: live variables and tool actions through an SSH forward")
     @argument("--batch", type=int, dest="batch_size", help="rollout: this many servers at a time, in order")
@@ -151,7 +151,10 @@ class CroniumMagics(Magics):
         rollout = {"batch_size": args.batch_size, "max_fail": args.max_fail}
         try:
             if args.dry_run:
-                return executor.plan(event, servers, input=run_input, **rollout)
+                plan = executor.plan(event, servers, input=run_input, **rollout)
+                if args.output_var:
+                    self._user_ns[args.output_var] = plan
+                return plan
             Rollout(**rollout)  # checked before anyone is asked
         except RolloutError as error:
             raise UsageError(str(error)) from None
