@@ -20,8 +20,8 @@ from tests.integration.test_notebooks import Kernel, idle, text_of
 
 pytestmark = pytest.mark.fleet
 
-# Batches of two take one server of each architecture (the fleet's names interleaved).
-ORDER = ["amd64-1", "arm64-1", "amd64-2", "arm64-2", "amd64-3", "arm64-3"]
+# The inventory's order, which batches follow: [amd64-1, amd64-2], [amd64-3, arm64-1], [arm64-2, arm64-3]
+ORDER = ["amd64-1", "amd64-2", "amd64-3", "arm64-1", "arm64-2", "arm64-3"]
 BROKEN = "/root/rollout-broken"  # a server with this file fails the event
 RUNS = "/root/rollout-runs"  # every run appends its execution id here: what ran where
 SCRIPT = f"""
@@ -118,31 +118,32 @@ def test_a_dry_run_touches_no_server(fleet: Fleet, inventory_file: Path, tmp_pat
     assert servers == fleet.names and batches == [1, 1, 2, 2, 3, 3] and event_name == "dry"
     assert cached == [name == "amd64-1" or None for name in servers]  # known in place, or unknown
     assert len(checksum) == 64
-    reply, messages = text_kernel.run("history = %cronium_history\nprint(len(history))")
-    assert text_of(messages).strip() == "0"  # nothing ran, nothing recorded
+    reply, messages = text_kernel.run("history = %cronium_history\nprint(list(history['event']))")
+    assert text_of(messages).strip() == "['warm']"  # the dry run ran nothing and recorded nothing
 
 
 def test_a_rollout_stops_after_the_batch_that_crossed_max_fail(fleet: Fleet, executor_factory) -> None:
+    assert fleet.names == ORDER
     executor = executor_factory(fleet.inventory)
     event = Event(name="rollout", script=SCRIPT, timeout=120)
-    failing = ["amd64-2", "arm64-2"]  # the second batch
+    failing = ["amd64-2", "arm64-1"]  # one in batch 1 (at the limit: go on), one in batch 2 (past it: stop)
     for name in failing:
         fleet.exec(name, f"touch {BROKEN}")
     try:
-        res = executor.run(event, servers=ORDER, batch_size=2, max_fail=1)
+        res = executor.run(event, servers="all", batch_size=2, max_fail=1)
     finally:
         for name in failing:
             fleet.exec(name, f"rm -f {BROKEN}")
 
     statuses = dict(zip(res.summary["server"], res.summary["status"], strict=True))
     assert statuses == {
-        "amd64-1": "success", "arm64-1": "success", "amd64-2": "failed", "arm64-2": "failed",
-        "amd64-3": "skipped", "arm64-3": "skipped",
+        "amd64-1": "success", "amd64-2": "failed", "amd64-3": "success", "arm64-1": "failed",
+        "arm64-2": "skipped", "arm64-3": "skipped",
     }, res.summary.to_string()  # fmt: skip
     assert res.status == Status.PARTIAL and res.counts == {"success": 2, "failed": 2, "skipped": 2}
-    assert ran(fleet, res.execution_id) == ["amd64-1", "arm64-1", "amd64-2", "arm64-2"]
-    for name in ("amd64-3", "arm64-3"):  # never started: no output, no deployment, no connection
-        assert res[name].error.startswith("skipped: the rollout stopped after batch 2 of 3")
+    assert ran(fleet, res.execution_id) == ["amd64-1", "amd64-2", "amd64-3", "arm64-1"]
+    for name in ("arm64-2", "arm64-3"):  # never started: no output, no deployment, no connection
+        assert res[name].error.startswith("skipped: the rollout stopped after batch 2 of 3: 2 server(s)")
         assert res[name].arch is None and res[name].deploy is None and not res[name].phases
         assert res.logs.query("server == @name").empty
     for name in failing:
@@ -153,12 +154,13 @@ def test_a_rollout_stops_after_the_batch_that_crossed_max_fail(fleet: Fleet, exe
 
     retry = res.retry_failed()  # the broken files are gone: the rest now succeed
 
-    assert list(retry.servers) == ["amd64-2", "arm64-2", "amd64-3", "arm64-3"]
+    again = ["amd64-2", "arm64-1", "arm64-2", "arm64-3"]  # failed and skipped; not the two that succeeded
+    assert list(retry.servers) == again
     assert retry.status == Status.SUCCESS, retry.summary.to_string()
-    assert ran(fleet, retry.execution_id) == ["amd64-2", "arm64-2", "amd64-3", "arm64-3"]  # not 1: they succeeded
+    assert ran(fleet, retry.execution_id) == again
     assert retry.retry_of == res.execution_id
     frame = retry.outputs_frame().set_index("server")
-    assert frame["machine"].to_dict() == {name: MACHINES[fleet.member(name).arch] for name in retry.servers}
+    assert frame["machine"].to_dict() == {name: MACHINES[fleet.member(name).arch] for name in again}
     history = executor.history().set_index("execution_id")
     assert history.loc[retry.execution_id, "retry_of"] == res.execution_id
     assert history.loc[res.execution_id, "servers_skipped"] == 2
@@ -227,7 +229,7 @@ def test_papermill_runs_the_parameterised_notebook_headless(
     }
     notebook = nbformat.read(output_path, as_version=4)
     injected = [cell for cell in notebook.cells if "injected-parameters" in cell.metadata.get("tags", [])]
-    assert injected and "event_input = {'n': 12}" in injected[0].source
+    assert injected and 'event_input = {"n": 12}' in injected[0].source
     outputs = [output for cell in notebook.cells for output in cell.get("outputs", [])]
     texts = "".join(output.get("text", "") for output in outputs if output.get("output_type") == "stream")
     assert "[amd64-2] n = 12 on x86_64" in texts and "[arm64-2] n = 12 on aarch64" in texts  # live lines, as text
