@@ -175,6 +175,16 @@ def test_a_cell_aimed_at_many_servers_asks_first(fleet: Fleet, inventory_file: P
     kernel.run(f"%load_ext cronium_nb\n%cronium_servers {inventory_file}\nex = %cronium_executor\nex.confirm_above = 1")
     cell = "%%cronium -s amd64-1,arm64-1 -o res{n}\necho confirmed on $(hostname)"
 
+    # bad rollout settings are one-line usage errors, found before anyone is asked
+    for flags, expected in {
+        "--batch 0": "batch_size must be a whole number of servers, 1 or more, got 0",
+        "--batch 2 --max-fail 1.5": "max_fail as a fraction must be between 0 and 1 (exclusive), got 1.5",
+        "--max-fail many": "argument --max-fail: expected a count or a fraction, got 'many'",
+    }.items():
+        _reply, messages = kernel.run(f"%%cronium -s all {flags}\necho hi")
+        shown = text_of(messages)
+        assert f"UsageError: {expected}" in shown and "Traceback" not in shown, (flags, shown)
+
     # headless (no stdin, as papermill and nbclient run it): refused before anything runs
     msg_id = kernel.client.execute(cell.format(n=1), allow_stdin=False)
     shown = text_of(kernel.messages(msg_id, idle))
