@@ -87,6 +87,8 @@ class Executor:
             raise ValueError("concurrency must be at least 1")
         if max_log_bytes < 0:
             raise ValueError("max_log_bytes must be 0 or more")
+        if isinstance(confirm_above, bool) or not isinstance(confirm_above, int) or confirm_above < 0:
+            raise ValueError(f"confirm_above must be a whole number of servers, 0 or more, got {confirm_above!r}")
         self.max_log_bytes = max_log_bytes
         self.confirm_above = confirm_above  # a %%cronium cell aimed at more servers asks first
         self.inventory = inventory or Inventory()

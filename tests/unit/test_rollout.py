@@ -3,6 +3,7 @@ retry_failed() and the dry-run plan through the executor against in-process SSH 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
 
@@ -119,6 +120,22 @@ def test_retry_after_a_fix_succeeds_and_nothing_to_retry_is_an_error(local_serve
     assert list(second.servers) == ["srv-2"] and second.status == Status.SUCCESS
     with pytest.raises(ValueError, match=f"nothing to retry: every server of execution {second.execution_id}"):
         second.retry_failed()
+
+
+def test_run_async_rolls_out_too_and_continue_on_failure_off_cancels_the_later_batches(
+    local_servers, local_executor
+) -> None:
+    fleet = local_servers(4)
+    executor = local_executor(fleet.inventory)
+    event = rollout_event("srv-1")
+    res = asyncio.run(executor.run_async(event, servers="all", batch_size=1, max_fail=0))
+    assert res.counts == {"failed": 1, "skipped": 3} and ran_on(fleet, res.execution_id) == ["srv-1"]
+
+    res = executor.run(event, servers="all", batch_size=2, continue_on_failure=False)
+    assert ran_on(fleet, res.execution_id) in (["srv-1"], ["srv-1", "srv-2"])  # srv-2: cancelled, maybe mid-way
+    assert res["srv-1"].status == Status.FAILED
+    for name in ("srv-3", "srv-4"):
+        assert (res[name].status, res[name].error) == (Status.CANCELLED, "cancelled before it began")
 
 
 def test_bad_rollout_settings_raise_before_anything_runs(local_servers, local_executor) -> None:
