@@ -129,6 +129,7 @@ def test_a_rollout_stops_after_the_batch_that_crossed_max_fail(fleet: Fleet, exe
     failing = ["amd64-2", "arm64-1"]  # one in batch 1 (at the limit: go on), one in batch 2 (past it: stop)
     for name in failing:
         fleet.exec(name, f"touch {BROKEN}")
+    accepted = {name: tcp_connections_accepted(fleet, name) for name in ORDER}
     try:
         res = executor.run(event, servers="all", batch_size=2, max_fail=1)
     finally:
@@ -142,7 +143,9 @@ def test_a_rollout_stops_after_the_batch_that_crossed_max_fail(fleet: Fleet, exe
     }, res.summary.to_string()  # fmt: skip
     assert res.status == Status.PARTIAL and res.counts == {"success": 2, "failed": 2, "skipped": 2}
     assert ran(fleet, res.execution_id) == ["amd64-1", "amd64-2", "amd64-3", "arm64-1"]
-    for name in ("arm64-2", "arm64-3"):  # never started: no output, no deployment, no connection
+    assert tcp_connections_accepted(fleet, "arm64-1") > accepted["arm64-1"]  # the counter sees a run
+    for name in ("arm64-2", "arm64-3"):  # never started: no connection, no output, no deployment
+        assert tcp_connections_accepted(fleet, name) == accepted[name]
         assert res[name].error.startswith("skipped: the rollout stopped after batch 2 of 3: 2 server(s)")
         assert res[name].arch is None and res[name].deploy is None and not res[name].phases
         assert res.logs.query("server == @name").empty
