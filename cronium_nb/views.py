@@ -15,7 +15,7 @@ from __future__ import annotations
 import html
 import math
 import os
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import pandas as pd
@@ -124,21 +124,33 @@ def phase_legend() -> str:
     )
 
 
+def plain_cell(value: Any) -> str:
+    """Any other table cell as HTML: escaped, missing values as an em dash, whole numbers kept
+    whole (an exit code next to a missing one is a float to pandas), times to the second."""
+    if value is None or value is pd.NaT or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if isinstance(value, pd.Timestamp):
+        return value.strftime("%Y-%m-%d %H:%M:%S")
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else f"{value:.4g}"
+    return html.escape(str(value))
+
+
 def style_table(frame: pd.DataFrame, *, html_columns: tuple[str, ...] = ()) -> Styler:
     """``frame`` as a Styler: status columns in colour, ``*_s`` and ``duration_s`` columns
-    formatted as durations, ``error`` readable; ``html_columns`` are already HTML."""
+    formatted as durations, ``error`` readable, every other cell escaped (see
+    :func:`plain_cell`); ``html_columns`` are already HTML."""
     formatters: dict[Any, str | Callable[[object], str] | None] = {}
     for column in frame.columns:
+        if column in html_columns:
+            continue
         if column == "error":
             formatters[column] = readable_error
         elif str(column).endswith("_s"):
             formatters[column] = format_duration
-    styler = frame.style.hide(axis="index")
-    plain: list[Hashable] = [c for c in frame.columns if c not in formatters and c not in html_columns]
-    if plain:
-        styler = styler.format(na_rep="—", escape="html", subset=plain)
-    if formatters:
-        styler = styler.format(formatters, subset=list[Hashable](formatters))
+        else:
+            formatters[column] = plain_cell
+    styler = frame.style.hide(axis="index").format(formatters)
     if "status" in frame.columns:
         styler = styler.map(_status_cell, subset=["status"])
     return styler.set_table_styles([{"selector": "td", "props": "vertical-align: top; text-align: left"}])
