@@ -23,6 +23,7 @@ from cronium_nb.errors import ConnectError, CroniumError, DeployError
 from cronium_nb.model import Event, Server, Status
 from cronium_nb.payload import build_archive
 from cronium_nb.ssh.deploy import HostInfo
+from cronium_nb.views import html_frontend, style_table
 
 if TYPE_CHECKING:
     from cronium_nb.ssh.deploy import RunnerBuilds
@@ -142,13 +143,13 @@ class Plan:
         return "\n".join(lines)
 
     def _repr_html_(self) -> str | None:
-        from cronium_nb.views import html_frontend
+        return self.html() if html_frontend() else None
 
-        if not html_frontend():
-            return None
+    def html(self) -> str:
+        """The plan as HTML, whatever the frontend."""
         manifest = html.escape(json.dumps(self.manifest, indent=1, sort_keys=True))
         options = f"<br>options: <code>{html.escape(json.dumps(self.options))}</code>" if self.options else ""
-        table = self.targets.to_html(index=False, na_rep="—", escape=True)
+        table = style_table(self.targets).to_html()
         return (
             f"<div><strong>dry run: {html.escape(self.event_name)}</strong> — {len(self.targets)} server(s), "
             f"nothing sent<br>payload sha256 <code>{self.checksum}</code> ({self.payload_size} bytes){options}"

@@ -62,6 +62,7 @@ def test_the_html_view_shows_status_in_colour_durations_errors_and_the_timeline(
     for status in (Status.SUCCESS, Status.FAILED, Status.SKIPPED):
         assert STATUS_COLOURS[status] in shown
     assert "1.23 s" in shown and "1 min 15 s" in shown  # durations formatted
+    assert ">3</td>" in shown and "3.000000" not in shown  # an exit code stays whole next to a missing one
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in shown and "<script>" not in shown  # errors escaped
     assert "white-space:pre-wrap" in shown  # their line breaks kept
     assert 'title="run: 0.80 s"' in shown and 'title="connect: 0.10 s"' in shown  # the phase timeline

@@ -149,7 +149,7 @@ def test_bad_rollout_settings_raise_before_anything_runs(local_servers, local_ex
 def test_the_plan_says_what_would_run_and_what_this_machine_knows(local_servers, local_executor) -> None:
     fleet = local_servers(2)
     executor = local_executor(fleet.inventory)
-    event = Event(name="planned", script="echo hi", timeout=30, env={"MODE": "check"})
+    event = Event(name="planned", script="echo hi", timeout=30, env={"MODE": "check"}, secrets={"TOKEN": "pl4n-s3cret"})
 
     before = executor.plan(event, servers="all", batch_size=1)
 
@@ -162,6 +162,7 @@ def test_the_plan_says_what_would_run_and_what_this_machine_knows(local_servers,
     assert before.options == {"batch_size": 1, "max_fail": None}
     assert executor.history().empty  # nothing ran, nothing recorded
     assert "nothing sent" in repr(before) and before.checksum in repr(before)
+    assert "pl4n-s3cret" not in repr(before) + before.html() + str(before.manifest)  # secrets stay out
 
     executor.run(event, servers=["srv-1"])
     after = executor.plan(event, servers="all")
