@@ -55,6 +55,11 @@ class Rollout:
         limit = self.max_fail
         if limit is None:
             return
+        if size is None:
+            raise RolloutError(
+                "max_fail needs a batch_size: without batches every server starts at once, so there is "
+                "nothing left to stop"
+            )
         if isinstance(limit, bool) or not isinstance(limit, (int, float)):
             raise RolloutError(f"max_fail must be a count (int) or a fraction between 0 and 1, got {limit!r}")
         if isinstance(limit, int) and limit < 0:

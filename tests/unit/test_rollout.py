@@ -48,6 +48,7 @@ def test_stopping_past_max_fail(max_fail: float | None, failed: int, total: int,
         (2, 1.0, "max_fail as a fraction must be between 0 and 1 (exclusive), got 1.0"),
         (2, 1.5, "max_fail as a fraction must be between 0 and 1"),
         (2, "1", "max_fail must be a count (int) or a fraction"),
+        (None, 1, "max_fail needs a batch_size: without batches every server starts at once"),
     ],
 )
 def test_bad_rollout_settings_are_refused(batch_size: object, max_fail: object, message: str) -> None:
