@@ -71,11 +71,11 @@ def tcp_connections_accepted(fleet: Fleet, name: str) -> int:
 
 
 def wait_for_no_ssh_sessions(fleet: Fleet) -> None:
-    """Until the closed executor's sessions are gone on every server (bounded)."""
+    """Until the closed executor's sessions and runners are gone on every server (bounded)."""
     deadline = time.monotonic() + 60
     for name in ORDER:
-        while "sshd: root" in fleet.exec(name, ["ps", "-eo", "args"]).output:
-            assert time.monotonic() < deadline, f"{name}: ssh sessions still open"
+        while any(word in fleet.exec(name, ["ps", "-eo", "args"]).output for word in ("sshd: root", "cronium-runner")):
+            assert time.monotonic() < deadline, f"{name}: ssh sessions or runners still there"
             time.sleep(0.2)
 
 
