@@ -375,6 +375,8 @@ class Executor:
         def rerun(names: list[str], first: str) -> ExecutionResult:  # result.retry_failed()
             again = [server for server in targets if server.name in names]
             self._check_open()
+            if self._loop_thread.on_loop():
+                raise RuntimeError("retry_failed() would wait for the executor's own loop: not from a callback")
             return self._wait(self._start(event, again, run_input, keep_going, Callbacks(), api, rollout, first))
 
         result._rerun = rerun
