@@ -1,5 +1,5 @@
 """IPython magics: ``%cronium_servers``, ``%%cronium``, ``%cronium_fleet``, ``%cronium_metrics``,
-``%cronium_history``, ``%cronium_vars``."""
+``%cronium_history``, ``%cronium_vars``, ``%cronium_confirm_above``."""
 
 from __future__ import annotations
 
@@ -227,6 +227,19 @@ class CroniumMagics(Magics):
         """The executor the magics use (``ex = %cronium_executor``), e.g. to register tool
         actions with ``ex.tools.register(name, fn)``."""
         return self.session.executor
+
+    @magic_arguments()
+    @argument("count", nargs="?", type=int, help="a %%%%cronium cell aimed at more servers asks first")
+    @line_magic
+    def cronium_confirm_above(self, line: str) -> Any:
+        """Show, or set, how many servers a ``%%cronium`` cell may aim at without asking for
+        confirmation (default 20; ``--yes`` on the cell skips the question)."""
+        count = _parse(self.cronium_confirm_above, line).count
+        if count is not None:
+            if count < 0:
+                raise UsageError(f"confirm_above must be 0 or more servers, got {count}")
+            self.session.confirm_above = count
+        return self.session.executor.confirm_above
 
     @line_magic
     def cronium_metrics(self, line: str) -> Any:

@@ -175,7 +175,9 @@ def input_requests(kernel: Kernel, timeout: float = 60) -> dict:
 
 def test_a_cell_aimed_at_many_servers_asks_first(fleet: Fleet, inventory_file: Path, text_kernel) -> None:
     kernel = text_kernel
-    kernel.run(f"%load_ext cronium_nb\n%cronium_servers {inventory_file}\nex = %cronium_executor\nex.confirm_above = 1")
+    kernel.run(f"%load_ext cronium_nb\n%cronium_servers {inventory_file}")
+    _, messages = kernel.run("before = %cronium_confirm_above\nafter = %cronium_confirm_above 1\nprint(before, after)")
+    assert text_of(messages).strip() == "20 1"
     cell = "%%cronium -s amd64-1,arm64-1 -o res{n}\necho confirmed on $(hostname)"
 
     # bad rollout settings are one-line usage errors, found before anyone is asked
