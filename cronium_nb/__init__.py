@@ -29,6 +29,8 @@ _EXPORTS = {
     "Status": "cronium_nb.model",
     "ExecutionResult": "cronium_nb.results",
     "ServerResult": "cronium_nb.results",
+    "Plan": "cronium_nb.rollout",
+    "RolloutError": "cronium_nb.rollout",
     "SSHOptions": "cronium_nb.ssh.options",
     "Dashboard": "cronium_nb.notebook.dashboard",
     "CroniumError": "cronium_nb.errors",
@@ -64,6 +66,7 @@ if TYPE_CHECKING:
     from cronium_nb.notebook.dashboard import Dashboard
     from cronium_nb.protocol import ProtocolError
     from cronium_nb.results import ExecutionResult, ServerResult
+    from cronium_nb.rollout import Plan, RolloutError
     from cronium_nb.ssh.options import SSHOptions
     from cronium_nb.store import StoreError
     from cronium_nb.tools import ToolError
@@ -114,7 +117,9 @@ __all__ = [
     "InventoryError",
     "Job",
     "ManifestError",
+    "Plan",
     "ProtocolError",
+    "RolloutError",
     "RunnerUnavailable",
     "SSHOptions",
     "Server",

@@ -25,6 +25,7 @@ from cronium_nb.model import Event, Server, Status
 from cronium_nb.payload import PreparedPayload
 from cronium_nb.redaction import Redactor
 from cronium_nb.results import ExecutionResult, ServerResult, overall_status
+from cronium_nb.rollout import Rollout
 from cronium_nb.ssh.remote_run import uncancel, uninterrupted
 from cronium_nb.store import LogBuffer, LogChunk
 from cronium_nb.store_worker import StoreWorker
@@ -98,24 +99,42 @@ class Execution:
         concurrency: int,
         keep_going: bool,
         cancelled: bool = False,
+        rollout: Rollout | None = None,
     ) -> ExecutionResult:
         """Run ``run_server(server, limit)`` for every target: a coroutine that works on the
         server while holding ``limit`` and always returns its result (cancelled too). Cancelled
         (now, or before it began: ``cancelled``), stop every server and give back the cancelled
-        result; a server that never started is recorded as cancelled too."""
+        result; a server that never started is recorded as cancelled too. With a ``rollout``,
+        the targets go batch by batch, and once more than its ``max_fail`` did not succeed the
+        batches not started are marked skipped (see :mod:`cronium_nb.rollout`)."""
         for server in targets:
             self.results[server.name] = ServerResult(server.name)
+        rollout = rollout or Rollout()
         limit = asyncio.Semaphore(concurrency)
         flusher = asyncio.ensure_future(self._flush_logs())
-        tasks = [] if cancelled else [asyncio.ensure_future(run_server(server, limit)) for server in targets]
+        batches = [] if cancelled else rollout.batches(targets)
+        tasks: list[asyncio.Task[ServerResult]] = []
         try:
-            pending = set(tasks)
-            while pending:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                failed = any(task.result().status != Status.SUCCESS for task in done)
-                if failed and not keep_going and pending:
-                    for task in pending:
-                        task.cancel()
+            not_succeeded = 0
+            for number, batch in enumerate(batches, 1):
+                batch_tasks = [asyncio.ensure_future(run_server(server, limit)) for server in batch]
+                tasks += batch_tasks
+                pending = set(batch_tasks)
+                while pending:
+                    done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                    failed = any(task.result().status != Status.SUCCESS for task in done)
+                    if failed and not keep_going and pending:
+                        for task in pending:
+                            task.cancel()
+                not_succeeded += sum(task.result().status != Status.SUCCESS for task in batch_tasks)
+                if not_succeeded and not keep_going:
+                    break  # the servers not started are recorded as cancelled, below
+                if number < len(batches) and rollout.should_stop(not_succeeded, len(targets)):
+                    reason = rollout.skip_reason(not_succeeded, len(targets), number, len(batches))
+                    for later in batches[number:]:
+                        for server in later:
+                            self._skip(self.results[server.name], reason)
+                    break
         except asyncio.CancelledError:
             cancelled = True
             uncancel()
@@ -138,6 +157,13 @@ class Execution:
         # stored, and a store that cannot take it is an error, not a log line.
         await uninterrupted(self.store.call(store.finish_execution, self.execution_id, status))
         return ExecutionResult(self.execution_id, self.event.name, status, self.results, store)
+
+    def _skip(self, result: ServerResult, reason: str) -> None:
+        """A server the rollout stopped before: nothing was started on it."""
+        result.status, result.error, result.error_kind = Status.SKIPPED, reason, None
+        fields = {"status": result.status, "error": result.error}
+        self.store.submit(self.store.store.update_server, self.execution_id, result.server, **fields)
+        self.status(result)
 
     async def _flush_logs(self) -> None:
         while True:

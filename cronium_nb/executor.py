@@ -25,7 +25,7 @@ import uuid
 import weakref
 from collections.abc import Callable, Coroutine, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pandas as pd
 
@@ -38,6 +38,7 @@ from cronium_nb.metrics import Metrics
 from cronium_nb.model import Event, Server, check_input
 from cronium_nb.payload import PayloadService, PreparedPayload
 from cronium_nb.results import ExecutionResult, ServerResult
+from cronium_nb.rollout import DEFAULT_CONFIRM_ABOVE, Plan, Rollout, make_plan
 from cronium_nb.runtime_api import RuntimeService
 from cronium_nb.server_run import RunParts, ServerRun
 from cronium_nb.ssh.api_forward import ApiForwards
@@ -50,8 +51,11 @@ from cronium_nb.store import Store
 from cronium_nb.store_worker import StoreWorker
 from cronium_nb.tools import ToolRegistry
 from cronium_nb.transfer import Progress, TransferJob, Transfers, start_fetch, start_put
+from cronium_nb.views import HistoryFrame, MetricsFrame
 
 __all__ = ["DEFAULT_CONCURRENCY", "Callbacks", "Executor", "Job"]
+
+ResultT = TypeVar("ResultT")
 
 DEFAULT_CONCURRENCY = 32
 CLOSE_WAIT_S = 60.0  # close(): how long running executions get to stop and be recorded
@@ -65,7 +69,8 @@ class Executor:
     deployment; ``concurrency`` bounds servers worked on at once; ``continue_on_failure=False``
     cancels the other servers at the first failure; ``max_log_bytes`` bounds the output text
     stored per execution (1 GiB): past it lines are counted, not stored, and each server's log
-    ends with a ``cronium`` stream line saying how much was dropped.
+    ends with a ``cronium`` stream line saying how much was dropped. ``confirm_above``: a
+    ``%%cronium`` cell aimed at more servers than this asks for confirmation (``--yes`` skips it).
     """
 
     def __init__(
@@ -81,12 +86,16 @@ class Executor:
         runner_dist: str | Path | None = None,
         variable_scope: str = "global",
         max_log_bytes: int = DEFAULT_MAX_LOG_BYTES,
+        confirm_above: int = DEFAULT_CONFIRM_ABOVE,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         if max_log_bytes < 0:
             raise ValueError("max_log_bytes must be 0 or more")
+        if isinstance(confirm_above, bool) or not isinstance(confirm_above, int) or confirm_above < 0:
+            raise ValueError(f"confirm_above must be a whole number of servers, 0 or more, got {confirm_above!r}")
         self.max_log_bytes = max_log_bytes
+        self.confirm_above = confirm_above  # a %%cronium cell aimed at more servers asks first
         self.inventory = inventory or Inventory()
         self.state_dir = resolve_state_dir(state_dir)
         self.ssh_options = ssh_options or SSHOptions()
@@ -135,6 +144,8 @@ class Executor:
         continue_on_failure: bool | None = None,
         callbacks: Callbacks | None = None,
         api: bool = False,
+        batch_size: int | None = None,
+        max_fail: int | float | None = None,
     ) -> Job:
         """Start running ``event`` and return a :class:`Job` at once (also from a callback).
 
@@ -142,12 +153,31 @@ class Executor:
         input and the timeout raise here. ``api=True`` gives the script's helpers a live line to
         this process (variables set on the server are seen here at once, see ``on_variable``);
         where the SSH forward cannot be opened the run falls back to bundled mode and says so.
+        ``batch_size`` and ``max_fail`` make it a rollout (see :mod:`cronium_nb.rollout`): the
+        servers go ``batch_size`` at a time, in order, and once more than ``max_fail`` (a count,
+        or a fraction of the servers) did not succeed, the batches not started are skipped.
         """
         self._check_open()
         event, targets, run_input = self._validate(event, servers, input, timeout)
-        execution_id = uuid.uuid4().hex[:12]
+        rollout = Rollout(batch_size, max_fail)
         keep_going = self.continue_on_failure if continue_on_failure is None else continue_on_failure
-        coroutine = self._execute(execution_id, event, targets, run_input, keep_going, callbacks or Callbacks(), api)
+        return self._start(event, targets, run_input, keep_going, callbacks or Callbacks(), api, rollout)
+
+    def _start(
+        self,
+        event: Event,
+        targets: list[Server],
+        run_input: Any,
+        keep_going: bool,
+        callbacks: Callbacks,
+        api: bool,
+        rollout: Rollout,
+        retry_of: str | None = None,
+    ) -> Job:
+        execution_id = uuid.uuid4().hex[:12]
+        coroutine = self._execute(
+            execution_id, event, targets, run_input, keep_going, callbacks, api, rollout, retry_of
+        )
         job = Job(execution_id, self._loop_thread, coroutine)
         self._jobs.add(job)
         return job
@@ -162,6 +192,8 @@ class Executor:
         continue_on_failure: bool | None = None,
         callbacks: Callbacks | None = None,
         api: bool = False,
+        batch_size: int | None = None,
+        max_fail: int | float | None = None,
     ) -> ExecutionResult:
         """:meth:`submit` and wait. Ctrl-C (KeyboardInterrupt) cancels the remote work and returns
         the cancelled result once every server has stopped; a second Ctrl-C stops waiting."""
@@ -175,12 +207,10 @@ class Executor:
             continue_on_failure=continue_on_failure,
             callbacks=callbacks,
             api=api,
+            batch_size=batch_size,
+            max_fail=max_fail,
         )
-        try:
-            return job.result()
-        except KeyboardInterrupt:
-            job.cancel()
-            return job.result()
+        return _wait(job)
 
     async def run_async(
         self,
@@ -192,6 +222,8 @@ class Executor:
         continue_on_failure: bool | None = None,
         callbacks: Callbacks | None = None,
         api: bool = False,
+        batch_size: int | None = None,
+        max_fail: int | float | None = None,
     ) -> ExecutionResult:
         """The awaitable twin of :meth:`run`, usable from any event loop; cancelling the awaiting
         task cancels the remote work, and waits for it to stop."""
@@ -203,13 +235,10 @@ class Executor:
             continue_on_failure=continue_on_failure,
             callbacks=callbacks,
             api=api,
+            batch_size=batch_size,
+            max_fail=max_fail,
         )
-        try:
-            return await asyncio.wrap_future(job)
-        except asyncio.CancelledError:
-            job.cancel()
-            await asyncio.shield(asyncio.wrap_future(job))
-            raise
+        return await _await(job)
 
     # -- files (cronium_nb.transfer): put, fetch, their submit_ and _async twins
 
@@ -255,7 +284,7 @@ class Executor:
     ) -> pd.DataFrame:
         """:meth:`submit_put` and wait: a DataFrame (server, path, bytes, sha256, status, error,
         duration_s), one row per server. Ctrl-C cancels (rows ``cancelled``)."""
-        return self._wait(
+        return self._wait_transfer(
             lambda: self.submit_put(local, remote, servers, mode=mode, timeout=timeout, progress=progress)
         )
 
@@ -270,7 +299,7 @@ class Executor:
         progress: Progress | None = None,
     ) -> pd.DataFrame:
         """The awaitable twin of :meth:`put`; cancelling the awaiting task cancels the transfer."""
-        return await self._await(self.submit_put(local, remote, servers, mode=mode, timeout=timeout, progress=progress))
+        return await _await(self.submit_put(local, remote, servers, mode=mode, timeout=timeout, progress=progress))
 
     def submit_fetch(
         self,
@@ -302,7 +331,9 @@ class Executor:
         progress: Progress | None = None,
     ) -> pd.DataFrame:
         """:meth:`submit_fetch` and wait: a DataFrame like :meth:`put`'s, ``path`` the local file."""
-        return self._wait(lambda: self.submit_fetch(remote, servers, dest=dest, timeout=timeout, progress=progress))
+        return self._wait_transfer(
+            lambda: self.submit_fetch(remote, servers, dest=dest, timeout=timeout, progress=progress)
+        )
 
     async def fetch_async(
         self,
@@ -314,39 +345,44 @@ class Executor:
         progress: Progress | None = None,
     ) -> pd.DataFrame:
         """The awaitable twin of :meth:`fetch`; cancelling the awaiting task cancels the transfer."""
-        return await self._await(self.submit_fetch(remote, servers, dest=dest, timeout=timeout, progress=progress))
+        return await _await(self.submit_fetch(remote, servers, dest=dest, timeout=timeout, progress=progress))
 
     def _track(self, job: TransferJob) -> TransferJob:
         self._transfer_jobs.add(job)  # close() cancels it, so its temporary files are removed
         return job
 
-    def _wait(self, start: Callable[[], TransferJob]) -> pd.DataFrame:
+    def _wait_transfer(self, start: Callable[[], TransferJob]) -> pd.DataFrame:
         """Start a transfer and wait for its table; Ctrl-C cancels it and waits for the rest."""
         if self._loop_thread.on_loop():
             raise RuntimeError(
                 "put()/fetch() would wait for the executor's own loop: from a callback, use submit_put()"
             )
-        job = start()
-        try:
-            return job.result()
-        except KeyboardInterrupt:
-            job.cancel()
-            return job.result()
+        return _wait(start())
 
-    @staticmethod
-    async def _await(job: TransferJob) -> pd.DataFrame:
-        try:
-            return await asyncio.wrap_future(job)
-        except asyncio.CancelledError:
-            job.cancel()
-            await asyncio.shield(asyncio.wrap_future(job))
-            raise
+    def plan(
+        self,
+        event: Event,
+        servers: str | Iterable[str] | Iterable[Server] | None = None,
+        *,
+        input: Any = _UNSET,
+        timeout: float | None = None,
+        batch_size: int | None = None,
+        max_fail: int | float | None = None,
+    ) -> Plan:
+        """What ``run`` with these arguments would do, checked the same way, without contacting
+        any server: see :func:`cronium_nb.rollout.make_plan`."""
+        self._check_open()
+        event, targets, _run_input = self._validate(event, servers, input, timeout)
+        rollout = Rollout(batch_size, max_fail)
+        return make_plan(event, targets, rollout, self.pool.resolve, self._parts.deployer.builds, self.store)
 
     def metrics(self) -> pd.DataFrame:
-        return self._metrics.frame()
+        """Counters and per-phase durations (a DataFrame, shown styled in a notebook)."""
+        return MetricsFrame(self._metrics.frame())
 
     def history(self, limit: int = 50) -> pd.DataFrame:
-        return self.store.history(limit)
+        """Past executions from the store, newest first (a DataFrame, shown styled in a notebook)."""
+        return HistoryFrame(self.store.history(limit))
 
     def transfers(self, limit: int = 50) -> pd.DataFrame:
         """Past puts and fetches from the store, one row per server, the last ``limit`` transfers."""
@@ -415,9 +451,12 @@ class Executor:
         keep_going: bool,
         callbacks: Callbacks,
         api: bool,
+        rollout: Rollout,
+        retry_of: str | None,
     ) -> ExecutionResult:
         worker = self._store_worker
         options = {"timeout": event.timeout, "type": event.type, "continue_on_failure": keep_going, "api": api}
+        options |= rollout.options()
 
         def prepare_and_record() -> PreparedPayload:  # on the store's thread
             payload = self._payloads.prepare(event)
@@ -429,6 +468,7 @@ class Executor:
                 event_id=payload.event_id,
                 payload_version=payload.version,
                 options=options,
+                retry_of=retry_of,
             )
             return payload
 
@@ -447,7 +487,39 @@ class Executor:
             return ServerRun(execution, server, self._parts).run(limit)
 
         result = await execution.run(
-            targets, run_server, concurrency=self.concurrency, keep_going=keep_going, cancelled=cancelled
-        )
+            targets, run_server, concurrency=self.concurrency, keep_going=keep_going, cancelled=cancelled,
+            rollout=rollout,
+        )  # fmt: skip
         self._metrics.executions[result.status.value] += 1
+        result.retry_of = retry_of
+
+        def rerun(names: list[str], first: str) -> ExecutionResult:  # result.retry_failed()
+            again = [server for server in targets if server.name in names]
+            self._check_open()
+            if self._loop_thread.on_loop():
+                raise RuntimeError("retry_failed() would wait for the executor's own loop: not from a callback")
+            return _wait(self._start(event, again, run_input, keep_going, Callbacks(), api, rollout, first))
+
+        result._rerun = rerun
         return result
+
+
+def _wait(job: concurrent.futures.Future[ResultT]) -> ResultT:
+    """``job``'s result; Ctrl-C cancels it and waits for what the cancel leaves (the cancelled
+    result, recorded)."""
+    try:
+        return job.result()
+    except KeyboardInterrupt:
+        job.cancel()
+        return job.result()
+
+
+async def _await(job: concurrent.futures.Future[ResultT]) -> ResultT:
+    """``job``'s result, awaited from any event loop; cancelling the awaiting task cancels the job
+    and waits for it to stop."""
+    try:
+        return await asyncio.wrap_future(job)
+    except asyncio.CancelledError:
+        job.cancel()
+        await asyncio.shield(asyncio.wrap_future(job))
+        raise

@@ -211,6 +211,7 @@ class Status(str, Enum):
     FAILED = "failed"
     TIMEOUT = "timeout"
     CANCELLED = "cancelled"
+    SKIPPED = "skipped"  # a server: a rollout stopped (max_fail) before its batch began; it ran nothing
     INTERRUPTED = "interrupted"  # the orchestrator died while it ran (found on the next open)
 
     def __str__(self) -> str:

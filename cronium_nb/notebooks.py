@@ -8,8 +8,8 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
-from cronium_nb.notebook.live import DISPLAY_ENV
 from cronium_nb.resources import notebooks_dir
+from cronium_nb.views import DISPLAY_ENV
 
 NOTEBOOKS = notebooks_dir()  # the installed package's examples, or the checkout's notebooks/
 

@@ -1,9 +1,11 @@
-"""What an execution gives back: one ServerResult per server and the ExecutionResult around them."""
+"""What an execution gives back: one ServerResult per server and the ExecutionResult around them
+(its tables: summary, outputs and variables frames, logs; its HTML view; ``retry_failed()``)."""
 
 from __future__ import annotations
 
 import html
 import sqlite3
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,9 +15,9 @@ import pandas as pd
 from cronium_nb.errors import ErrorKind
 from cronium_nb.model import Status
 from cronium_nb.store import Store
+from cronium_nb.views import PHASE_COLOURS, PHASES, html_frontend, phase_legend, status_badge, style_table, timeline_bar
 
 SUMMARY_COLUMNS = ("server", "arch", "status", "exit_code", "duration_s", "deploy", "attempts", "error", "error_kind")
-PHASES = ("connect", "deploy", "upload", "run", "cleanup")
 
 
 @dataclass
@@ -76,6 +78,9 @@ class ExecutionResult:
         self.servers = servers
         self.error = error
         self._store = store
+        self.retry_of: str | None = None  # the execution this one retried (retry_failed)
+        # Set by the executor: reruns the given servers as a new execution linked to this one.
+        self._rerun: Callable[[list[str], str], ExecutionResult] | None = None
 
     def __getitem__(self, server: str) -> ServerResult:
         try:
@@ -125,6 +130,33 @@ class ExecutionResult:
         return {name: r.variables for name, r in self.servers.items()}
 
     @property
+    def counts(self) -> dict[str, int]:
+        """How many servers ended in each status (``{"success": 4, "failed": 2, ...}``)."""
+        return dict(Counter(r.status.value for r in self.servers.values()))
+
+    def outputs_frame(self) -> pd.DataFrame:
+        """The outputs as a table, one row per server: a JSON object's keys become columns
+        (nested objects flattened as ``a.b``, with :func:`pandas.json_normalize`); any other
+        output (a string, number, list or nothing) goes into the column ``output``."""
+        return _server_frame({name: r.outputs for name, r in self.servers.items()}, max_level=None)
+
+    def variables_frame(self) -> pd.DataFrame:
+        """The variables each server's run ended with, one row per server, a column per variable
+        (values as they are, not flattened)."""
+        return _server_frame({name: r.variables for name, r in self.servers.items()}, max_level=0)
+
+    def retry_failed(self) -> ExecutionResult:
+        """Run the same event, with the same input and options, again on the servers that did not
+        succeed here (failed, timed out, cancelled or skipped), as a new execution linked to this
+        one (its ``retry_of``, kept in the store); blocks like ``Executor.run``."""
+        again = [name for name, r in self.servers.items() if r.status != Status.SUCCESS]
+        if not again:
+            raise ValueError(f"nothing to retry: every server of execution {self.execution_id} succeeded")
+        if self._rerun is None:
+            raise RuntimeError("this result was not made by an executor, so it cannot be retried")
+        return self._rerun(again, self.execution_id)
+
+    @property
     def phases(self) -> pd.DataFrame:
         """Seconds per phase (connect, deploy, upload, run, cleanup), one row per server."""
         rows = [{"server": name, **{p: r.phases.get(p) for p in PHASES}} for name, r in self.servers.items()]
@@ -137,7 +169,7 @@ class ExecutionResult:
 
         if ax is None:
             _figure, ax = plt.subplots(figsize=(9, 0.6 * len(self.servers) + 1.2))
-        colours = dict(zip(PHASES, ("#8c959f", "#bf8700", "#0969da", "#1a7f37", "#6e7781"), strict=True))
+        colours = PHASE_COLOURS
         for row, result in enumerate(self.servers.values()):
             start = 0.0
             for phase in PHASES:
@@ -157,8 +189,36 @@ class ExecutionResult:
         counts = pd.Series([r.status.value for r in self.servers.values()]).value_counts().to_dict()
         return f"<ExecutionResult {self.event_name!r} {self.status.value} {counts} id={self.execution_id}>"
 
-    def _repr_html_(self) -> str:
-        title = html.escape(f"{self.event_name} — {self.status.value} — execution {self.execution_id}")
-        # pandas-stubs omit DataFrame._repr_html_, so the attribute reads as a column (a Series).
-        table = self.summary._repr_html_()  # type: ignore[operator]
-        return f"<div><strong>{title}</strong>{table}</div>"
+    def html(self) -> str:
+        """The result as HTML, whatever the frontend: the status in colour, counts per status,
+        one row per server (durations formatted, errors readable) with its phase timeline."""
+        title = html.escape(f"{self.event_name} — execution {self.execution_id}")
+        retry = f" (retry of {html.escape(self.retry_of)})" if self.retry_of else ""
+        counts = ", ".join(f"{count} {html.escape(status)}" for status, count in self.counts.items())
+        summary = self.summary
+        longest = max((sum(r.phases.values()) for r in self.servers.values()), default=0.0)
+        summary["timeline"] = [timeline_bar(r.phases, longest) for r in self.servers.values()]
+        table = style_table(summary, html_columns=("timeline",)).to_html()
+        error = f"<div style='color:#cf222e'>{html.escape(self.error)}</div>" if self.error else ""
+        return (
+            f"<div><strong>{title}</strong>{retry} {status_badge(self.status.value)} {counts}{error}{table}"
+            f"<div style='font-size:11px'>timeline: {phase_legend()}</div></div>"
+        )
+
+    def _repr_html_(self) -> str | None:
+        """HTML in a notebook shown by a frontend; None (plain text only) in a headless run."""
+        return self.html() if html_frontend() else None
+
+
+def _server_frame(values: dict[str, Any], *, max_level: int | None) -> pd.DataFrame:
+    """One row per server: a dict's keys as columns (flattened up to ``max_level``), any other
+    value in the column ``output``; a key named ``server`` becomes ``output.server``."""
+    records = []
+    for value in values.values():
+        record = dict(value) if isinstance(value, dict) else {"output": value}
+        if "server" in record:
+            record["output.server"] = record.pop("server")
+        records.append(record)
+    frame = pd.json_normalize(records, max_level=max_level) if records else pd.DataFrame()
+    frame.insert(0, "server", list(values))
+    return frame

@@ -183,6 +183,8 @@ class ServerRun:
             self.parts.metrics.record_deploy("failed")
             raise
         self.parts.metrics.record_deploy(outcome.state, outcome.bytes_sent)
+        store = self.parts.store  # remembered for the dry-run plan, which contacts no server
+        store.submit(store.store.record_runner, pooled.target.route, outcome.build.remote_name, outcome.state)
         self.result.deploy = outcome.state
         self.result.attempts += outcome.attempts
         return outcome

@@ -161,6 +161,18 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX transfers_by_time ON transfers (started_at);
     """,
+    # 8: rollouts: the execution a retry_failed() reran (retry_of), and each runner build recorded
+    # as in place on a server (by its route), for the dry-run plan, which contacts no server
+    """
+    ALTER TABLE executions ADD COLUMN retry_of TEXT REFERENCES executions(id) ON DELETE SET NULL;
+    CREATE TABLE runner_deployments (
+        route TEXT NOT NULL,
+        build TEXT NOT NULL,
+        state TEXT NOT NULL,
+        checked_at REAL NOT NULL,
+        PRIMARY KEY (route, build)
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 SERVER_RESULT_FIELDS = (
@@ -354,14 +366,15 @@ class Store:
         event_id: int | None = None,
         payload_version: int | None = None,
         options: dict[str, Any] | None = None,
+        retry_of: str | None = None,
     ) -> None:
         with self._transaction() as db:
             db.execute(
                 "INSERT INTO executions (id, event_id, event_name, targets, status, started_at, options, owner, "
-                "payload_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "payload_version, retry_of) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     execution_id, event_id, event_name, json.dumps(list(targets)), Status.RUNNING.value,
-                    time.time(), json.dumps(options or {}), current_owner(), payload_version,
+                    time.time(), json.dumps(options or {}), current_owner(), payload_version, retry_of,
                 ),
             )  # fmt: skip
             db.executemany(
@@ -425,7 +438,9 @@ class Store:
         frame = self._frame(
             "SELECT x.id AS execution_id, x.event_name AS event, x.status, x.started_at, x.finished_at, "
             "x.payload_version, x.targets, "
-            "SUM(r.status = 'success') AS servers_ok, COUNT(r.server) AS servers, x.error "
+            "SUM(r.status = 'success') AS servers_ok, SUM(r.status IN ('failed', 'timeout', 'cancelled')) "
+            "AS servers_failed, SUM(r.status = 'skipped') AS servers_skipped, COUNT(r.server) AS servers, "
+            "x.retry_of, x.error "
             "FROM executions x LEFT JOIN server_results r ON r.execution_id = x.id "
             "GROUP BY x.id ORDER BY x.started_at DESC LIMIT ?",
             (limit,),
@@ -545,6 +560,22 @@ class Store:
                 "DO UPDATE SET facts = excluded.facts, updated_at = excluded.updated_at",
                 (address, json.dumps(facts, sort_keys=True), time.time()),
             )
+
+    # -- runner deployments (what the dry-run plan knows without contacting a server)
+
+    def record_runner(self, route: str, build: str, state: str) -> None:
+        """The runner ``build`` (its remote name) was found in place, or put there, on ``route``."""
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO runner_deployments (route, build, state, checked_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (route, build) DO UPDATE SET state = excluded.state, checked_at = excluded.checked_at",
+                (route, build, state, time.time()),
+            )
+
+    def runner_recorded(self, route: str, build: str) -> float | None:
+        """When ``build`` was last recorded in place on ``route`` (epoch seconds), or None."""
+        rows = self._query("SELECT checked_at FROM runner_deployments WHERE route = ? AND build = ?", (route, build))
+        return rows[0][0] if rows else None
 
     # -- variables
 

@@ -12,7 +12,6 @@ line shortening (:func:`display_text`) are defined here once.
 from __future__ import annotations
 
 import html
-import os
 import queue
 import re
 import threading
@@ -24,24 +23,14 @@ from typing import Any
 from cronium_nb.executor import Callbacks, Job
 from cronium_nb.model import Status
 from cronium_nb.results import ExecutionResult
+from cronium_nb.views import STATUS_COLOURS, html_frontend
 
-DISPLAY_ENV = "CRONIUM_DISPLAY"  # "text" forces prefixed lines (set for headless execution)
 PANEL_LINES = 200  # lines kept per server panel
 REFRESH_S = 0.1  # a view is redrawn at most this often; in between, events are only queued
 DISPLAY_LINE_CHARS = 2000  # a longer line is shortened on screen (the store keeps it whole)
 # C0 and C1 control characters but tab: a script's output must not move the cursor, retitle the
 # terminal or hide text in the view (ESC sequences), so they are shown as escapes.
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-STATUS_COLOURS = {
-    Status.PENDING: "#888",
-    Status.RUNNING: "#1f6feb",
-    Status.SUCCESS: "#1a7f37",
-    Status.FAILED: "#cf222e",
-    Status.TIMEOUT: "#bc4c00",
-    Status.CANCELLED: "#6e7781",
-    Status.PARTIAL: "#9a6700",
-    Status.INTERRUPTED: "#6e7781",
-}
 
 
 def display_text(text: str) -> str:
@@ -63,15 +52,9 @@ def panel_html(lines: Iterable[tuple[str, str]]) -> str:
 
 
 def widgets_wanted() -> bool:
-    """True inside a Jupyter kernel, unless CRONIUM_DISPLAY=text (headless runs set it)."""
-    if os.environ.get(DISPLAY_ENV, "").lower() == "text":
-        return False
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return False
-    shell = get_ipython()
-    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
+    """True inside a Jupyter kernel shown by a frontend; False with CRONIUM_DISPLAY=text and in a
+    headless run (nbclient, papermill: see :func:`cronium_nb.views.html_frontend`)."""
+    return html_frontend()
 
 
 class EventQueue:

@@ -1,11 +1,13 @@
 """IPython magics: ``%cronium_servers``, ``%%cronium``, ``%cronium_fleet``, ``%cronium_metrics``,
-``%cronium_history``, ``%cronium_vars``, ``%cronium_put``, ``%cronium_fetch``."""
+``%cronium_history``, ``%cronium_vars``, ``%cronium_put``, ``%cronium_fetch``,
+``%cronium_confirm_above``."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import shlex
+from argparse import ArgumentTypeError
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -17,9 +19,19 @@ from cronium_nb.fleet import VARIANTS, FleetError
 from cronium_nb.inventory import InventoryError, UnknownServerError
 from cronium_nb.manifest import SCRIPT_TYPES
 from cronium_nb.model import DEFAULT_TIMEOUT_S, Event, EventError
+from cronium_nb.notebook.confirm import confirm_run
 from cronium_nb.notebook.live import BackgroundRun, EventQueue, WidgetView, make_view
 from cronium_nb.notebook.session import NotebookSession
 from cronium_nb.notebook.transfer_view import TransferProgress
+from cronium_nb.rollout import Rollout, RolloutError
+
+
+def _count_or_fraction(text: str) -> int | float:
+    """``--max-fail``: a count of servers (``2``) or a fraction of them (``0.25``)."""
+    try:
+        return float(text) if "." in text else int(text)
+    except ValueError:
+        raise ArgumentTypeError(f"expected a count or a fraction, got {text!r}") from None
 
 
 def _parse(magic: Any, line: str) -> Any:
@@ -104,14 +116,26 @@ class CroniumMagics(Magics):
     @argument("-n", "--name", help="event name (default: derived from the script)")
     @argument("-i", "--input", dest="input_json", help="input of the run, as JSON")
     @argument("-I", "--input-from", dest="input_var", help="input of the run: this notebook variable's value")
-    @argument("-o", "--output", dest="output_var", help="store the result (or --bg handle) in this variable")
+    @argument("-o", "--output", dest="output_var", help="store the result (the --bg handle, the --dry-run plan) here")
     @argument("--bg", action="store_true", help="return at once with a cancellable handle")
     @argument("--api", action="store_true", help="API mode: live variables and tool actions through an SSH forward")
+    @argument("--batch", type=int, dest="batch_size", help="rollout: this many servers at a time, in order")
+    @argument(
+        "--max-fail",
+        type=_count_or_fraction,
+        dest="max_fail",
+        help="rollout: stop before the next batch once more servers than this failed (a count, or a fraction 0-1)",
+    )
+    @argument("--dry-run", action="store_true", help="show the plan (targets, payload, runner cache); run nothing")
+    @argument("--yes", action="store_true", help="run on more than the executor's confirm_above servers without asking")
     @cell_magic
     def cronium(self, line: str, cell: str) -> Any:
         """Run the cell's script on servers over SSH, with live output per server.
 
-        Ctrl-C (interrupt the kernel) cancels the remote work on every server.
+        Ctrl-C (interrupt the kernel) cancels the remote work on every server. ``--batch N
+        --max-fail K`` rolls it out N servers at a time; ``--dry-run`` shows the plan and runs
+        nothing; a cell aimed at more than the executor's ``confirm_above`` servers (20) asks
+        first, and is refused headless unless ``--yes``.
         """
         args = _parse(self.cronium, line)
         run_input: Any = None
@@ -140,8 +164,20 @@ class CroniumMagics(Magics):
             servers = [s.name for s in executor.inventory.select(args.servers)]
         except (EventError, UnknownServerError) as error:
             raise UsageError(str(error)) from None
+        rollout = {"batch_size": args.batch_size, "max_fail": args.max_fail}
+        try:
+            if args.dry_run:
+                plan = executor.plan(event, servers, input=run_input, **rollout)
+                if args.output_var:
+                    self._user_ns[args.output_var] = plan
+                return plan
+            Rollout(**rollout)  # checked before anyone is asked
+        except RolloutError as error:
+            raise UsageError(str(error)) from None
+        if len(servers) > executor.confirm_above and not args.yes:
+            confirm_run(servers, executor.confirm_above)
         events = EventQueue()
-        job = executor.submit(event, servers, input=run_input, callbacks=events.callbacks(), api=args.api)
+        job = executor.submit(event, servers, input=run_input, callbacks=events.callbacks(), api=args.api, **rollout)
         view = make_view(servers, f"{name} ({args.type})", job if args.bg else None)
         if isinstance(view, WidgetView):
             display(view)
@@ -264,6 +300,19 @@ class CroniumMagics(Magics):
         """The executor the magics use (``ex = %cronium_executor``), e.g. to register tool
         actions with ``ex.tools.register(name, fn)``."""
         return self.session.executor
+
+    @magic_arguments()
+    @argument("count", nargs="?", type=int, help="a %%%%cronium cell aimed at more servers asks first")
+    @line_magic
+    def cronium_confirm_above(self, line: str) -> Any:
+        """Show, or set, how many servers a ``%%cronium`` cell may aim at without asking for
+        confirmation (default 20; ``--yes`` on the cell skips the question)."""
+        count = _parse(self.cronium_confirm_above, line).count
+        if count is not None:
+            if count < 0:
+                raise UsageError(f"confirm_above must be 0 or more servers, got {count}")
+            self.session.confirm_above = count
+        return self.session.executor.confirm_above
 
     @line_magic
     def cronium_metrics(self, line: str) -> Any:

@@ -21,6 +21,7 @@ class NotebookSession:
         self.fleet: Fleet | None = None
         self._executor: Executor | None = None
         self._ssh_options: SSHOptions | None = None  # None: the defaults
+        self.confirm_above: int | None = None  # %cronium_confirm_above; None: the executor's default
 
     @property
     def inventory(self) -> Inventory:
@@ -52,6 +53,8 @@ class NotebookSession:
         if self._executor is None:
             self._executor = Executor(self.inventory, ssh_options=self._ssh_options)
         self._executor.inventory = self.inventory
+        if self.confirm_above is not None:
+            self._executor.confirm_above = self.confirm_above
         return self._executor
 
     def close(self) -> None:
