@@ -11,6 +11,9 @@ sync and async twins::
     res = ex.run(event, servers="web")            # blocks; Ctrl-C cancels the remote work
     job = ex.submit(event, servers="all")         # a Job (a concurrent.futures.Future) at once
     res = await ex.run_async(event, servers=[...])
+
+``Executor(inventory, cluster=client)`` (a ``distributed.Client``) runs the servers on the Dask
+cluster's workers instead of this process (see :mod:`cronium_nb.cluster`); the API is the same.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import uuid
 import weakref
 from collections.abc import Coroutine, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -47,6 +50,9 @@ from cronium_nb.ssh.sessions import RunnerSessions
 from cronium_nb.store import Store
 from cronium_nb.store_worker import StoreWorker
 from cronium_nb.tools import ToolRegistry
+
+if TYPE_CHECKING:
+    from cronium_nb.cluster.dispatch import ClusterDispatch
 
 __all__ = ["DEFAULT_CONCURRENCY", "Callbacks", "Executor", "Job"]
 
@@ -78,6 +84,7 @@ class Executor:
         runner_dist: str | Path | None = None,
         variable_scope: str = "global",
         max_log_bytes: int = DEFAULT_MAX_LOG_BYTES,
+        cluster: Any = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -114,6 +121,9 @@ class Executor:
         )
         self._jobs: weakref.WeakSet[Job] = weakref.WeakSet()  # not finished yet, or not collected
         self._closed = False
+        self._cluster: ClusterDispatch | None = None
+        if cluster is not None:
+            self._cluster = _cluster_dispatch(cluster, self, runner_dist, deploy_attempts, deploy_backoff)
 
     async def _make_pool(self, accept_new: Path, sessions: RunnerSessions) -> ConnectionPool:
         return ConnectionPool(self.ssh_options, accept_new, keeper=sessions, servers=lambda: self.inventory.servers)
@@ -140,9 +150,16 @@ class Executor:
         """
         self._check_open()
         event, targets, run_input = self._validate(event, servers, input, timeout)
+        placement = None
+        if self._cluster is not None:
+            if api:
+                raise ValueError("api=True is not available through a Dask cluster (the tools live in this process)")
+            placement = self._cluster.place(targets)
         execution_id = uuid.uuid4().hex[:12]
         keep_going = self.continue_on_failure if continue_on_failure is None else continue_on_failure
-        coroutine = self._execute(execution_id, event, targets, run_input, keep_going, callbacks or Callbacks(), api)
+        coroutine = self._execute(
+            execution_id, event, targets, run_input, keep_going, callbacks or Callbacks(), api, placement
+        )
         job = Job(execution_id, self._loop_thread, coroutine)
         self._jobs.add(job)
         return job
@@ -223,6 +240,8 @@ class Executor:
             job.cancel()
         if running and not self._loop_thread.on_loop():
             concurrent.futures.wait(running, timeout=CLOSE_WAIT_S)
+        if self._cluster is not None:
+            self._cluster.close()
         with contextlib.suppress(Exception):
             self._loop_thread.call(self.pool.close(), timeout=30)
         with contextlib.suppress(Exception):
@@ -271,9 +290,13 @@ class Executor:
         keep_going: bool,
         callbacks: Callbacks,
         api: bool,
+        placement: dict[str, list[Server]] | None = None,
     ) -> ExecutionResult:
         worker = self._store_worker
-        options = {"timeout": event.timeout, "type": event.type, "continue_on_failure": keep_going, "api": api}
+        options: dict[str, Any] = {"timeout": event.timeout, "type": event.type, "continue_on_failure": keep_going}
+        options["api"] = api
+        if placement is not None:  # the Dask worker of each server
+            options["cluster"] = {address: [s.name for s in servers] for address, servers in placement.items()}
 
         def prepare_and_record() -> PreparedPayload:  # on the store's thread
             payload = self._payloads.prepare(event)
@@ -302,8 +325,32 @@ class Executor:
         def run_server(server: Server, limit: asyncio.Semaphore) -> Coroutine[Any, Any, ServerResult]:
             return ServerRun(execution, server, self._parts).run(limit)
 
-        result = await execution.run(
-            targets, run_server, concurrency=self.concurrency, keep_going=keep_going, cancelled=cancelled
-        )
+        if self._cluster is not None and placement is not None:
+            seeded = await uninterrupted(worker.call(self.store.get_variables, self.variable_scope))
+            result = await self._cluster.execute(
+                execution, targets, placement, seeded=seeded, keep_going=keep_going, cancelled=cancelled,
+                metrics=self._metrics,
+            )  # fmt: skip
+        else:
+            result = await execution.run(
+                targets, run_server, concurrency=self.concurrency, keep_going=keep_going, cancelled=cancelled
+            )
         self._metrics.executions[result.status.value] += 1
         return result
+
+
+def _cluster_dispatch(
+    client: Any, executor: Executor, runner_dist: str | Path | None, attempts: int, backoff: Iterable[float]
+) -> ClusterDispatch:
+    """The executor's link to a Dask cluster; imported here only, so the local path never loads Dask."""
+    from cronium_nb.cluster.agent import AgentSettings
+    from cronium_nb.cluster.dispatch import ClusterDispatch
+
+    settings = AgentSettings(
+        ssh_options=executor.ssh_options,
+        concurrency=executor.concurrency,
+        deploy_attempts=attempts,
+        deploy_backoff=tuple(backoff),
+        runner_dist=None if runner_dist is None else str(runner_dist),
+    )
+    return ClusterDispatch(client, settings)

@@ -14,7 +14,9 @@ from cronium_nb.errors import ErrorKind
 from cronium_nb.model import Status
 from cronium_nb.store import Store
 
-SUMMARY_COLUMNS = ("server", "arch", "status", "exit_code", "duration_s", "deploy", "attempts", "error", "error_kind")
+SUMMARY_COLUMNS = (
+    "server", "arch", "status", "exit_code", "duration_s", "deploy", "attempts", "error", "error_kind", "worker",
+)  # fmt: skip
 PHASES = ("connect", "deploy", "upload", "run", "cleanup")
 
 
@@ -34,6 +36,7 @@ class ServerResult:
     phases: dict[str, float] = field(default_factory=dict)
     phase: str | None = None  # while it runs: connect, deploy, run; None once finished
     helpers: str | None = None  # "bundled", "api", or "bundled (API unavailable: why)"
+    worker: str | None = None  # through a Dask cluster: the worker's address; None for a local run
 
     def row(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in SUMMARY_COLUMNS} | {"status": self.status.value}
