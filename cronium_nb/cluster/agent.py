@@ -136,17 +136,17 @@ class CroniumAgent(WorkerPlugin):
     per client executor, and ``topic`` the Dask event topic its relays go to."""
 
     def __init__(self, name: str, topic: str, settings: AgentSettings) -> None:
-        self.name, self.topic, self.settings = name, topic, settings
+        self.name, self.topic, self.settings = name, topic, settings  # (what is pickled to the workers)
         self._local: Executor | None = None
         self._worker: Worker | None = None
-        self._lock = threading.Lock()
-        self._jobs: dict[str, Job] = {}
-        self._early_cancels: dict[str, float] = {}  # execution id -> when its cancel came
 
     def setup(self, worker: Worker) -> None:
         from cronium_nb.executor import Executor
 
         self._worker = worker
+        self._lock = threading.Lock()
+        self._jobs: dict[str, Job] = {}
+        self._early_cancels: dict[str, float] = {}  # execution id -> when its cancel came
         state = Path(worker.local_directory) / self.name  # private (0700), removed with the worker
         settings = self.settings
         self._local = Executor(
@@ -158,10 +158,11 @@ class CroniumAgent(WorkerPlugin):
             runner_dist=settings.runner_dist,
         )
 
-    def teardown(self, worker: Worker) -> None:
+    async def teardown(self, worker: Worker) -> None:
+        """Close the local executor (cancelling what still runs) off the worker's event loop."""
         if self._local is not None:
-            self._local.close()
-            self._local = None
+            local, self._local = self._local, None
+            await asyncio.to_thread(local.close)
 
     # -- called by the tasks
 
