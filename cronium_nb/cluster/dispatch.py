@@ -185,9 +185,13 @@ class ClusterRun:
                 self._resolve(group, server, item[2])
 
     def close(self) -> None:
+        """The execution is over: stop watching, and let the scheduler forget the tasks."""
         for task in [self._watcher, *self._background]:
             if task is not None:
                 task.cancel()
+        for group in self.groups:
+            if group.task is not None:
+                group.task.release()
 
     # -- the worker's task
 
@@ -218,9 +222,14 @@ class ClusterRun:
             self.loop.call_soon_threadsafe(self._spawn, self._collect(group))
 
     async def _collect(self, group: Group) -> None:
-        """The task ended: its results, for servers whose relayed result has not come (normally
-        none: the agent relays each one before its task returns), or why it failed."""
+        """The task ended: the results of servers whose relayed result has not come (normally
+        none: the agent relays each one before its task returns), or why the task failed."""
         task = group.task
+        pending = [group.waiting[name] for name in group.unresolved()]
+        if pending and task.status == "finished":
+            await asyncio.wait(pending, timeout=RELAY_GRACE_S)
+        if not group.unresolved():
+            return
 
         def fetch() -> tuple[dict[str, dict[str, Any]], str | None]:  # in a thread: it waits on the network
             try:
@@ -229,9 +238,6 @@ class ClusterRun:
                 return {}, f"{type(error).__name__}: {error}"
 
         results, failure = await self.loop.run_in_executor(None, fetch)
-        pending = [group.waiting[name] for name in group.unresolved()]
-        if pending and results:
-            await asyncio.wait(pending, timeout=RELAY_GRACE_S)
         for name in group.unresolved():
             if name in results:
                 log.warning("the relayed result of %s did not come; its live output may be incomplete", name)
