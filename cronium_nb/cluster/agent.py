@@ -113,9 +113,11 @@ class Relay:
         self.send([DEPLOY_FAILED, server, attempt, reason])
 
     def finished(self, result: ServerResult) -> None:
+        """A server's final result, sent at once (with what is waiting before it, in order)."""
         if result.server not in self.done:
             self.done.add(result.server)
             self.send([DONE, result.server, result_fields(result)])
+            self.flush()
 
 
 class RelayedExecution(Execution):
