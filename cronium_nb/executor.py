@@ -97,6 +97,10 @@ class Executor:
         self.concurrency = concurrency
         self.continue_on_failure = continue_on_failure
         self.variable_scope = variable_scope
+        deploy_backoff = tuple(deploy_backoff)
+        self._cluster: ClusterDispatch | None = None  # first: a wrong `cluster` is refused before anything opens
+        if cluster is not None:
+            self._cluster = _cluster_dispatch(cluster, self, runner_dist, deploy_attempts, deploy_backoff)
         self.store = Store(self.state_dir)
         self.tools = ToolRegistry()
         self._store_worker = StoreWorker(self.store)
@@ -121,9 +125,6 @@ class Executor:
         )
         self._jobs: weakref.WeakSet[Job] = weakref.WeakSet()  # not finished yet, or not collected
         self._closed = False
-        self._cluster: ClusterDispatch | None = None
-        if cluster is not None:
-            self._cluster = _cluster_dispatch(cluster, self, runner_dist, deploy_attempts, deploy_backoff)
 
     async def _make_pool(self, accept_new: Path, sessions: RunnerSessions) -> ConnectionPool:
         return ConnectionPool(self.ssh_options, accept_new, keeper=sessions, servers=lambda: self.inventory.servers)
@@ -222,6 +223,11 @@ class Executor:
             job.cancel()
             await asyncio.shield(asyncio.wrap_future(job))
             raise
+
+    @property
+    def cluster(self) -> Any:
+        """The ``distributed.Client`` the servers run through, or None: in this process."""
+        return None if self._cluster is None else self._cluster.client
 
     def metrics(self) -> pd.DataFrame:
         return self._metrics.frame()
