@@ -189,6 +189,24 @@ def test_cancel_and_timeout_leave_no_process_on_any_server(executor: Executor, f
     assert still == {}
 
 
+def test_the_first_failure_stops_the_other_workers_servers_too(
+    executor: Executor, fleet: Fleet, inventory: Inventory
+) -> None:
+    """continue_on_failure=False: one east server fails, and the west worker's servers are
+    cancelled by the client (a cancel across workers), leaving no process."""
+    failing = next(s.name for s in inventory if s.site == "east")
+    script = f'[ "$(cronium.event server)" = {failing} ] && exit 3; echo running; sleep 5023'
+    result = executor.run(Event(name="dask-first-failure", script=script), servers="all", continue_on_failure=False)
+    rows = result.summary.set_index("server")
+    assert (rows.loc[failing, "status"], rows.loc[failing, "error_kind"]) == ("failed", "script"), rows.to_string()
+    others = rows.drop(index=failing)
+    assert set(others["status"]) == {"cancelled"}, rows.to_string()
+    assert {s.site for s in inventory if s.name in others.index} == set(SITES)
+    assert result.status == Status.FAILED
+    still = {name: found for name in fleet.names if (found := processes_matching(fleet, name, "sleep 5023"))}
+    assert still == {}
+
+
 def test_a_worker_killed_mid_run_fails_only_its_servers_and_nothing_reruns(
     executor: Executor, client, fleet: Fleet, inventory: Inventory
 ) -> None:
