@@ -11,7 +11,8 @@ parts, and the one direction they talk in:
   worker's servers with ``worker_lost``;
 - :mod:`~cronium_nb.cluster.agent` is the worker side: a worker plugin holding a long-lived
   local executor (its own connection pool and runner sessions: a second execution is warm);
-- :mod:`~cronium_nb.cluster.relay` is what goes between them (one source of truth).
+- :mod:`~cronium_nb.cluster.relay` is what goes between them (one source of truth);
+- :mod:`~cronium_nb.cluster.local` starts a LocalCluster with a worker per site (tests, notebook 07).
 
 Nothing here is imported by the local path: the executor imports the dispatch only when it is
 given a cluster (Dask is the ``[dask]`` extra).

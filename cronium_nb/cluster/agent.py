@@ -5,7 +5,9 @@ that join later get one too). On its worker it holds a private local :class:`Exe
 loop thread, connection pool, runner sessions and deployer, and a store in the worker's local
 directory for payloads and what probes learnt about servers. It lives as long as the worker (or
 until the client's executor closes), so a second execution through the cluster finds its
-connections open and its runners deployed.
+connections open and its runners deployed. The agent drives that executor's parts (its loop
+thread, store worker, payload service, run parts, metrics) directly, as the executor's own
+``_execute`` does: it is the executor's other front, inside the package.
 
 :func:`run_group` is the Dask task (pinned to one worker) that runs one execution's share of
 servers there, with the executor's own :class:`ServerRun` per server, inside a
