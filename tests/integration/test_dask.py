@@ -189,6 +189,47 @@ def test_cancel_and_timeout_leave_no_process_on_any_server(executor: Executor, f
     assert still == {}
 
 
+def early_cancels(agent_name: str, dask_worker) -> list[str]:
+    """Run on a worker: the executions whose cancel came before their task (see CroniumAgent)."""
+    return list(dask_worker.plugins[agent_name]._early_cancels)
+
+
+def test_a_cancel_that_comes_before_the_worker_starts_the_task(
+    fleet: Fleet, inventory: Inventory, tmp_path_factory
+) -> None:
+    """Workers with one thread: a second execution waits behind the first; cancelled meanwhile,
+    its script never runs once the thread is free."""
+    token = next(tokens)
+    target = [next(s.name for s in inventory if s.site == "east")]
+    with (
+        local_cluster(SITES, threads_per_worker=1) as cluster,
+        distributed.Client(cluster) as one_thread,
+        Executor(inventory, cluster=one_thread, state_dir=tmp_path_factory.mktemp("dask-queued")) as executor,
+    ):
+        one_thread.wait_for_workers(len(SITES), timeout=120)
+        blocking = Event(name="dask-blocker", script=SCRIPT, timeout=180)
+        lines = Lines("line 1", 1)
+        blocker = executor.submit(blocking, target, input={"token": token}, callbacks=Callbacks(on_line=lines.on_line))
+        assert lines.everyone.wait(120), dict(lines.by_server)
+        queued = executor.submit(Event(name="dask-queued", script=f"touch /tmp/dask-queued-{token}"), target)
+        prefix = f"cronium-{queued.execution_id}-"
+        assert wait_for(lambda: one_thread.run_on_scheduler(tasks_named, prefix), timeout=60)  # its task is queued
+        queued.cancel()
+        east = site_workers(one_thread)["east"]
+        agent = executor._cluster.agent_name
+
+        def cancel_arrived() -> bool:
+            return queued.execution_id in one_thread.run(early_cancels, agent, workers=[east])[east]
+
+        assert wait_for(cancel_arrived, timeout=60)
+        fleet.exec(target[0], f"touch /tmp/dask-go-{token}")  # the blocker ends, the thread is free
+        assert blocker.result(timeout=120).ok
+        result = queued.result(timeout=120)
+    assert result.status == Status.CANCELLED and result[target[0]].error_kind == "cancelled", result.summary
+    assert result[target[0]].worker == east
+    assert fleet.exec(target[0], f"ls /tmp/dask-queued-{token}").exit_code != 0  # the script never ran
+
+
 def test_the_first_failure_stops_the_other_workers_servers_too(
     executor: Executor, fleet: Fleet, inventory: Inventory
 ) -> None:
