@@ -170,12 +170,12 @@ class ClusterRun:
         for item in items:
             kind, server = item[0], item[1]
             group = self.group_of.get(server)
-            if group is None:
-                continue
+            if group is None or group.waiting[server].done():
+                continue  # (only after a lost worker: its server's row is final)
             if kind == LINES:
                 _kind, _server, stream, text, count, ts = item
                 execution.lines(server, stream, text, count, ts)
-            elif kind == STATUS and not group.waiting[server].done():
+            elif kind == STATUS:
                 result = execution.results[server]
                 result.status, result.arch = Status(item[2]), item[4] or result.arch
                 execution.status(result, item[3])
