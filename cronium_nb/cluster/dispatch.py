@@ -52,7 +52,8 @@ class ClusterDispatch:
 
         if not isinstance(client, Client):
             raise TypeError(f"cluster must be a distributed.Client, got {type(client).__name__}")
-        if client.asynchronous:
+        # (Client.asynchronous is True only on the client's own loop; _asynchronous is how it was made)
+        if getattr(client, "_asynchronous", False) or client.asynchronous:
             raise ValueError("cluster: pass a synchronous distributed.Client (Client(...) without asynchronous=True)")
         self.client = client
         key = uuid.uuid4().hex[:12]
