@@ -34,8 +34,10 @@ from cronium_nb.cluster.relay import (
     DEPLOY_FAILED,
     DONE,
     LINES,
+    RELAY_ACK_WAIT_S,
     RELAY_BATCH_BYTES,
     RELAY_FLUSH_S,
+    RELAY_UNACKED_BYTES,
     STATUS,
     result_fields,
 )
@@ -82,18 +84,24 @@ class GroupRequest:
 
 
 class Relay:
-    """Batches one execution's items and sends them to the client as Dask events (on the
-    agent's loop; ``Worker.log_event`` is safe from any thread)."""
+    """Batches one execution's items and sends them to the client as Dask events, and bounds the
+    line text sent but not yet acknowledged (see :mod:`~cronium_nb.cluster.relay`). On the
+    agent's loop; ``Worker.log_event`` is safe from any thread."""
 
-    def __init__(self, worker: Worker, topic: str, execution_id: str) -> None:
+    def __init__(self, worker: Any, topic: str, execution_id: str) -> None:
         self.worker, self.topic, self.execution_id = worker, topic, execution_id
         self.items: list[list[Any]] = []
         self.size = 0
         self.done: set[str] = set()
+        self.sent = 0  # line text sent in all
+        self.acknowledged = 0  # of which the client has said it took in
+        self._room = asyncio.Event()
+        self._room.set()
 
     def send(self, item: list[Any], size: int = 0) -> None:
         self.items.append(item)
         self.size += size
+        self.sent += size
         if self.size >= RELAY_BATCH_BYTES:
             self.flush()
 
@@ -101,6 +109,24 @@ class Relay:
         if self.items:
             self.worker.log_event(self.topic, {"execution": self.execution_id, "items": self.items})
             self.items, self.size = [], 0
+
+    def acknowledge(self, received: int) -> None:
+        """The client has taken in ``received`` bytes of line text (on the agent's loop)."""
+        self.acknowledged = max(self.acknowledged, received)
+        if self.sent - self.acknowledged <= RELAY_UNACKED_BYTES:
+            self._room.set()
+
+    async def room(self) -> None:
+        """Wait while more than ``RELAY_UNACKED_BYTES`` are unacknowledged (at most
+        ``RELAY_ACK_WAIT_S`` at a time: a client gone must not hang the worker)."""
+        while self.sent - self.acknowledged > RELAY_UNACKED_BYTES:
+            self.flush()  # what waits in the batch is part of what the client must see first
+            self._room.clear()
+            try:
+                await asyncio.wait_for(self._room.wait(), RELAY_ACK_WAIT_S)
+            except asyncio.TimeoutError:
+                log.warning("no acknowledgement from the client for %g s: relaying on", RELAY_ACK_WAIT_S)
+                return
 
     async def keep_flushing(self) -> None:
         while True:
@@ -134,6 +160,9 @@ class RelayedExecution(Execution):
     def truncation_marker(self, server: str) -> None:
         """The client stores the output, so it is the one that marks where storing stopped."""
 
+    async def room_for_output(self) -> None:
+        await self.relay.room()
+
 
 class CroniumAgent(WorkerPlugin):
     """The per-worker agent (see the module docstring); ``name`` is the plugin's name, unique
@@ -150,6 +179,7 @@ class CroniumAgent(WorkerPlugin):
         self._worker = worker
         self._lock = threading.Lock()
         self._jobs: dict[str, Job] = {}
+        self._relays: dict[str, Relay] = {}
         self._early_cancels: dict[str, float] = {}  # execution id -> when its cancel came
         state = Path(worker.local_directory) / self.name  # private (0700), removed with the worker
         settings = self.settings
@@ -178,6 +208,7 @@ class CroniumAgent(WorkerPlugin):
         job = Job(request.execution_id, self._local._loop_thread, self._execute(self._local, request, relay))
         with self._lock:
             self._jobs[request.execution_id] = job
+            self._relays[request.execution_id] = relay
             cancel_now = self._early_cancels.pop(request.execution_id, None) is not None
         if cancel_now:
             job.cancel()
@@ -186,6 +217,7 @@ class CroniumAgent(WorkerPlugin):
         finally:
             with self._lock:
                 self._jobs.pop(request.execution_id, None)
+                self._relays.pop(request.execution_id, None)
         return {name: result_fields(server) for name, server in result.servers.items()}
 
     def cancel(self, execution_id: str) -> None:
@@ -199,6 +231,13 @@ class CroniumAgent(WorkerPlugin):
                 self._early_cancels[execution_id] = now
         if job is not None:
             job.cancel()
+
+    def acknowledge(self, execution_id: str, received: int) -> None:
+        """The client took in ``received`` bytes of the execution's line text (any thread)."""
+        with self._lock:
+            relay = self._relays.get(execution_id)
+        if relay is not None and self._local is not None:
+            self._local._loop_thread.loop.call_soon_threadsafe(relay.acknowledge, received)
 
     async def _execute(self, local: Executor, request: GroupRequest, relay: Relay) -> ExecutionResult:
         """As :meth:`Executor._execute`, on the local executor's loop, relaying instead of storing."""
@@ -266,3 +305,8 @@ def run_group(agent_name: str, request: GroupRequest) -> dict[str, dict[str, Any
 def cancel_group(agent_name: str, execution_id: str, dask_worker: Worker) -> None:
     """Run with ``Client.run`` (out of band): cancel the execution on this worker."""
     agent_on(dask_worker, agent_name).cancel(execution_id)
+
+
+def acknowledge_group(agent_name: str, execution_id: str, received: int, dask_worker: Worker) -> None:
+    """Run with ``Client.run``: the client took in ``received`` bytes of the execution's lines."""
+    agent_on(dask_worker, agent_name).acknowledge(execution_id, received)

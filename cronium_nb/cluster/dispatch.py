@@ -27,9 +27,24 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from cronium_nb.cluster.agent import AgentSettings, CroniumAgent, GroupRequest, cancel_group, run_group
+from cronium_nb.cluster.agent import (
+    AgentSettings,
+    CroniumAgent,
+    GroupRequest,
+    acknowledge_group,
+    cancel_group,
+    run_group,
+)
 from cronium_nb.cluster.placement import place
-from cronium_nb.cluster.relay import DEPLOY_FAILED, DONE, LINES, STATUS, apply_fields, result_fields
+from cronium_nb.cluster.relay import (
+    DEPLOY_FAILED,
+    DONE,
+    LINES,
+    RELAY_ACK_BYTES,
+    STATUS,
+    apply_fields,
+    result_fields,
+)
 from cronium_nb.execution import Execution
 from cronium_nb.metrics import Metrics
 from cronium_nb.model import Server, Status, variable_too_deep
@@ -121,6 +136,9 @@ class Group:
     task: Any = None  # the distributed.Future of run_group, once submitted
     started_at: float = 0.0
     cancel_sent: bool = False
+    received: int = 0  # line text taken in (see relay.py's flow control)
+    acknowledged: int = 0  # of which the worker has been told
+    acknowledging: bool = False
 
     def unresolved(self) -> list[str]:
         return [name for name, future in self.waiting.items() if not future.done()]
@@ -176,6 +194,7 @@ class ClusterRun:
             if kind == LINES:
                 _kind, _server, stream, text, count, ts = item
                 execution.lines(server, stream, text, count, ts)
+                group.received += len(text)
             elif kind == STATUS:
                 result = execution.results[server]
                 result.status, result.arch = Status(item[2]), item[4] or result.arch
@@ -184,6 +203,33 @@ class ClusterRun:
                 execution.callbacks.on_deploy_failed(server, item[2], item[3])
             elif kind == DONE:
                 self._resolve(group, server, item[2])
+        for group in self.groups:
+            if group.received - group.acknowledged >= RELAY_ACK_BYTES and not group.acknowledging:
+                group.acknowledging = True
+                self._spawn(self._acknowledge(group))
+
+    async def _acknowledge(self, group: Group) -> None:
+        """Tell the worker how much line text was taken in, once the store keeps up with it;
+        again while more came meanwhile (one acknowledgement in flight per worker)."""
+        try:
+            while group.received - group.acknowledged >= RELAY_ACK_BYTES:
+                await self.execution.room_for_output()
+                received = group.received
+                call = functools.partial(
+                    self.dispatch.client.run,
+                    acknowledge_group,
+                    self.dispatch.agent_name,
+                    self.execution.execution_id,
+                    received,
+                    workers=[group.address],
+                    on_error="ignore",
+                )
+                await self.loop.run_in_executor(None, call)
+                group.acknowledged = received
+        except Exception as error:  # the worker is gone (the watcher fails its servers)
+            log.warning("could not acknowledge output to Dask worker %s: %s", group.address, error)
+        finally:
+            group.acknowledging = False
 
     def close(self) -> None:
         """The execution is over: stop watching, and let the scheduler forget the tasks."""

@@ -13,6 +13,13 @@ happened in (one worker's events reach the client in order):
   its last line.
 
 Everything in a message is msgpack-able (Dask's requirement for events).
+
+Flow control: the client acknowledges the line text it has taken in (``Client.run`` of the
+agent's ``ack``, every ``RELAY_ACK_BYTES``, once its store keeps up); a worker with more than
+``RELAY_UNACKED_BYTES`` of an execution's text unacknowledged stops reading that execution's
+output (the runners then wait on SSH flow control), so memory stays bounded however fast the
+servers write. An acknowledgement that does not come within ``RELAY_ACK_WAIT_S`` (a client gone)
+lets the worker go on rather than hang.
 """
 
 from __future__ import annotations
@@ -24,6 +31,9 @@ from cronium_nb.results import ServerResult
 
 RELAY_FLUSH_S = 0.1  # a worker sends what it has at least this often: live lines well within 1 s
 RELAY_BATCH_BYTES = 64 * 2**10  # and at once when this much line text is waiting
+RELAY_UNACKED_BYTES = 16 * 2**20  # line text a worker may have sent per execution and not heard back of
+RELAY_ACK_BYTES = 4 * 2**20  # the client acknowledges after taking in this much more
+RELAY_ACK_WAIT_S = 60.0
 # The scheduler keeps the last 1000 events of each topic (distributed.admin.low-level-log-length):
 # one topic per executor and batches of at most RELAY_BATCH_BYTES bound what it holds.
 

@@ -189,6 +189,26 @@ def test_cancel_and_timeout_leave_no_process_on_any_server(executor: Executor, f
     assert still == {}
 
 
+def test_an_output_past_the_flow_control_bound_arrives_whole(executor: Executor, inventory: Inventory) -> None:
+    """30 MB of lines from one server: more than a worker may relay unacknowledged
+    (RELAY_UNACKED_BYTES), so it waits for the client's acknowledgements; every line arrives,
+    live and in the store, in order."""
+    lines = 300_000
+    target = [next(s.name for s in inventory if s.site == "west" and "amd64" in s.name)]
+    seen: list[str] = []
+    script = f"seq -f '%099g' 1 {lines}"  # 100 bytes a line with its newline
+    result = executor.run(
+        Event(name="dask-big", script=script, timeout=300),
+        target,
+        callbacks=Callbacks(on_line=lambda server, stream, text, ts: seen.append(text)),
+    )
+    assert result.ok, result.summary.to_string()
+    assert len(seen) == lines and seen[0] == f"{1:099d}" and seen[-1] == f"{lines:099d}"
+    stored = result.logs
+    assert len(stored) == lines and stored["seq"].tolist() == list(range(1, lines + 1))
+    assert stored["line"].iloc[-1] == f"{lines:099d}"
+
+
 def early_cancels(agent_name: str, dask_worker) -> list[str]:
     """Run on a worker: the executions whose cancel came before their task (see CroniumAgent)."""
     return list(dask_worker.plugins[agent_name]._early_cancels)

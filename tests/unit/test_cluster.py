@@ -3,6 +3,7 @@ the ``site`` field, and that the local path never loads Dask."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import subprocess
@@ -95,3 +96,34 @@ def test_a_local_run_does_not_import_dask(local_servers, tmp_path) -> None:
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout.splitlines()[-1])
     assert report == {"status": "success", "workers": [None], "lines": ["local"], "loaded": []}
+
+
+def test_a_worker_stops_relaying_past_the_unacknowledged_bound_until_the_client_catches_up() -> None:
+    """The agent's side of the flow control, with a recorder for Worker.log_event."""
+    from cronium_nb.cluster.agent import Relay
+    from cronium_nb.cluster.relay import LINES, RELAY_UNACKED_BYTES
+
+    events: list[dict] = []
+
+    class Recorder:
+        def log_event(self, topic: str, message: dict) -> None:
+            events.append(message)
+
+    async def scenario() -> None:
+        relay = Relay(Recorder(), "topic", "ex1")
+        chunk = "x" * 2**20
+        count = RELAY_UNACKED_BYTES // len(chunk) + 1
+        await relay.room()  # within the bound: no wait
+        for _ in range(count):
+            relay.send([LINES, "s1", "stdout", chunk, 1, 0.0], len(chunk))
+        waiting = asyncio.ensure_future(relay.room())
+        await asyncio.sleep(0)  # one turn of the loop: it is now waiting for an acknowledgement
+        assert not waiting.done()
+        assert sum(len(m["items"]) for m in events) == count  # all of it sent before waiting
+        relay.acknowledge(len(chunk) // 2)  # still past the bound
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        relay.acknowledge(len(chunk))  # exactly the bound left unacknowledged: room again
+        await asyncio.wait_for(waiting, 5)
+
+    asyncio.run(scenario())
