@@ -1,8 +1,9 @@
 """cronium_nb against its peers, on one local fleet, in one run: ``make bench``.
 
 B1 warm single-server latency, B2 fan-out, B3 cold deployment, B4 streaming (and reading the
-2 million lines back), B5 where the time goes, B6 scale to 100 servers. Every sample is checked
-(all servers answered, every line arrived); the medians, the targets met or not, the machine,
+2 million lines back), B5 where the time goes, B6 scale to 100 servers, B7 the fan-out through a
+Dask cluster of 2 workers against the local executor. Every sample is checked (all servers
+answered, every line arrived); the medians, the targets met or not, the machine,
 the tool versions and the command go to ``benchmarks/RESULTS.md``, the raw samples to
 ``benchmarks/results/samples.csv`` and the plots to ``benchmarks/results/*.png``.
 
@@ -59,12 +60,23 @@ class Plan:
     profile_runs: int = 10
     scale_sizes: Sequence[int] = (20, 50, 100)
     scale_runs: int = 5
-    only: set[str] = field(default_factory=lambda: {"B1", "B2", "B3", "B4", "B5", "B6"})
+    cluster_sizes: Sequence[int] = (20, 60)
+    cluster_runs: int = 5
+    only: set[str] = field(default_factory=lambda: {"B1", "B2", "B3", "B4", "B5", "B6", "B7"})
 
     @classmethod
     def quick(cls) -> Plan:
         return cls(latency_runs=5, fanout_sizes=(1, 5), fanout_runs=2, ansible_runs=1, deploy_sizes=(1,),
-                   deploy_runs=1, stream_runs=1, profile_runs=2, scale_sizes=(5, 10), scale_runs=1)  # fmt: skip
+                   deploy_runs=1, stream_runs=1, profile_runs=2, scale_sizes=(5, 10), scale_runs=1,
+                   cluster_sizes=(4,), cluster_runs=2)  # fmt: skip
+
+    def servers_needed(self) -> int:
+        sizes = [*self.fanout_sizes, *self.deploy_sizes]
+        if "B6" in self.only:
+            sizes += self.scale_sizes
+        if "B7" in self.only:
+            sizes += self.cluster_sizes
+        return max(sizes)
 
 
 def timed(action: Callable[[], object], runs: int, prepare: Callable[[], object] | None = None) -> list[float]:
@@ -330,6 +342,48 @@ def bench_scale(report: Report, fleet: Fleet, state: Path, plan: Plan) -> None:
                    extra={**extra, "cpu_ms_per_server": measured["warm_cpu_s"] * 1000 / n})  # fmt: skip
 
 
+# --- B7 ---------------------------------------------------------------------------------------
+
+CLUSTER_WORKERS = 2
+
+
+def bench_cluster(report: Report, fleet: Fleet, state: Path, plan: Plan) -> None:
+    """The same fan-out through a Dask LocalCluster of 2 worker processes (no sites: the servers
+    are spread over both) and with the local executor, cold (a new executor: for the cluster,
+    new agents on the workers, new connections) and warm, in one run."""
+    from distributed import Client
+
+    from cronium_nb.cluster.local import local_cluster
+
+    event = Event(name="bench-fanout", script=FANOUT_COMMAND, type="sh")
+
+    def check_spread(result, servers: Sequence[Server]) -> None:
+        check(result, servers)
+        workers = set(result.summary["worker"])
+        if len(workers) != min(CLUSTER_WORKERS, len(servers)) or None in workers:
+            raise RuntimeError(f"expected the servers spread over {CLUSTER_WORKERS} workers, got {workers}")
+
+    with local_cluster([None] * CLUSTER_WORKERS) as cluster, Client(cluster) as client:
+        client.wait_for_workers(CLUSTER_WORKERS, timeout=120)
+        paths = {"local executor": {}, f"through a Dask cluster ({CLUSTER_WORKERS} workers)": {"cluster": client}}
+        for n in plan.cluster_sizes:
+            servers = fleet.servers[:n]
+            with Executor(fleet.inventory, state_dir=state) as executor:  # runner deployed everywhere
+                check(executor.run(event, servers), servers)
+            for label, options in paths.items():
+                checked = check_spread if options else check
+
+                def cold() -> None:
+                    with Executor(fleet.inventory, state_dir=state, **options) as executor:
+                        checked(executor.run(event, servers), servers)
+
+                report.add("B7", f"{label}, cold", n, timed(cold, plan.cluster_runs))
+                with Executor(fleet.inventory, state_dir=state, **options) as executor:
+                    checked(executor.run(event, servers), servers)
+                    warm = timed(lambda: checked(executor.run(event, servers), servers), plan.cluster_runs)
+                    report.add("B7", f"{label}, warm", n, warm)
+
+
 # --- profile ----------------------------------------------------------------------------------
 
 
@@ -368,7 +422,7 @@ def profile_cold_fanout(report: Report, fleet: Fleet, state: Path, n: int, runs:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few samples: a smoke run, not for RESULTS.md")
-    parser.add_argument("--only", help="comma-separated subset of B1,B2,B3,B4,B5,B6")
+    parser.add_argument("--only", help="comma-separated subset of B1,B2,B3,B4,B5,B6,B7")
     parser.add_argument("--out", type=Path, default=HERE, help="where RESULTS.md and results/ go")
     parser.add_argument("--stream-child", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--profile-child", nargs=3, help=argparse.SUPPRESS)
@@ -388,14 +442,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     plan = Plan.quick() if args.quick else Plan()
     if args.only:
         plan.only = {part.strip().upper() for part in args.only.split(",")}
-    servers_needed = max([*plan.fanout_sizes, *plan.deploy_sizes, *(plan.scale_sizes if "B6" in plan.only else ())])
+    servers_needed = plan.servers_needed()
     command = "make bench" + (f" BENCH_ARGS='{' '.join(argv or sys.argv[1:])}'" if (argv or sys.argv[1:]) else "")
     report = Report(command=command, quick=args.quick)
     started = time.monotonic()
     print(f"bench: starting {servers_needed} amd64 sshd containers", flush=True)
     with Fleet.up(amd64=servers_needed, arm64=0) as fleet, tempfile.TemporaryDirectory() as state:
         for name, bench in (("B1", bench_latency), ("B2", bench_fanout), ("B3", bench_deploy),
-                            ("B4", bench_streaming), ("B6", bench_scale)):  # fmt: skip
+                            ("B4", bench_streaming), ("B6", bench_scale), ("B7", bench_cluster)):  # fmt: skip
             if name in plan.only:
                 print(f"bench: {name}", flush=True)
                 bench(report, fleet, Path(state), plan)

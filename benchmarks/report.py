@@ -197,7 +197,17 @@ class Report:
         from peers import tool_versions  # the peers' packages are only needed here and in bench.py
 
         lines += [f"| {key} | {value} |" for key, value in {**machine(), **tool_versions()}.items()]
-        lines += ["", *self._summary(), *self._b1(), *self._b2(), *self._b3(), *self._b4(), *self._b5(), *self._b6()]
+        lines += [
+            "",
+            *self._summary(),
+            *self._b1(),
+            *self._b2(),
+            *self._b3(),
+            *self._b4(),
+            *self._b5(),
+            *self._b6(),
+            *self._b7(),
+        ]
         lines += self._profile()
         lines += [f"![{Path(p).stem}]({p})" for p in plots]
         analysis = Path(__file__).with_name("analysis.md")
@@ -345,6 +355,30 @@ class Report:
             "work dir removed, result back.",
             ["run", *PHASES],
             [[label, *(_ms(phases[p]) for p in PHASES)] for label, phases in self.phase_tables.items()],
+        )
+
+    def _b7(self) -> list[str]:
+        series = self.of("B7")
+        if not series:
+            return []
+        sizes = sorted({s.n for s in series})
+        tools = list(dict.fromkeys(s.tool for s in series))
+        rows = [[tool] + [_ms(c.median) if (c := self.find("B7", tool, n)) else "" for n in sizes] for tool in tools]
+        overhead = []
+        for flavour in ("cold", "warm"):
+            local = [self.find("B7", f"local executor, {flavour}", n) for n in sizes]
+            remote = [self.find("B7", t, n) for n in sizes for t in tools if t.startswith("through") and flavour in t]
+            if all(local) and len(remote) == len(sizes) and all(remote):
+                cells = [_ms(there.median - here.median) for here, there in zip(local, remote, strict=True)]
+                overhead.append([f"cluster minus local, {flavour}", *cells])
+        return _section(
+            f"B7 fan-out through a Dask cluster: `{FANOUT_LABEL}` on N servers",
+            "A LocalCluster of 2 worker processes on this machine, servers spread over both, against the "
+            "local executor. Cold: a new executor per sample (for the cluster: new agents on the workers, "
+            "new connections); warm: the same executor again. Median wall time; the last rows are the "
+            "cluster path's own cost per execution (see the analysis for where it pays off).",
+            ["path", *[f"N={n}" for n in sizes]],
+            rows + overhead,
         )
 
     def _profile(self) -> list[str]:

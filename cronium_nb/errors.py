@@ -26,6 +26,7 @@ ErrorKind = Literal[
     "timeout",  # the event's timeout ended the script, or a setup step stalled past it
     "cancelled",  # cancelled by the caller (job.cancel(), Ctrl-C, continue_on_failure=False)
     "internal",  # a bug in cronium_nb
+    "worker_lost",  # the Dask worker running this server was lost mid-run (not rerun elsewhere)
 ]
 ERROR_KINDS: tuple[ErrorKind, ...] = (
     "unreachable",
@@ -37,6 +38,7 @@ ERROR_KINDS: tuple[ErrorKind, ...] = (
     "timeout",
     "cancelled",
     "internal",
+    "worker_lost",
 )
 
 

@@ -13,6 +13,9 @@ sync and async twins::
     res = await ex.run_async(event, servers=[...])
     ex.put("app.tar", "/srv/app.tar", servers="web")   # files: a DataFrame, see cronium_nb.transfer
     ex.fetch("/var/log/syslog", servers="web", dest="logs/")
+
+``Executor(inventory, cluster=client)`` (a ``distributed.Client``) runs the servers on the Dask
+cluster's workers instead of this process (see :mod:`cronium_nb.cluster`); the API is the same.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import uuid
 import weakref
 from collections.abc import Callable, Coroutine, Iterable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pandas as pd
 
@@ -52,6 +55,9 @@ from cronium_nb.store_worker import StoreWorker
 from cronium_nb.tools import ToolRegistry
 from cronium_nb.transfer import Progress, TransferJob, Transfers, start_fetch, start_put
 from cronium_nb.views import HistoryFrame, MetricsFrame
+
+if TYPE_CHECKING:
+    from cronium_nb.cluster.dispatch import ClusterDispatch
 
 __all__ = ["DEFAULT_CONCURRENCY", "Callbacks", "Executor", "Job"]
 
@@ -87,6 +93,7 @@ class Executor:
         variable_scope: str = "global",
         max_log_bytes: int = DEFAULT_MAX_LOG_BYTES,
         confirm_above: int = DEFAULT_CONFIRM_ABOVE,
+        cluster: Any = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -102,6 +109,10 @@ class Executor:
         self.concurrency = concurrency
         self.continue_on_failure = continue_on_failure
         self.variable_scope = variable_scope
+        deploy_backoff = tuple(deploy_backoff)
+        self._cluster: ClusterDispatch | None = None  # first: a wrong `cluster` is refused before anything opens
+        if cluster is not None:
+            self._cluster = _cluster_dispatch(cluster, self, runner_dist, deploy_attempts, deploy_backoff)
         self.store = Store(self.state_dir)
         self.tools = ToolRegistry()
         self._store_worker = StoreWorker(self.store)
@@ -160,8 +171,22 @@ class Executor:
         self._check_open()
         event, targets, run_input = self._validate(event, servers, input, timeout)
         rollout = Rollout(batch_size, max_fail)
+        placement = self._place(targets, api, rollout)
         keep_going = self.continue_on_failure if continue_on_failure is None else continue_on_failure
-        return self._start(event, targets, run_input, keep_going, callbacks or Callbacks(), api, rollout)
+        return self._start(event, targets, run_input, keep_going, callbacks or Callbacks(), api, rollout, placement)
+
+    def _place(self, targets: list[Server], api: bool, rollout: Rollout) -> dict[str, list[Server]] | None:
+        """Through a Dask cluster: the worker of each server (checked before anything runs); None
+        when the servers run in this process."""
+        if self._cluster is None:
+            return None
+        if api:
+            raise ValueError("api=True is not available through a Dask cluster (the tools live in this process)")
+        if rollout.batch_size is not None:
+            raise ValueError(
+                "batch_size/max_fail are not available through a Dask cluster yet: run the batches locally"
+            )
+        return self._cluster.place(targets)
 
     def _start(
         self,
@@ -172,11 +197,12 @@ class Executor:
         callbacks: Callbacks,
         api: bool,
         rollout: Rollout,
+        placement: dict[str, list[Server]] | None,
         retry_of: str | None = None,
     ) -> Job:
         execution_id = uuid.uuid4().hex[:12]
         coroutine = self._execute(
-            execution_id, event, targets, run_input, keep_going, callbacks, api, rollout, retry_of
+            execution_id, event, targets, run_input, keep_going, callbacks, api, rollout, placement, retry_of
         )
         job = Job(execution_id, self._loop_thread, coroutine)
         self._jobs.add(job)
@@ -376,6 +402,11 @@ class Executor:
         rollout = Rollout(batch_size, max_fail)
         return make_plan(event, targets, rollout, self.pool.resolve, self._parts.deployer.builds, self.store)
 
+    @property
+    def cluster(self) -> Any:
+        """The ``distributed.Client`` the servers run through, or None: in this process."""
+        return None if self._cluster is None else self._cluster.client
+
     def metrics(self) -> pd.DataFrame:
         """Counters and per-phase durations (a DataFrame, shown styled in a notebook)."""
         return MetricsFrame(self._metrics.frame())
@@ -399,6 +430,8 @@ class Executor:
             job.cancel()
         if running and not self._loop_thread.on_loop():
             concurrent.futures.wait(running, timeout=CLOSE_WAIT_S)
+        if self._cluster is not None:
+            self._cluster.close()
         with contextlib.suppress(Exception):
             self._loop_thread.call(self.pool.close(), timeout=30)
         with contextlib.suppress(Exception):
@@ -452,11 +485,14 @@ class Executor:
         callbacks: Callbacks,
         api: bool,
         rollout: Rollout,
+        placement: dict[str, list[Server]] | None,
         retry_of: str | None,
     ) -> ExecutionResult:
         worker = self._store_worker
-        options = {"timeout": event.timeout, "type": event.type, "continue_on_failure": keep_going, "api": api}
-        options |= rollout.options()
+        options: dict[str, Any] = {"timeout": event.timeout, "type": event.type, "continue_on_failure": keep_going}
+        options |= {"api": api, **rollout.options()}
+        if placement is not None:  # the Dask worker of each server
+            options["cluster"] = {address: [s.name for s in servers] for address, servers in placement.items()}
 
         def prepare_and_record() -> PreparedPayload:  # on the store's thread
             payload = self._payloads.prepare(event)
@@ -486,10 +522,17 @@ class Executor:
         def run_server(server: Server, limit: asyncio.Semaphore) -> Coroutine[Any, Any, ServerResult]:
             return ServerRun(execution, server, self._parts).run(limit)
 
-        result = await execution.run(
-            targets, run_server, concurrency=self.concurrency, keep_going=keep_going, cancelled=cancelled,
-            rollout=rollout,
-        )  # fmt: skip
+        if self._cluster is not None and placement is not None:
+            seeded = await uninterrupted(worker.call(self.store.get_variables, self.variable_scope))
+            result = await self._cluster.execute(
+                execution, targets, placement, seeded=seeded, keep_going=keep_going, cancelled=cancelled,
+                metrics=self._metrics,
+            )  # fmt: skip
+        else:
+            result = await execution.run(
+                targets, run_server, concurrency=self.concurrency, keep_going=keep_going, cancelled=cancelled,
+                rollout=rollout,
+            )  # fmt: skip
         self._metrics.executions[result.status.value] += 1
         result.retry_of = retry_of
 
@@ -498,7 +541,8 @@ class Executor:
             self._check_open()
             if self._loop_thread.on_loop():
                 raise RuntimeError("retry_failed() would wait for the executor's own loop: not from a callback")
-            return _wait(self._start(event, again, run_input, keep_going, Callbacks(), api, rollout, first))
+            placement = self._place(again, api, rollout)
+            return _wait(self._start(event, again, run_input, keep_going, Callbacks(), api, rollout, placement, first))
 
         result._rerun = rerun
         return result
@@ -523,3 +567,20 @@ async def _await(job: concurrent.futures.Future[ResultT]) -> ResultT:
         job.cancel()
         await asyncio.shield(asyncio.wrap_future(job))
         raise
+
+
+def _cluster_dispatch(
+    client: Any, executor: Executor, runner_dist: str | Path | None, attempts: int, backoff: Iterable[float]
+) -> ClusterDispatch:
+    """The executor's link to a Dask cluster; imported here only, so the local path never loads Dask."""
+    from cronium_nb.cluster.agent import AgentSettings
+    from cronium_nb.cluster.dispatch import ClusterDispatch
+
+    settings = AgentSettings(
+        ssh_options=executor.ssh_options,
+        concurrency=executor.concurrency,
+        deploy_attempts=attempts,
+        deploy_backoff=tuple(backoff),
+        runner_dist=None if runner_dist is None else str(runner_dist),
+    )
+    return ClusterDispatch(client, settings)

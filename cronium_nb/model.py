@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
@@ -19,6 +20,7 @@ from cronium_nb.manifest import (
 )
 
 MIN_PORT, MAX_PORT = 1, 65535
+SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,9 @@ class Server:
     ``~/.ssh/known_hosts``). A value given here wins over the config. ``jump`` names another
     inventory server to connect through (a bastion; it may have its own ``jump``);
     ``forward_agent`` forwards the local ssh-agent to this server (off by default).
-    ``key_path`` and ``known_hosts`` are expanded (``~``) on creation.
+    ``key_path`` and ``known_hosts`` are expanded (``~``) on creation. ``site`` names the
+    network the server lives in: through a Dask cluster (``Executor(cluster=client)``) it runs on
+    a worker that offers the resource ``site-<site>``; ``None``: on any worker.
     """
 
     name: str
@@ -43,6 +47,7 @@ class Server:
     known_hosts: str | None = None
     jump: str | None = None
     forward_agent: bool = False
+    site: str | None = None
 
     def __post_init__(self) -> None:
         for text_field in ("name", "host", "user", "jump"):
@@ -65,6 +70,11 @@ class Server:
             raise ValueError(f"server {self.name!r}: jump names the server itself")
         if not isinstance(self.forward_agent, bool):
             raise ValueError(f"server {self.name!r}: forward_agent must be true or false, got {self.forward_agent!r}")
+        if self.site is not None and (not isinstance(self.site, str) or not SITE_NAME.fullmatch(self.site)):
+            raise ValueError(
+                f"server {self.name!r}: site must be letters, digits, '.', '_' or '-' (it becomes the Dask "
+                f"worker resource site-<site>), got {self.site!r}"
+            )
         for path_field in ("key_path", "known_hosts"):
             value = getattr(self, path_field)
             if value is not None:

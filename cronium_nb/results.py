@@ -17,7 +17,9 @@ from cronium_nb.model import Status
 from cronium_nb.store import Store
 from cronium_nb.views import PHASE_COLOURS, PHASES, html_frontend, phase_legend, status_badge, style_table, timeline_bar
 
-SUMMARY_COLUMNS = ("server", "arch", "status", "exit_code", "duration_s", "deploy", "attempts", "error", "error_kind")
+SUMMARY_COLUMNS = (
+    "server", "arch", "status", "exit_code", "duration_s", "deploy", "attempts", "error", "error_kind", "worker",
+)  # fmt: skip
 
 
 @dataclass
@@ -36,6 +38,7 @@ class ServerResult:
     phases: dict[str, float] = field(default_factory=dict)
     phase: str | None = None  # while it runs: connect, deploy, run; None once finished
     helpers: str | None = None  # "bundled", "api", or "bundled (API unavailable: why)"
+    worker: str | None = None  # through a Dask cluster: the worker's address; None for a local run
 
     def row(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in SUMMARY_COLUMNS} | {"status": self.status.value}

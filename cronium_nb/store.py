@@ -173,11 +173,15 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (route, build)
     );
     """,
+    # 9: the Dask worker a server ran on (Executor(cluster=...)); NULL for a local run
+    """
+    ALTER TABLE server_results ADD COLUMN worker TEXT;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 SERVER_RESULT_FIELDS = (
     "arch", "status", "exit_code", "duration_s", "deploy", "attempts", "error", "error_kind", "outputs", "variables",
-    "phases",
+    "phases", "worker",
 )  # fmt: skip
 JSON_FIELDS = ("outputs", "variables", "phases")
 TRANSFER_ROW = ("server", "path", "bytes", "sha256", "status", "error")  # then started_at, duration_s
@@ -454,7 +458,7 @@ class Store:
     def server_results(self, execution_id: str) -> pd.DataFrame:
         frame = self._frame(
             "SELECT server, arch, status, exit_code, duration_s, deploy, attempts, error, error_kind, outputs, "
-            "variables, phases FROM server_results WHERE execution_id = ? ORDER BY rowid",
+            "variables, phases, worker FROM server_results WHERE execution_id = ? ORDER BY rowid",
             (execution_id,),
         )
         for column in JSON_FIELDS:
@@ -587,6 +591,11 @@ class Store:
                 "updated_at = excluded.updated_at, updated_by = excluded.updated_by",
                 (scope, name, json.dumps(value), time.time(), updated_by),
             )
+
+    def delete_variables(self, scope: str) -> None:
+        """Forget every variable of ``scope`` (a Dask agent's per-execution copy, once it is done)."""
+        with self._transaction() as db:
+            db.execute("DELETE FROM variables WHERE scope = ?", (scope,))
 
     def get_variables(self, scope: str) -> dict[str, Any]:
         rows = self._query("SELECT name, value FROM variables WHERE scope = ? ORDER BY name", (scope,))

@@ -1,6 +1,6 @@
 """IPython magics: ``%cronium_servers``, ``%%cronium``, ``%cronium_fleet``, ``%cronium_metrics``,
 ``%cronium_history``, ``%cronium_vars``, ``%cronium_put``, ``%cronium_fetch``,
-``%cronium_confirm_above``."""
+``%cronium_confirm_above``, ``%cronium_cluster``."""
 
 from __future__ import annotations
 
@@ -313,6 +313,27 @@ class CroniumMagics(Magics):
                 raise UsageError(f"confirm_above must be 0 or more servers, got {count}")
             self.session.confirm_above = count
         return self.session.executor.confirm_above
+
+    @magic_arguments()
+    @argument("client", nargs="?", help="a notebook variable holding a distributed.Client, or 'off'")
+    @line_magic
+    def cronium_cluster(self, line: str) -> Any:
+        """Run the magics' events through a Dask cluster (``%cronium_cluster client``), or in
+        this process again (``%cronium_cluster off``); without an argument, say which."""
+        name = _parse(self.cronium_cluster, line).client
+        if name == "off":
+            self.session.use_cluster(None)
+        elif name is not None:
+            if name not in self._user_ns:
+                raise UsageError(f"no variable {name!r} in the notebook (expected a distributed.Client)")
+            try:
+                self.session.use_cluster(self._user_ns[name])
+                self.session.executor  # noqa: B018 - made now, so a wrong object is refused here
+            except (TypeError, ValueError) as error:
+                self.session.use_cluster(None)
+                raise UsageError(str(error)) from None
+        client = self.session.executor.cluster
+        return "running in this process" if client is None else f"running through the Dask cluster {client}"
 
     @line_magic
     def cronium_metrics(self, line: str) -> Any:

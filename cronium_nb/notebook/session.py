@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from cronium_nb.executor import Executor
 from cronium_nb.fleet import Fleet
@@ -22,6 +23,7 @@ class NotebookSession:
         self._executor: Executor | None = None
         self._ssh_options: SSHOptions | None = None  # None: the defaults
         self.confirm_above: int | None = None  # %cronium_confirm_above; None: the executor's default
+        self._cluster: Any = None  # a distributed.Client (%cronium_cluster), or None: run locally
 
     @property
     def inventory(self) -> Inventory:
@@ -48,10 +50,21 @@ class NotebookSession:
             self._executor.close()
             self._executor = None
 
+    def use_cluster(self, client: Any) -> None:
+        """Run through the Dask cluster of ``client`` from now on (None: in this process again).
+        The current executor is closed (what it runs in the background is cancelled); the next
+        run makes a new one, with the same state dir."""
+        if client is self._cluster:
+            return
+        if self._executor is not None:
+            self._executor.close()
+            self._executor = None
+        self._cluster = client
+
     @property
     def executor(self) -> Executor:
         if self._executor is None:
-            self._executor = Executor(self.inventory, ssh_options=self._ssh_options)
+            self._executor = Executor(self.inventory, ssh_options=self._ssh_options, cluster=self._cluster)
         self._executor.inventory = self.inventory
         if self.confirm_above is not None:
             self._executor.confirm_above = self.confirm_above

@@ -1,6 +1,7 @@
 """Every kind of server failure, provoked for real on the fleet: each ends as that server's row
 with its ``error_kind`` (in the result, the summary and the store), while the other server of
-the execution runs normally. Together they cover every kind in ``cronium_nb.errors.ERROR_KINDS``."""
+the execution runs normally. Together they cover every kind in ``cronium_nb.errors.ERROR_KINDS``
+(``worker_lost``, a Dask worker killed mid-run: test_dask.py)."""
 
 from __future__ import annotations
 
