@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import asyncssh
 
-from cronium_nb import Event, Executor, Fleet, Server
+from cronium_nb import Callbacks, Event, Executor, Fleet, Server
 from cronium_nb.ssh.options import PREFERRED_CIPHERS  # the floors use the ciphers we use
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -378,10 +378,17 @@ def bench_cluster(report: Report, fleet: Fleet, state: Path, plan: Plan) -> None
                         checked(executor.run(event, servers), servers)
 
                 report.add("B7", f"{label}, cold", n, timed(cold, plan.cluster_runs))
+                lateness: list[float] = []  # a line's arrival here after its server's runner read it
+
+                def on_line(server: str, stream: str, text: str, ts: float) -> None:
+                    lateness.append(time.time() - ts)
+
                 with Executor(fleet.inventory, state_dir=state, **options) as executor:
                     checked(executor.run(event, servers), servers)
-                    warm = timed(lambda: checked(executor.run(event, servers), servers), plan.cluster_runs)
-                    report.add("B7", f"{label}, warm", n, warm)
+                    warm = timed(lambda: checked(executor.run(event, servers, callbacks=Callbacks(on_line=on_line)),
+                                                 servers), plan.cluster_runs)  # fmt: skip
+                    report.add("B7", f"{label}, warm", n, warm,
+                               extra={"line_delay_ms": statistics.median(lateness) * 1000})  # fmt: skip
 
 
 # --- profile ----------------------------------------------------------------------------------

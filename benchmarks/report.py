@@ -371,14 +371,18 @@ class Report:
             if all(local) and len(remote) == len(sizes) and all(remote):
                 cells = [_ms(there.median - here.median) for here, there in zip(local, remote, strict=True)]
                 overhead.append([f"cluster minus local, {flavour}", *cells])
+        delays = [[f"{tool.removesuffix(', warm')}: a line's delay, median"]
+                  + [f"{c.extra['line_delay_ms']:.0f} ms" if (c := self.find("B7", tool, n)) else "" for n in sizes]
+                  for tool in tools if tool.endswith("warm")]  # fmt: skip
         return _section(
             f"B7 fan-out through a Dask cluster: `{FANOUT_LABEL}` on N servers",
             "A LocalCluster of 2 worker processes on this machine, servers spread over both, against the "
             "local executor. Cold: a new executor per sample (for the cluster: new agents on the workers, "
             "new connections); warm: the same executor again. Median wall time; the last rows are the "
-            "cluster path's own cost per execution (see the analysis for where it pays off).",
+            "cluster path's own cost per execution (see the analysis for where it pays off), and how long "
+            "after its runner read it a line reached the notebook's callbacks (warm runs).",
             ["path", *[f"N={n}" for n in sizes]],
-            rows + overhead,
+            rows + overhead + delays,
         )
 
     def _profile(self) -> list[str]:
