@@ -21,19 +21,20 @@ import contextlib
 import dataclasses
 import uuid
 import weakref
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from cronium_nb import detached as detached_runs
 from cronium_nb import resources
 from cronium_nb.config import state_dir as resolve_state_dir
 from cronium_nb.execution import DEFAULT_MAX_LOG_BYTES, Callbacks, Execution
 from cronium_nb.inventory import Inventory
 from cronium_nb.jobs import Job, LoopThread
 from cronium_nb.metrics import Metrics
-from cronium_nb.model import Event, Server, check_input
+from cronium_nb.model import Event, EventError, Server, check_input
 from cronium_nb.payload import PayloadService, PreparedPayload
 from cronium_nb.results import ExecutionResult, ServerResult
 from cronium_nb.runtime_api import RuntimeService
@@ -63,7 +64,10 @@ class Executor:
     cancels the other servers at the first failure; ``max_log_bytes`` bounds the output text
     stored per execution (1 GiB): past it lines are counted, not stored, and each server's log
     ends with a ``cronium`` stream line saying how much was dropped.
+    ``detached_spool_bytes`` bounds the output a detached run keeps on its server (64 MiB).
     """
+
+    detached_spool_bytes: int = detached_runs.DEFAULT_SPOOL_BYTES
 
     def __init__(
         self,
@@ -113,6 +117,7 @@ class Executor:
             self._metrics,
         )
         self._jobs: weakref.WeakSet[Job] = weakref.WeakSet()  # not finished yet, or not collected
+        self._leaving: set[str] = set()  # detached executions this process stops following
         self._closed = False
 
     async def _make_pool(self, accept_new: Path, sessions: RunnerSessions) -> ConnectionPool:
@@ -130,6 +135,7 @@ class Executor:
         continue_on_failure: bool | None = None,
         callbacks: Callbacks | None = None,
         api: bool = False,
+        detach: bool = False,
     ) -> Job:
         """Start running ``event`` and return a :class:`Job` at once (also from a callback).
 
@@ -137,13 +143,20 @@ class Executor:
         input and the timeout raise here. ``api=True`` gives the script's helpers a live line to
         this process (variables set on the server are seen here at once, see ``on_variable``);
         where the SSH forward cannot be opened the run falls back to bundled mode and says so.
+        ``detach=True`` hands each server's run to a keeper process there, so that it goes on
+        when this process dies or loses its connection (see :mod:`cronium_nb.detached`).
         """
         self._check_open()
         event, targets, run_input = self._validate(event, servers, input, timeout)
+        if detach and api:
+            raise EventError("api=True needs this process to answer the script's helpers: a detached run cannot use it")
         execution_id = uuid.uuid4().hex[:12]
         keep_going = self.continue_on_failure if continue_on_failure is None else continue_on_failure
-        coroutine = self._execute(execution_id, event, targets, run_input, keep_going, callbacks or Callbacks(), api)
+        coroutine = self._execute(
+            execution_id, event, targets, run_input, keep_going, callbacks or Callbacks(), api, detach
+        )
         job = Job(execution_id, self._loop_thread, coroutine)
+        job.detached = detach
         self._jobs.add(job)
         return job
 
@@ -206,6 +219,74 @@ class Executor:
             await asyncio.shield(asyncio.wrap_future(job))
             raise
 
+    # -- detached runs (cronium_nb.detached)
+
+    def attach(
+        self,
+        execution_id: str,
+        *,
+        callbacks: Callbacks | None = None,
+        secrets: dict[str, str] | None = None,
+        background: bool = False,
+    ) -> Any:
+        """Follow a detached execution (of this process or of one that is gone): each server's
+        output from the start, then live, up to its result, which is stored; returns the
+        :class:`ExecutionResult` (``background=True``: a :class:`Job` at once, whose ``cancel()``
+        stops the runs on the servers). An execution started with secrets needs them again
+        (``secrets=event.secrets``), so that its output is redacted. Ctrl-C stops following; the
+        runs go on."""
+        job = self._attach(execution_id, callbacks, secrets, cancel=False)
+        if background:
+            return job
+        try:
+            return job.result()
+        except KeyboardInterrupt:
+            self._leaving.add(job.execution_id)
+            job.cancel()
+            return job.result()
+
+    def cancel_detached(self, execution_id: str, *, secrets: dict[str, str] | None = None) -> ExecutionResult:
+        """Stop a detached execution's runs on every server still running it; returns the result
+        (cancelled where a run was stopped), stored."""
+        return self._attach(execution_id, None, secrets, cancel=True).result()
+
+    def detached(self) -> pd.DataFrame:
+        """Detached executions whose results are not all stored yet, one row per server, with its
+        run's state on the server: running, finished (waiting for attach), lost, gone, unknown."""
+        self._check_open()
+        executions = detached_runs.pending_executions(self.store)
+        names = sorted({name for row in executions for name in row["follow"]})
+        known = {name: server for name, server in self.inventory.servers.items() if name in names}
+        return self._loop_thread.call(detached_runs.listing(self._parts, executions, known))
+
+    def _attach(
+        self, execution_id: str, callbacks: Callbacks | None, secrets: dict[str, str] | None, *, cancel: bool
+    ) -> Job:
+        self._check_open()
+        plan = detached_runs.plan_attach(self.store, execution_id, secrets, self.inventory.select)
+        if not plan.follow:
+            job = Job(execution_id, self._loop_thread, _value(detached_runs.stored_result(self.store, plan)))
+        else:
+            settings = detached_runs.DetachSettings(
+                self.detached_spool_bytes, self._leaving_check(execution_id), plan.started_at, cancel
+            )
+            coroutine = detached_runs.attach(
+                plan,
+                self._parts,
+                callbacks=callbacks or Callbacks(),
+                variable_scope=self.variable_scope,
+                max_log_bytes=self.max_log_bytes,
+                concurrency=self.concurrency,
+                settings=settings,
+            )
+            job = Job(execution_id, self._loop_thread, coroutine)
+        job.detached = True
+        self._jobs.add(job)
+        return job
+
+    def _leaving_check(self, execution_id: str) -> Callable[[], bool]:
+        return lambda: execution_id in self._leaving
+
     def metrics(self) -> pd.DataFrame:
         return self._metrics.frame()
 
@@ -219,6 +300,8 @@ class Executor:
             return
         self._closed = True
         running = [job for job in list(self._jobs) if not job.done()]
+        # Detached runs go on on their servers: this process only stops following them.
+        self._leaving.update(job.execution_id for job in running if job.detached)
         for job in running:
             job.cancel()
         if running and not self._loop_thread.on_loop():
@@ -271,9 +354,12 @@ class Executor:
         keep_going: bool,
         callbacks: Callbacks,
         api: bool,
+        detach: bool = False,
     ) -> ExecutionResult:
         worker = self._store_worker
         options = {"timeout": event.timeout, "type": event.type, "continue_on_failure": keep_going, "api": api}
+        if detach:  # what attach needs (the secrets' names only: attach is given their values again)
+            options |= {"detach": True, "grace_period": event.grace_period, "secrets": sorted(event.secrets)}
 
         def prepare_and_record() -> PreparedPayload:  # on the store's thread
             payload = self._payloads.prepare(event)
@@ -299,11 +385,22 @@ class Executor:
             execution_id, event, payload, run_input, callbacks, worker, api, self.variable_scope, self.max_log_bytes
         )
 
+        settings = detached_runs.DetachSettings(self.detached_spool_bytes, self._leaving_check(execution_id))
+
         def run_server(server: Server, limit: asyncio.Semaphore) -> Coroutine[Any, Any, ServerResult]:
+            if detach:
+                return detached_runs.DetachServerRun(execution, server, self._parts, settings).run(limit)
             return ServerRun(execution, server, self._parts).run(limit)
 
         result = await execution.run(
             targets, run_server, concurrency=self.concurrency, keep_going=keep_going, cancelled=cancelled
         )
+        if detach:
+            result = await detached_runs.settle(result, worker)
         self._metrics.executions[result.status.value] += 1
         return result
+
+
+async def _value(value: Any) -> Any:
+    """A coroutine that gives ``value`` (a Job of something already known)."""
+    return value

@@ -212,10 +212,11 @@ class Status(str, Enum):
     TIMEOUT = "timeout"
     CANCELLED = "cancelled"
     INTERRUPTED = "interrupted"  # the orchestrator died while it ran (found on the next open)
+    DETACHED = "detached"  # a detached run goes on on its servers, followed by no orchestrator
 
     def __str__(self) -> str:
         return self.value
 
     @property
     def finished(self) -> bool:
-        return self not in (Status.PENDING, Status.RUNNING)
+        return self not in (Status.PENDING, Status.RUNNING, Status.DETACHED)
