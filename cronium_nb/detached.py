@@ -109,7 +109,7 @@ class DetachedRun(RemoteRun):
             lines, size, limit = (int(message.get(key) or 0) for key in ("lines", "bytes", "limit"))
             text = (
                 f"[cronium] output dropped on the server: {lines} lines ({size / 2**20:.1f} MiB) past the "
-                f"detached run's spool limit of {limit / 2**20:g} MiB"
+                f"detached run's spool limit of {_size(limit)} (Executor.detached_spool_bytes)"
             )
             self.on_lines("cronium", text, 1, time.time())
             return
@@ -120,6 +120,11 @@ class DetachedRun(RemoteRun):
             self._outcome.left, self._outcome.cancelled = True, False
             return
         await super()._stop(reason)
+
+
+def _size(n: int) -> str:
+    """A byte count in MiB, or KiB under one MiB."""
+    return f"{n / 2**20:g} MiB" if n >= 2**20 else f"{n / 2**10:g} KiB"
 
 
 class _Reply:
@@ -279,9 +284,15 @@ class FollowServerRun(DetachServerRun):
 
 async def settle(result: ExecutionResult, store: StoreWorker) -> ExecutionResult:
     """A detached execution after its servers' runs: ``detached`` while any server's run goes on
-    unfollowed (the store's record says so, with no end time)."""
+    unfollowed (the store's record says so, with no end time); ``cancelled`` when runs were
+    stopped and none failed (a stop by ``cancel_detached`` reaches the servers as a result)."""
+    statuses = [r.status for r in result.servers.values()]
     waiting = [r.server for r in result.servers.values() if r.status == Status.DETACHED]
     if not waiting:
+        cancelled = Status.CANCELLED in statuses and set(statuses) <= {Status.SUCCESS, Status.CANCELLED}
+        if cancelled and result.status != Status.CANCELLED:  # stopped on the servers, by cancel_detached
+            await store.call(store.store.finish_execution, result.execution_id, Status.CANCELLED)
+            return ExecutionResult(result.execution_id, result.event_name, Status.CANCELLED, result.servers, store.store)
         return result
     error = f"goes on unfollowed on {', '.join(waiting)}: ex.attach({result.execution_id!r}) follows it"
     await store.call(store.store.mark_detached, result.execution_id, error)

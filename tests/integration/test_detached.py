@@ -1,0 +1,186 @@
+"""Detached runs on both architectures: a run that outlives the process that submitted it
+(SIGKILLed), followed again by a new process's attach (every line, in order, once), its
+timeout enforced on the server while no one follows, listing, cancelling, the bounded spool,
+and the job dir left on the server: private while it runs, gone once fetched."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cronium_nb import Callbacks, Event, Executor, Status
+from cronium_nb.detached import job_name
+from cronium_nb.store import Store
+from tests.runner_harness import processes_matching, wait_for
+
+pytestmark = pytest.mark.fleet
+ARCHES = ["amd64", "arm64"]
+JOBS = "~/.cache/cronium/runs/jobs"
+
+
+@pytest.fixture(params=ARCHES)
+def single(request, cronium_fleet):
+    """One server of the session's fleet, of each architecture."""
+    name = next(n for n in cronium_fleet.names if n.startswith(request.param))
+    return cronium_fleet, name
+
+
+# The orchestrator in a process of its own: submits the event detached to one server, prints
+# the execution id, then "running" at the script's first line, and waits (to be SIGKILLed).
+ORCHESTRATOR = """
+import json, sys
+from cronium_nb import Callbacks, Event, Executor, Inventory
+executor = Executor(Inventory.load(sys.argv[1]), state_dir=sys.argv[2])
+event = Event(**json.loads(sys.argv[3]))
+first = []
+def on_line(*line):
+    if not first:
+        first.append(line)
+        print("running", flush=True)
+job = executor.submit(event, callbacks=Callbacks(on_line=on_line), detach=True)
+print(job.execution_id, flush=True)
+job.wait()
+"""
+
+
+def submit_in_child_and_kill(fleet, name: str, tmp_path: Path, event: dict) -> tuple[str, Path]:
+    """Submit ``event`` detached from a child process, SIGKILL it once the script has printed
+    its first line; the execution id and the state dir."""
+    server = fleet.inventory.servers[name]
+    inventory = tmp_path / "servers.yaml"
+    inventory.write_text(yaml.safe_dump({"servers": [{
+        "name": server.name, "host": server.host, "port": server.port,
+        "key_path": server.key_path, "known_hosts": server.known_hosts,
+    }]}))  # fmt: skip
+    state = tmp_path / "state"
+    child = subprocess.Popen(
+        [sys.executable, "-c", ORCHESTRATOR, str(inventory), str(state), json.dumps(event)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        execution_id = child.stdout.readline().strip()
+        assert child.stdout.readline().strip() == "running"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    return execution_id, state
+
+
+def job_dir(execution_id: str, name: str) -> str:
+    return f"{JOBS}/{job_name(execution_id, name)}"
+
+
+def test_detached_run_survives_a_killed_orchestrator_and_attach_gets_every_line(single, tmp_path: Path) -> None:
+    fleet, name = single
+    script = (
+        'for i in $(seq 1 300); do echo "line $i"; done; sleep 12; '
+        'for i in $(seq 301 600); do echo "line $i"; done; cronium.output done 600'
+    )
+    execution_id, state = submit_in_child_and_kill(
+        fleet, name, tmp_path, {"name": "survivor", "script": script, "timeout": 300}
+    )
+    # The orchestrator is gone; the run is not.
+    assert processes_matching(fleet, name, r"sleep 12"), "the detached run died with its orchestrator"
+    listing = fleet.exec(name, f"stat -c '%a %U' {job_dir(execution_id, name)} {job_dir(execution_id, name)}/*")
+    assert listing.exit_code == 0 and set(listing.output.split("\n")[:-1]) == {"700 root", "600 root"}, listing.output
+    with Store(state) as store:  # opened after the owner died: detached, not interrupted
+        assert store.execution_status(execution_id) == Status.DETACHED
+
+    lines: list[str] = []
+    with Executor(fleet.inventory, state_dir=state) as executor:
+        listed = executor.detached()
+        row = listed[listed["execution_id"] == execution_id].iloc[0]
+        assert row["server"] == name and row["state"] == "running", listed.to_string()
+        assert row["pid"] > 0 and row["started_at"].year >= 2025
+        shown = Callbacks(on_line=lambda server, stream, line, ts: lines.append(line))
+        result = executor.attach(execution_id, callbacks=shown)
+        assert result.status == Status.SUCCESS, result.summary.to_string()
+        assert result[name].outputs == {"done": 600} and result[name].exit_code == 0
+        expected = [f"line {i}" for i in range(1, 601)]
+        assert list(result.logs["line"]) == expected  # stored: every line once, in order
+        assert list(result.logs["seq"]) == list(range(1, 601))
+        assert lines == expected  # shown live: the missed lines first, then the rest
+        history = executor.history()
+        assert history[history["execution_id"] == execution_id].iloc[0]["status"] == "success"
+        assert executor.detached().empty  # nothing left to follow
+    # fetched: the job dir is gone from the server
+    assert fleet.exec(name, f"test -e {job_dir(execution_id, name)}").exit_code != 0
+
+
+def test_timeout_applies_while_detached(single, tmp_path: Path) -> None:
+    fleet, name = single
+    execution_id, state = submit_in_child_and_kill(
+        fleet, name, tmp_path, {"name": "detached-timeout", "script": "echo begin; sleep 6003", "timeout": 4}
+    )
+    # Nobody follows it: the keeper on the server stops it at its timeout.
+    assert wait_for(lambda: not processes_matching(fleet, name, r"sleep 6003|cronium-runner keeper"), timeout=90)
+    with Executor(fleet.inventory, state_dir=state) as executor:
+        listed = executor.detached()
+        assert list(listed["state"]) == ["finished"], listed.to_string()
+        assert listed.iloc[0]["stop_reason"] == "timeout"
+        result = executor.attach(execution_id)
+        assert result.status == Status.TIMEOUT and result[name].error_kind == "timeout", result.summary.to_string()
+        assert list(result.logs["line"]) == ["begin"]
+    assert fleet.exec(name, f"test -e {job_dir(execution_id, name)}").exit_code != 0
+
+
+def test_close_leaves_it_running_and_cancel_detached_stops_it(single, tmp_path: Path) -> None:
+    fleet, name = single
+    state = tmp_path / "state"
+    event = Event(name="left-running", script="echo up; sleep 6004", timeout=600)
+    started = threading.Event()
+    with Executor(fleet.inventory, state_dir=state) as executor:
+        job = executor.submit(event, name, callbacks=Callbacks(on_line=lambda *line: started.set()), detach=True)
+        job_id = job.execution_id
+        assert started.wait(120)
+    left = job.result(timeout=60)  # close() stopped following; the run goes on
+    assert left.status == Status.DETACHED and left[name].status == Status.DETACHED, left.summary.to_string()
+    assert processes_matching(fleet, name, r"sleep 6004")
+    with Executor(fleet.inventory, state_dir=state) as executor:
+        assert executor.history().iloc[0]["status"] == "detached"
+        result = executor.cancel_detached(job_id)
+        assert result.status == Status.CANCELLED and result[name].error_kind == "cancelled", result.summary.to_string()
+        assert list(result.logs["line"]) == ["up"]
+        assert wait_for(lambda: not processes_matching(fleet, name, r"sleep 6004"), timeout=60)
+        assert executor.history().iloc[0]["status"] == "cancelled"
+    assert fleet.exec(name, f"test -e {job_dir(job_id, name)}").exit_code != 0
+
+
+def test_job_cancel_of_a_followed_detached_run_stops_it(single, tmp_path: Path) -> None:
+    fleet, name = single
+    with Executor(fleet.inventory, state_dir=tmp_path / "state") as executor:
+        started = threading.Event()
+        job = executor.submit(
+            Event(name="cancel-detached", script="echo up; sleep 6005", timeout=600),
+            name,
+            callbacks=Callbacks(on_line=lambda *line: started.set()),
+            detach=True,
+        )
+        assert started.wait(120)
+        job.cancel()
+        result = job.result(timeout=120)
+        assert result.status == Status.CANCELLED, result.summary.to_string()
+        assert wait_for(lambda: not processes_matching(fleet, name, r"sleep 6005"), timeout=60)
+
+
+def test_spool_is_bounded_with_a_marker(single, tmp_path: Path) -> None:
+    fleet, name = single
+    with Executor(fleet.inventory, state_dir=tmp_path / "state") as executor:
+        executor.detached_spool_bytes = 4096
+        event = Event(name="chatty-detached", script='for i in $(seq 1 3000); do echo "line $i"; done')
+        result = executor.submit(event, name, detach=True).result(timeout=180)
+        assert result.ok, result.summary.to_string()
+        logs = result.logs
+        kept = logs[logs["stream"] == "stdout"]["line"].tolist()
+        assert kept[:3] == ["line 1", "line 2", "line 3"] and len("\n".join(kept)) <= 4096
+        marker = logs.iloc[-1]
+        assert marker["stream"] == "cronium" and "output dropped on the server" in marker["line"], marker
+        assert "spool limit of 4 KiB" in marker["line"]
