@@ -106,6 +106,9 @@ class DetachedRun(RemoteRun):
         if kind in ("detached", "attached"):
             return
         if kind == "spool_dropped":
+            for stream, splitter in self._splitters.items():  # the cut-off line before the marker
+                rest = splitter.flush()
+                self._emit(stream, b"\n".join(rest), len(rest), time.time())
             lines, size, limit = (int(message.get(key) or 0) for key in ("lines", "bytes", "limit"))
             text = (
                 f"[cronium] output dropped on the server: {lines} lines ({size / 2**20:.1f} MiB) past the "
@@ -292,7 +295,8 @@ async def settle(result: ExecutionResult, store: StoreWorker) -> ExecutionResult
         cancelled = Status.CANCELLED in statuses and set(statuses) <= {Status.SUCCESS, Status.CANCELLED}
         if cancelled and result.status != Status.CANCELLED:  # stopped on the servers, by cancel_detached
             await store.call(store.store.finish_execution, result.execution_id, Status.CANCELLED)
-            return ExecutionResult(result.execution_id, result.event_name, Status.CANCELLED, result.servers, store.store)
+            servers = result.servers
+            return ExecutionResult(result.execution_id, result.event_name, Status.CANCELLED, servers, store.store)
         return result
     error = f"goes on unfollowed on {', '.join(waiting)}: ex.attach({result.execution_id!r}) follows it"
     await store.call(store.store.mark_detached, result.execution_id, error)
