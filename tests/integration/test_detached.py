@@ -46,7 +46,7 @@ def on_line(*line):
         print("running", flush=True)
 job = executor.submit(event, callbacks=Callbacks(on_line=on_line), detach=True)
 print(job.execution_id, flush=True)
-job.wait()
+print("ended before it was killed:", job.result().summary.to_dict("records"), flush=True)
 """
 
 
@@ -67,10 +67,11 @@ def submit_in_child_and_kill(fleet, name: str, tmp_path: Path, event: dict) -> t
     )
     try:
         execution_id = child.stdout.readline().strip()
-        assert child.stdout.readline().strip() == "running"
+        first = child.stdout.readline().strip()
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait()
+    assert first == "running", first + child.stdout.read()
     return execution_id, state
 
 
@@ -118,10 +119,11 @@ def test_detached_run_survives_a_killed_orchestrator_and_attach_gets_every_line(
 def test_timeout_applies_while_detached(single, tmp_path: Path) -> None:
     fleet, name = single
     execution_id, state = submit_in_child_and_kill(
-        fleet, name, tmp_path, {"name": "detached-timeout", "script": "echo begin; sleep 6003", "timeout": 4}
+        fleet, name, tmp_path, {"name": "detached-timeout", "script": "echo begin; sleep 6003", "timeout": 20}
     )
+    assert processes_matching(fleet, name, r"sleep 6003")  # its orchestrator is gone, the run is not
     # Nobody follows it: the keeper on the server stops it at its timeout.
-    assert wait_for(lambda: not processes_matching(fleet, name, r"sleep 6003|cronium-runner keeper"), timeout=90)
+    assert wait_for(lambda: not processes_matching(fleet, name, r"sleep 6003|cronium-runner keeper"), timeout=120)
     with Executor(fleet.inventory, state_dir=state) as executor:
         listed = executor.detached()
         assert list(listed["state"]) == ["finished"], listed.to_string()
