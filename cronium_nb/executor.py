@@ -241,9 +241,15 @@ class Executor:
         try:
             return job.result()
         except KeyboardInterrupt:
-            self._leaving.add(job.execution_id)
-            job.cancel()
+            self.stop_following(job)
             return job.result()
+
+    def stop_following(self, job: Job) -> None:
+        """Stop following a detached execution's job; its runs go on on the servers (the job's
+        result says ``detached``). A job that is not detached is cancelled."""
+        if job.detached:
+            self._leaving.add(job.execution_id)
+        job.cancel()
 
     def cancel_detached(self, execution_id: str, *, secrets: dict[str, str] | None = None) -> ExecutionResult:
         """Stop a detached execution's runs on every server still running it; returns the result

@@ -92,6 +92,7 @@ class CroniumMagics(Magics):
     @argument("-o", "--output", dest="output_var", help="store the result (or --bg handle) in this variable")
     @argument("--bg", action="store_true", help="return at once with a cancellable handle")
     @argument("--api", action="store_true", help="API mode: live variables and tool actions through an SSH forward")
+    @argument("--detach", action="store_true", help="the runs go on if the kernel dies: ex.attach(id) follows them")
     @cell_magic
     def cronium(self, line: str, cell: str) -> Any:
         """Run the cell's script on servers over SSH, with live output per server.
@@ -102,6 +103,8 @@ class CroniumMagics(Magics):
         run_input: Any = None
         if args.input_json is not None and args.input_var is not None:
             raise UsageError("give --input or --input-from, not both")
+        if args.api and args.detach:
+            raise UsageError("--api needs the kernel to answer the script's helpers: a --detach run cannot use it")
         if args.input_var is not None:
             if args.input_var not in self._user_ns:
                 raise UsageError(f"--input-from: no variable {args.input_var!r} in the notebook")
@@ -126,7 +129,9 @@ class CroniumMagics(Magics):
         except (EventError, UnknownServerError) as error:
             raise UsageError(str(error)) from None
         events = EventQueue()
-        job = executor.submit(event, servers, input=run_input, callbacks=events.callbacks(), api=args.api)
+        job = executor.submit(
+            event, servers, input=run_input, callbacks=events.callbacks(), api=args.api, detach=args.detach
+        )
         view = make_view(servers, f"{name} ({args.type})", job if args.bg else None)
         if isinstance(view, WidgetView):
             display(view)
@@ -139,8 +144,12 @@ class CroniumMagics(Magics):
             while not job.done():
                 events.drain(view)
         except KeyboardInterrupt:
-            view.note("interrupted: cancelling the remote work…")
-            job.cancel()
+            if args.detach:  # a detached run goes on: only following it stops
+                view.note(f"interrupted: the runs go on on the servers; ex.attach({job.execution_id!r}) follows them")
+                executor.stop_following(job)
+            else:
+                view.note("interrupted: cancelling the remote work…")
+                job.cancel()
             while not job.done():
                 events.drain(view)
         events.drain(view, wait=0)
