@@ -48,6 +48,10 @@ if TYPE_CHECKING:
     from cronium_nb.ssh.deploy import RunnerBuild
 
 DEFAULT_SPOOL_BYTES = 64 * 2**20  # a detached run's output kept on its server (the rest is counted)
+# The server enforces a detached run's timeout; here it only bounds the wait for a runner that
+# hangs. Following may lag behind the run (a whole spool sent again, a slow store), so the
+# orchestrator waits this much longer than the timeout before it asks for a stop itself.
+FOLLOW_MARGIN_S = 300.0
 REPLY_TIMEOUT_S = 30.0  # a release or jobs request answers at once; a session that does not is lost
 LISTING_TIMEOUT_S = 60.0  # ex.detached(): connect, probe and deploy, per server
 EXECUTION_ID = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
@@ -207,7 +211,7 @@ class DetachServerRun(ServerRun):
             request,
             payload,
             leaving=self.settings.leaving,
-            timeout=timeout,
+            timeout=timeout + FOLLOW_MARGIN_S,
             grace=execution.event.grace_period,
             on_lines=lambda stream, text, count, ts: execution.lines(self.server.name, stream, text, count, ts),
             redactor=execution.redactor,
