@@ -1,5 +1,5 @@
-"""IPython magics: ``%cronium_servers``, ``%%cronium``, ``%cronium_fleet``, ``%cronium_metrics``,
-``%cronium_history``, ``%cronium_vars``."""
+"""IPython magics: ``%cronium_servers``, ``%%cronium``, ``%cronium_attach``, ``%cronium_fleet``,
+``%cronium_metrics``, ``%cronium_history``, ``%cronium_vars``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import display
 
+from cronium_nb.detached import DetachedError
+from cronium_nb.executor import Executor, Job
 from cronium_nb.fleet import VARIANTS, FleetError
 from cronium_nb.inventory import InventoryError, UnknownServerError
 from cronium_nb.manifest import SCRIPT_TYPES
@@ -25,6 +27,27 @@ def _parse(magic: Any, line: str) -> Any:
         return parse_argstring(magic, line)
     except UsageError as error:
         raise UsageError(str(error).splitlines()[-1]) from None
+
+
+def _follow(executor: Executor, job: Job, view: Any, events: EventQueue) -> Any:
+    """Show a job's events until it ends and return its result. Ctrl-C cancels the remote work,
+    or, for a detached execution, stops following it (its runs go on)."""
+    try:
+        while not job.done():
+            events.drain(view)
+    except KeyboardInterrupt:
+        if job.detached:
+            view.note(f"interrupted: the runs go on on the servers; ex.attach({job.execution_id!r}) follows them")
+            executor.stop_following(job)
+        else:
+            view.note("interrupted: cancelling the remote work…")
+            job.cancel()
+        while not job.done():
+            events.drain(view)
+    events.drain(view, wait=0)
+    result = job.result()
+    view.finish(result)
+    return result
 
 
 @magics_class
@@ -140,21 +163,39 @@ class CroniumMagics(Magics):
             if args.output_var:
                 self._user_ns[args.output_var] = handle
             return handle
+        result = _follow(executor, job, view, events)
+        if args.output_var:
+            self._user_ns[args.output_var] = result
+        return result
+
+    @magic_arguments()
+    @argument("execution_id", nargs="?", help="the detached execution to follow; without it, list them")
+    @argument("--secrets-from", dest="secrets_var", help="the event's secrets: this notebook variable (a dict)")
+    @argument("-o", "--output", dest="output_var", help="store the result in this variable")
+    @line_magic
+    def cronium_attach(self, line: str) -> Any:
+        """Follow a detached execution (``%%cronium --detach``, ``submit(..., detach=True)``) with
+        live output, from its first line to its result; without an id, list the detached
+        executions (``ex.detached()``). Ctrl-C stops following; the runs go on."""
+        args = _parse(self.cronium_attach, line)
+        executor = self.session.executor
+        if args.execution_id is None:
+            return executor.detached()
+        secrets = None
+        if args.secrets_var is not None:
+            secrets = self._user_ns.get(args.secrets_var)
+            if not isinstance(secrets, dict):
+                raise UsageError(f"--secrets-from: no dict {args.secrets_var!r} in the notebook")
+        events = EventQueue()
         try:
-            while not job.done():
-                events.drain(view)
-        except KeyboardInterrupt:
-            if args.detach:  # a detached run goes on: only following it stops
-                view.note(f"interrupted: the runs go on on the servers; ex.attach({job.execution_id!r}) follows them")
-                executor.stop_following(job)
-            else:
-                view.note("interrupted: cancelling the remote work…")
-                job.cancel()
-            while not job.done():
-                events.drain(view)
-        events.drain(view, wait=0)
-        result = job.result()
-        view.finish(result)
+            job = executor.attach(args.execution_id, callbacks=events.callbacks(), secrets=secrets, background=True)
+        except (DetachedError, UnknownServerError) as error:
+            raise UsageError(str(error)) from None
+        row = executor.store.execution_row(args.execution_id) or {"targets": [], "event_name": "?"}
+        view = make_view(list(row["targets"]), f"{row['event_name']} (attached {args.execution_id})", None)
+        if isinstance(view, WidgetView):
+            display(view)
+        result = _follow(executor, job, view, events)
         if args.output_var:
             self._user_ns[args.output_var] = result
         return result
