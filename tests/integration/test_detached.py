@@ -186,3 +186,44 @@ def test_spool_is_bounded_with_a_marker(single, tmp_path: Path) -> None:
         marker = logs.iloc[-1]
         assert marker["stream"] == "cronium" and "output dropped on the server" in marker["line"], marker
         assert "spool limit of 4 KiB" in marker["line"]
+
+
+def test_a_detached_cell_outlives_its_kernel_and_a_new_kernel_attaches(cronium_fleet, tmp_path: Path) -> None:
+    """The notebook way, on every server of the fleet (amd64 and arm64): a ``%%cronium --detach``
+    cell, its kernel killed mid-run, and ``%cronium_attach`` in a new kernel."""
+    from tests.integration.test_notebooks import Kernel, text_of
+
+    inventory = tmp_path / "servers.yaml"
+    inventory.write_text(yaml.safe_dump({"servers": [
+        {"name": s.name, "host": s.host, "port": s.port, "key_path": s.key_path, "known_hosts": s.known_hosts}
+        for s in cronium_fleet.servers
+    ]}))  # fmt: skip
+    env = {"CRONIUM_DISPLAY": "text", "CRONIUM_HOME": str(tmp_path / "home")}
+    setup = f"%load_ext cronium_nb\n%cronium_servers {inventory}"
+    cell = '%%cronium -s all --detach -n kernel-dies\nfor i in $(seq 1 100); do echo "n $i"; done; sleep 30\n'
+    cell += 'for i in $(seq 101 200); do echo "n $i"; done'
+    first = Kernel(env)
+    try:
+        assert first.run(setup)[0]["status"] == "ok"
+        msg_id = first.start(cell)
+        first.messages(msg_id, lambda messages: all(f"[{n}] n 100" in text_of(messages) for n in cronium_fleet.names))
+    finally:
+        first.close()  # SIGKILL: the kernel dies mid-run
+    with Store(tmp_path / "home") as store:
+        execution_id = store.history().iloc[0]["execution_id"]
+        assert store.execution_status(execution_id) == Status.DETACHED
+    second = Kernel(env)
+    try:
+        assert second.run(setup)[0]["status"] == "ok"
+        reply, messages = second.run(f"%cronium_attach {execution_id} -o res", timeout=180)
+        shown = text_of(messages)
+        assert reply["status"] == "ok", shown
+        for name in cronium_fleet.names:  # the live view: every line, the missed ones first
+            assert [line for line in shown.splitlines() if line.startswith(f"[{name}] n ")] == [
+                f"[{name}] n {i}" for i in range(1, 201)
+            ], shown
+        check = "print(res.status.value, res.logs.groupby('server')['line'].apply(list).map(len).to_dict())"
+        _, messages = second.run(check)
+        assert text_of(messages).strip() == f"success { {name: 200 for name in sorted(cronium_fleet.names)} }"
+    finally:
+        second.close()
