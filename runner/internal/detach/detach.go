@@ -408,7 +408,7 @@ type State struct {
 	Info
 	State      string          `json:"state"` // running, finished, lost, starting, elsewhere
 	SpoolSize  int64           `json:"spool_bytes"`
-	Result     json.RawMessage `json:"result,omitempty"`
+	Result     json.RawMessage `json:"result,omitempty"` // without outputs and variables
 	FinishedAt float64         `json:"finished_at,omitempty"`
 }
 
@@ -440,7 +440,7 @@ func stateOf(dir, job string) State {
 		s.SpoolSize = st.Size()
 	}
 	if data, err := readPrivate(filepath.Join(dir, ResultFile)); err == nil && json.Valid(data) {
-		s.State, s.Result = "finished", data
+		s.State, s.Result = "finished", summary(data)
 		if st, err := os.Lstat(filepath.Join(dir, ResultFile)); err == nil {
 			s.FinishedAt = float64(st.ModTime().UnixNano()) / 1e9
 		}
@@ -457,6 +457,18 @@ func stateOf(dir, job string) State {
 		s.State = "lost"
 	}
 	return s
+}
+
+// summary is a result message without its outputs and variables (a listing stays small).
+func summary(result []byte) json.RawMessage {
+	var fields map[string]json.RawMessage
+	if json.Unmarshal(result, &fields) != nil {
+		return nil
+	}
+	delete(fields, "outputs")
+	delete(fields, "variables")
+	data, _ := json.Marshal(fields)
+	return data
 }
 
 // Jobs answers a "jobs" request: every detached run on this server and its state.

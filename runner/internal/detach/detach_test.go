@@ -215,7 +215,10 @@ func TestRunOutlivesItsFollowerAndAttachGetsEveryLine(t *testing.T) {
 	if s := stateOfJob(c, "job1"); s.State != "running" && s.State != "finished" {
 		t.Fatalf("after the follower left the run is %s", s.State)
 	}
-	waitState(t, c, "job1", "finished")
+	if listed := waitState(t, c, "job1", "finished"); bytes.Contains(listed.Result, []byte("outputs")) ||
+		!bytes.Contains(listed.Result, []byte(`"exit_code":0`)) {
+		t.Fatalf("the listing's result is not the summary: %s", listed.Result)
+	}
 
 	stdout, messages := attach(t, c, "job1").collect(t)
 	var want strings.Builder
@@ -317,7 +320,7 @@ func TestTimeoutAppliesWhileNobodyFollows(t *testing.T) {
 	s := waitState(t, c, "job3", "finished")
 	var result map[string]any
 	json.Unmarshal(s.Result, &result)
-	if result["timed_out"] != true || result["stop_reason"] != "timeout" {
+	if _, listed := result["outputs"]; listed || result["timed_out"] != true || result["stop_reason"] != "timeout" {
 		t.Fatalf("result %v", result)
 	}
 	stdout, _ := attach(t, c, "job3").collect(t)
