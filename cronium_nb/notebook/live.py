@@ -41,6 +41,7 @@ STATUS_COLOURS = {
     Status.CANCELLED: "#6e7781",
     Status.PARTIAL: "#9a6700",
     Status.INTERRUPTED: "#6e7781",
+    Status.DETACHED: "#8250df",  # goes on on the server, followed by no one
 }
 
 
