@@ -227,3 +227,28 @@ def test_a_detached_cell_outlives_its_kernel_and_a_new_kernel_attaches(cronium_f
         assert text_of(messages).strip() == f"success { {name: 200 for name in sorted(cronium_fleet.names)} }"
     finally:
         second.close()
+
+
+def test_a_lost_connection_leaves_it_detached_and_attach_picks_it_up(single, tmp_path: Path) -> None:
+    fleet, name = single
+    started = threading.Event()
+    with Executor(fleet.inventory, state_dir=tmp_path / "state") as executor:
+        script = 'echo "n 1"; sleep 5; for i in $(seq 2 50); do echo "n $i"; done'
+        job = executor.submit(
+            Event(name="link-drops", script=script), name, callbacks=Callbacks(on_line=lambda *line: started.set()),
+            detach=True,
+        )  # fmt: skip
+        assert started.wait(120)
+
+        async def drop_every_connection() -> None:  # the laptop's link goes away (tests only: the pool's insides)
+            for group in executor.pool._connections.values():
+                for pooled in group:
+                    pooled.connection.abort()
+
+        executor._loop_thread.call(drop_every_connection())
+        left = job.result(timeout=120)
+        assert left.status == Status.DETACHED and left[name].status == Status.DETACHED, left.summary.to_string()
+        assert f"ex.attach({job.execution_id!r})" in left[name].error
+        result = executor.attach(job.execution_id)
+        assert result.ok, result.summary.to_string()
+        assert list(result.logs["line"]) == [f"n {i}" for i in range(1, 51)]
