@@ -269,6 +269,8 @@ class Executor:
         self, execution_id: str, callbacks: Callbacks | None, secrets: dict[str, str] | None, *, cancel: bool
     ) -> Job:
         self._check_open()
+        if any(job.execution_id == execution_id and not job.done() for job in list(self._jobs)):
+            raise detached_runs.DetachedError(f"this executor follows execution {execution_id!r} already: use its job")
         plan = detached_runs.plan_attach(self.store, execution_id, secrets, self.inventory.select)
         if not plan.follow:
             job = Job(execution_id, self._loop_thread, _value(detached_runs.stored_result(self.store, plan)))

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cronium_nb import Callbacks, Event, Executor, Status
+from cronium_nb import Callbacks, DetachedError, Event, Executor, Status
 from cronium_nb.detached import job_name
 from cronium_nb.store import Store
 from tests.runner_harness import processes_matching, wait_for
@@ -167,6 +167,8 @@ def test_job_cancel_of_a_followed_detached_run_stops_it(single, tmp_path: Path) 
             detach=True,
         )
         assert started.wait(120)
+        with pytest.raises(DetachedError, match=r"follows execution .* already"):
+            executor.attach(job.execution_id)
         job.cancel()
         result = job.result(timeout=120)
         assert result.status == Status.CANCELLED, result.summary.to_string()
