@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from cronium_nb.ssh.deploy import RunnerBuild
 
 DEFAULT_SPOOL_BYTES = 64 * 2**20  # a detached run's output kept on its server (the rest is counted)
+MAX_SPOOL_BYTES = 4 * 2**30  # the runner's limit (runner/PROTOCOL.md, "Detached runs")
 # The server enforces a detached run's timeout; here it only bounds the wait for a runner that
 # hangs. Following may lag behind the run (a whole spool sent again, a slow store), so the
 # orchestrator waits this much longer than the timeout before it asks for a stop itself.
@@ -60,8 +61,16 @@ FINAL = {status.value for status in Status if status.finished}
 
 class DetachedError(CroniumError, ValueError):
     """``attach`` or ``cancel_detached`` asked about an execution that is not a detached one of
-    this store (or without the secrets its output must be redacted with); raised before anything
-    is sent."""
+    this store (or without the secrets its output must be redacted with), or a detached run's
+    spool limit is not one the runner takes; raised before anything is sent."""
+
+
+def check_spool_bytes(value: object) -> None:
+    """``Executor.detached_spool_bytes`` must be a whole number of bytes the runner accepts."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_SPOOL_BYTES:
+        raise DetachedError(
+            f"detached_spool_bytes must be a whole number of bytes, 1 to {MAX_SPOOL_BYTES}, got {value!r}"
+        )
 
 
 def job_name(execution_id: str, server: str) -> str:

@@ -150,6 +150,8 @@ class Executor:
         event, targets, run_input = self._validate(event, servers, input, timeout)
         if detach and api:
             raise EventError("api=True needs this process to answer the script's helpers: a detached run cannot use it")
+        if detach:
+            detached_runs.check_spool_bytes(self.detached_spool_bytes)
         execution_id = uuid.uuid4().hex[:12]
         keep_going = self.continue_on_failure if continue_on_failure is None else continue_on_failure
         coroutine = self._execute(

@@ -48,9 +48,14 @@ def test_attach_refuses_what_it_cannot_follow_before_anything_runs(executor: Exe
     assert set(history["status"]) == {"running"}
 
 
-def test_detach_with_api_mode_is_refused(executor: Executor) -> None:
+def test_detach_with_api_mode_or_a_bad_spool_limit_is_refused(executor: Executor) -> None:
     with pytest.raises(EventError, match="a detached run cannot use it"):
         executor.submit(Event(name="e", script="true"), "web1", api=True, detach=True)
+    for bad in (0, -1, 2.5, 5 * 2**30):
+        executor.detached_spool_bytes = bad  # type: ignore[assignment]
+        with pytest.raises(DetachedError, match="detached_spool_bytes must be a whole number of bytes"):
+            executor.submit(Event(name="e", script="true"), "web1", detach=True)
+    assert executor.history().empty  # nothing was started
 
 
 def test_a_detached_execution_outlives_its_owner_in_the_store(tmp_path: Path) -> None:
