@@ -254,3 +254,29 @@ def test_a_lost_connection_leaves_it_detached_and_attach_picks_it_up(single, tmp
         result = executor.attach(job.execution_id)
         assert result.ok, result.summary.to_string()
         assert list(result.logs["line"]) == [f"n {i}" for i in range(1, 51)]
+
+
+def test_another_user_cannot_read_or_stop_a_detached_run(cronium_fleet_factory, tmp_path: Path) -> None:
+    """Logged in unprivileged (home dirs readable by others, as Debian makes them), on both
+    architectures: the job dir is the run user's alone, and the other user cannot reach it."""
+    fleet = cronium_fleet_factory(amd64=1, arm64=1, user="cronium", name_prefix="detach-user-")
+    started: set[str] = set()
+    event = Event(name="private-run", script="echo private output; sleep 6006", timeout=600)
+    with Executor(fleet.inventory, state_dir=tmp_path / "state") as executor:
+        seen = Callbacks(on_line=lambda server, *rest: started.add(server))
+        job = executor.submit(event, callbacks=seen, detach=True)
+        assert wait_for(lambda: started == set(fleet.names), timeout=180)
+        for name in fleet.names:
+            home = fleet.exec(name, "stat -c %a /home/cronium").output.strip()
+            assert home[-1] in "57", home  # others may enter the home: the dirs below must keep them out
+            where = f"/home/cronium/.cache/cronium/runs/jobs/{job_name(job.execution_id, name)}"
+            assert fleet.exec(name, f"test -d {where}", user="cronium").exit_code == 0
+            for attempt in (f"ls {where}", f"cat {where}/spool", f"sh -c 'echo x > {where}/control'"):
+                denied = fleet.exec(name, attempt, user="intruder")
+                assert denied.exit_code != 0 and "Permission denied" in denied.output, (attempt, denied.output)
+        job.cancel()
+        result = job.result(timeout=120)
+        assert result.status == Status.CANCELLED, result.summary.to_string()
+        for name in fleet.names:
+            assert list(result.logs[result.logs["server"] == name]["line"]) == ["private output"]
+            assert wait_for(lambda name=name: not processes_matching(fleet, name, r"sleep 6006"), timeout=60)
