@@ -61,8 +61,8 @@ FINAL = {status.value for status in Status if status.finished}
 
 class DetachedError(CroniumError, ValueError):
     """``attach`` or ``cancel_detached`` asked about an execution that is not a detached one of
-    this store (or without the secrets its output must be redacted with), or a detached run's
-    spool limit is not one the runner takes; raised before anything is sent."""
+    this store, or a detached run's spool limit is not one the runner takes; raised before
+    anything is sent."""
 
 
 def check_spool_bytes(value: object) -> None:
@@ -326,7 +326,7 @@ class AttachPlan:
     """What ``attach`` follows, checked before anything is sent."""
 
     execution_id: str
-    event: Event  # a stand-in with the stored name, type and timeout, and the given secrets
+    event: Event  # a stand-in with the stored name, type, timeout and grace, and any secrets given
     targets: list[Server]  # every server of the execution
     follow: set[str]  # those whose run has no stored result yet
     stored: dict[str, ServerResult]  # the others, as stored
@@ -348,14 +348,7 @@ def plan_attach(
         raise DetachedError(
             f"execution {execution_id!r} was not detached: only runs of submit(..., detach=True) can be attached"
         )
-    needed = set(options.get("secrets") or ())
-    given = dict(secrets or {})
-    if needed - set(given):
-        names = ", ".join(sorted(needed - set(given)))
-        raise DetachedError(
-            f"execution {execution_id!r} ran with secrets ({names}): pass them, attach({execution_id!r}, "
-            "secrets=event.secrets), so that its output is redacted here as it was where it started"
-        )
+    given = dict(secrets or {})  # the keeper redacted them already; these are redacted here too
     targets = select(list(row["targets"]))
     frame = store.server_results(execution_id)
     stored: dict[str, ServerResult] = {}

@@ -234,9 +234,8 @@ class Executor:
         """Follow a detached execution (of this process or of one that is gone): each server's
         output from the start, then live, up to its result, which is stored; returns the
         :class:`ExecutionResult` (``background=True``: a :class:`Job` at once, whose ``cancel()``
-        stops the runs on the servers). An execution started with secrets needs them again
-        (``secrets=event.secrets``), so that its output is redacted. Ctrl-C stops following; the
-        runs go on."""
+        stops the runs on the servers). The event's secrets were redacted on the servers already;
+        ``secrets`` given here are redacted too. Ctrl-C stops following; the runs go on."""
         job = self._attach(execution_id, callbacks, secrets, cancel=False)
         if background:
             return job
@@ -368,8 +367,8 @@ class Executor:
     ) -> ExecutionResult:
         worker = self._store_worker
         options = {"timeout": event.timeout, "type": event.type, "continue_on_failure": keep_going, "api": api}
-        if detach:  # what attach needs (the secrets' names only: attach is given their values again)
-            options |= {"detach": True, "grace_period": event.grace_period, "secrets": sorted(event.secrets)}
+        if detach:  # what attach needs
+            options |= {"detach": True, "grace_period": event.grace_period}
 
         def prepare_and_record() -> PreparedPayload:  # on the store's thread
             payload = self._payloads.prepare(event)

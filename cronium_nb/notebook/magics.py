@@ -170,7 +170,6 @@ class CroniumMagics(Magics):
 
     @magic_arguments()
     @argument("execution_id", nargs="?", help="the detached execution to follow; without it, list them")
-    @argument("--secrets-from", dest="secrets_var", help="the event's secrets: this notebook variable (a dict)")
     @argument("-o", "--output", dest="output_var", help="store the result in this variable")
     @line_magic
     def cronium_attach(self, line: str) -> Any:
@@ -181,14 +180,9 @@ class CroniumMagics(Magics):
         executor = self.session.executor
         if args.execution_id is None:
             return executor.detached()
-        secrets = None
-        if args.secrets_var is not None:
-            secrets = self._user_ns.get(args.secrets_var)
-            if not isinstance(secrets, dict):
-                raise UsageError(f"--secrets-from: no dict {args.secrets_var!r} in the notebook")
         events = EventQueue()
         try:
-            job = executor.attach(args.execution_id, callbacks=events.callbacks(), secrets=secrets, background=True)
+            job = executor.attach(args.execution_id, callbacks=events.callbacks(), background=True)
         except (DetachedError, UnknownServerError) as error:
             raise UsageError(str(error)) from None
         row = executor.store.execution_row(args.execution_id) or {"targets": [], "event_name": "?"}

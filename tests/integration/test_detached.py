@@ -82,16 +82,20 @@ def job_dir(execution_id: str, name: str) -> str:
 def test_detached_run_survives_a_killed_orchestrator_and_attach_gets_every_line(single, tmp_path: Path) -> None:
     fleet, name = single
     script = (
-        'for i in $(seq 1 300); do echo "line $i"; done; sleep 12; '
+        'echo "token $API_TOKEN"; for i in $(seq 1 300); do echo "line $i"; done; sleep 12; '
         'for i in $(seq 301 600); do echo "line $i"; done; cronium.output done 600'
     )
+    secrets = {"API_TOKEN": "s3cr3t-value-42"}
     execution_id, state = submit_in_child_and_kill(
-        fleet, name, tmp_path, {"name": "survivor", "script": script, "timeout": 300}
+        fleet, name, tmp_path, {"name": "survivor", "script": script, "timeout": 300, "secrets": secrets}
     )
     # The orchestrator is gone; the run is not.
     assert processes_matching(fleet, name, r"sleep 12"), "the detached run died with its orchestrator"
     listing = fleet.exec(name, f"stat -c '%a %U' {job_dir(execution_id, name)} {job_dir(execution_id, name)}/*")
     assert listing.exit_code == 0 and set(listing.output.split("\n")[:-1]) == {"700 root", "600 root"}, listing.output
+    spool = f"{job_dir(execution_id, name)}/spool"  # redacted on the server, before it is spooled
+    assert fleet.exec(name, f"grep -c 'token \\*\\*\\*' {spool}").output.strip() == "1"
+    assert fleet.exec(name, f"grep -r s3cr3t {job_dir(execution_id, name)}").exit_code == 1
     with Store(state) as store:  # opened after the owner died: detached, not interrupted
         assert store.execution_status(execution_id) == Status.DETACHED
 
@@ -105,9 +109,9 @@ def test_detached_run_survives_a_killed_orchestrator_and_attach_gets_every_line(
         result = executor.attach(execution_id, callbacks=shown)
         assert result.status == Status.SUCCESS, result.summary.to_string()
         assert result[name].outputs == {"done": 600} and result[name].exit_code == 0
-        expected = [f"line {i}" for i in range(1, 601)]
+        expected = ["token ***"] + [f"line {i}" for i in range(1, 601)]  # attached without the secrets
         assert list(result.logs["line"]) == expected  # stored: every line once, in order
-        assert list(result.logs["seq"]) == list(range(1, 601))
+        assert list(result.logs["seq"]) == list(range(1, 602))
         assert lines == expected  # shown live: the missed lines first, then the rest
         history = executor.history()
         assert history[history["execution_id"] == execution_id].iloc[0]["status"] == "success"

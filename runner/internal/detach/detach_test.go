@@ -399,3 +399,43 @@ func TestRefusedRequests(t *testing.T) {
 		t.Fatal("a refused payload left a job dir")
 	}
 }
+
+func TestSecretsNeverReachTheSpool(t *testing.T) {
+	c := testConfig(t)
+	script := `echo "token $SECRET_TOKEN here"; printf 'last %s' "$SECRET_TOKEN" >&2; cronium.output "$SECRET_TOKEN"`
+	stdout, messages := detachJob(t, c, "job6", script, 60, "").collect(t)
+	if stdout != "token *** here\n" || messages["result"]["outputs"] != "***" {
+		t.Fatalf("stdout %q, result %v", stdout, messages["result"])
+	}
+	spool, _ := os.ReadFile(filepath.Join(c.Workroot, JobsDir, "job6", SpoolFile))
+	result, _ := os.ReadFile(filepath.Join(c.Workroot, JobsDir, "job6", ResultFile))
+	if bytes.Contains(spool, []byte("hunter2")) || bytes.Contains(result, []byte("hunter2")) {
+		t.Fatalf("a secret reached the job dir:\n%q\n%q", spool, result)
+	}
+	if !bytes.Contains(spool, []byte("last ***")) {
+		t.Fatalf("the unfinished last line was not spooled at the end: %q", spool)
+	}
+}
+
+func TestStreamRedactionAcrossChunks(t *testing.T) {
+	env := pyjson.NewObject().Set("K", "hunter2").Set("PEM", "-----BEGIN KEY-----\nabcdefgh\n}\n")
+	s := &streamRedactor{r: NewRedactor(env)}
+	var out []byte
+	for _, piece := range []string{"a hun", "ter2 b\nx abcd", "efgh y } z\n", "no end hunt"} {
+		out = append(out, s.feed([]byte(piece))...)
+	}
+	out = append(out, s.flush()...)
+	if string(out) != "a *** b\nx *** y } z\nno end hunt" {
+		t.Fatalf("%q", out)
+	}
+	long := strings.Repeat("x", maxHeldLine) + "hunter2" + strings.Repeat("y", 10)
+	s = &streamRedactor{r: NewRedactor(env)}
+	out = nil
+	for i := 0; i < len(long); i += 1000 { // no newline: spooled before the line ends, still redacted
+		out = append(out, s.feed([]byte(long[i:min(i+1000, len(long))]))...)
+	}
+	out = append(out, s.flush()...)
+	if bytes.Contains(out, []byte("hunter")) || len(out) != len(long)-4 {
+		t.Fatalf("long line: %d bytes, redacted: %v", len(out), !bytes.Contains(out, []byte("hunter")))
+	}
+}

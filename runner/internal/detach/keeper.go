@@ -57,6 +57,7 @@ func Keep(c KeeperConfig) int {
 		spool.Message(execute.ErrorResult(runnerErr))
 		return int(runnerErr.Code)
 	}
+	spool.Redact = NewRedactor(ctx.Env)
 	sha, hasSHA := request.Get("sha256")
 	shaText, _ := sha.(string)
 	return execute.RunPayload(data, ctx, spool, execute.NewInput(control), execute.Options{
@@ -65,28 +66,49 @@ func Keep(c KeeperConfig) int {
 	})
 }
 
-// Spool is the keeper's reporter: frames appended to the spool file, output bounded by Limit
-// bytes (the first Limit bytes are kept; what comes after is counted, and a spool_dropped
-// message goes before the result). The result is also written to ResultPath.
+// Spool is the keeper's reporter: frames appended to the spool file, the run's secret values
+// redacted (output line by line as it comes, the result whole), output bounded by Limit bytes
+// (the first Limit bytes are kept; what comes after is counted, and a spool_dropped message
+// goes before the result). The result is also written to ResultPath.
 type Spool struct {
 	File       *os.File
 	Limit      int64
 	ResultPath string
+	Redact     *Redactor // the run's secret values (nil: none)
 
 	mu           sync.Mutex
 	written      int64
 	droppedBytes int64
 	droppedLines int64
+	streams      map[byte]*streamRedactor
 }
 
-// Stream appends script output, or counts it once the limit is reached.
+// Stream appends script output (its secrets redacted), or counts it once the limit is reached.
 func (s *Spool) Stream(kind byte, ts float64, data []byte) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.Redact != nil {
+		if s.streams == nil {
+			s.streams = map[byte]*streamRedactor{}
+		}
+		if s.streams[kind] == nil {
+			s.streams[kind] = &streamRedactor{r: s.Redact}
+		}
+		data = s.streams[kind].feed(data)
+	}
+	s.output(kind, ts, data)
+	return nil
+}
+
+// output appends output frames up to the limit and counts the rest (the caller holds mu).
+func (s *Spool) output(kind byte, ts float64, data []byte) {
+	if len(data) == 0 {
+		return
+	}
 	room := s.Limit - s.written
 	if s.droppedBytes > 0 || room <= 0 {
 		s.drop(data)
-		return nil // the run goes on: only the spool is full
+		return // the run goes on: only the spool is full
 	}
 	kept := data
 	if int64(len(kept)) > room {
@@ -94,13 +116,12 @@ func (s *Spool) Stream(kind byte, ts float64, data []byte) error {
 	}
 	if _, err := s.File.Write(protocol.Encode(kind, ts, kept)); err != nil {
 		s.drop(data) // e.g. a full disk
-		return nil
+		return
 	}
 	s.written += int64(len(kept))
 	if len(kept) < len(data) {
 		s.drop(data[len(kept):])
 	}
-	return nil
 }
 
 func (s *Spool) drop(data []byte) {
@@ -114,6 +135,14 @@ func (s *Spool) Message(message *pyjson.Object) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	kind, _ := message.Get("type")
+	if kind == "result" {
+		for _, stream := range []byte{protocol.Stdout, protocol.Stderr} { // unfinished last lines
+			if redactor := s.streams[stream]; redactor != nil {
+				s.output(stream, execute.Now(), redactor.flush())
+			}
+		}
+		message = s.Redact.Value(message).(*pyjson.Object) // outputs, variables, errors
+	}
 	if kind == "result" && s.droppedBytes > 0 {
 		marker := pyjson.NewObject().Set("type", "spool_dropped").Set("lines", s.droppedLines).
 			Set("bytes", s.droppedBytes).Set("limit", s.Limit)
