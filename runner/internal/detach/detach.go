@@ -394,13 +394,18 @@ func Release(request *pyjson.Object, out *execute.Framed, c Config) {
 	switch {
 	case err != nil:
 		reply.Set("removed", false).Set("reason", err.Error())
-	case Alive(dir):
+	case Alive(dir) && !exists(filepath.Join(dir, ResultFile)): // ended: its keeper may still be exiting
 		reply.Set("removed", false).Set("reason", "the run goes on")
 	default:
 		_, statErr := os.Lstat(dir)
 		reply.Set("removed", statErr == nil && os.RemoveAll(dir) == nil)
 	}
 	out.Message(reply)
+}
+
+func exists(path string) bool {
+	_, err := os.Lstat(path)
+	return err == nil
 }
 
 // State is one job as "jobs" lists it.
