@@ -34,6 +34,7 @@ _EXPORTS = {
     "SSHOptions": "cronium_nb.ssh.options",
     "Dashboard": "cronium_nb.notebook.dashboard",
     "CroniumError": "cronium_nb.errors",
+    "DetachedError": "cronium_nb.detached",
     "ConnectError": "cronium_nb.errors",
     "HostKeyError": "cronium_nb.errors",
     "DeployError": "cronium_nb.errors",
@@ -48,6 +49,7 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:
+    from cronium_nb.detached import DetachedError
     from cronium_nb.errors import (
         ERROR_KINDS,
         ConnectError,
@@ -105,6 +107,7 @@ __all__ = [
     "CroniumError",
     "Dashboard",
     "DeployError",
+    "DetachedError",
     "ErrorKind",
     "Event",
     "EventError",

@@ -32,13 +32,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import pandas as pd
 
+from cronium_nb import detached as detached_runs
 from cronium_nb import resources
 from cronium_nb.config import state_dir as resolve_state_dir
 from cronium_nb.execution import DEFAULT_MAX_LOG_BYTES, Callbacks, Execution
 from cronium_nb.inventory import Inventory
 from cronium_nb.jobs import Job, LoopThread
 from cronium_nb.metrics import Metrics
-from cronium_nb.model import Event, Server, check_input
+from cronium_nb.model import Event, EventError, Server, check_input
 from cronium_nb.payload import PayloadService, PreparedPayload
 from cronium_nb.results import ExecutionResult, ServerResult
 from cronium_nb.rollout import DEFAULT_CONFIRM_ABOVE, Plan, Rollout, make_plan
@@ -77,7 +78,10 @@ class Executor:
     stored per execution (1 GiB): past it lines are counted, not stored, and each server's log
     ends with a ``cronium`` stream line saying how much was dropped. ``confirm_above``: a
     ``%%cronium`` cell aimed at more servers than this asks for confirmation (``--yes`` skips it).
+    ``detached_spool_bytes`` bounds the output a detached run keeps on its server (64 MiB).
     """
+
+    detached_spool_bytes: int = detached_runs.DEFAULT_SPOOL_BYTES
 
     def __init__(
         self,
@@ -138,6 +142,7 @@ class Executor:
         self._transfers = Transfers(self.pool, concurrency, self._store_worker)
         self._jobs: weakref.WeakSet[Job] = weakref.WeakSet()  # not finished yet, or not collected
         self._transfer_jobs: weakref.WeakSet[TransferJob] = weakref.WeakSet()  # the same, for put/fetch
+        self._leaving: set[str] = set()  # detached executions this process stops following
         self._closed = False
 
     async def _make_pool(self, accept_new: Path, sessions: RunnerSessions) -> ConnectionPool:
@@ -157,6 +162,7 @@ class Executor:
         api: bool = False,
         batch_size: int | None = None,
         max_fail: int | float | None = None,
+        detach: bool = False,
     ) -> Job:
         """Start running ``event`` and return a :class:`Job` at once (also from a callback).
 
@@ -167,13 +173,27 @@ class Executor:
         ``batch_size`` and ``max_fail`` make it a rollout (see :mod:`cronium_nb.rollout`): the
         servers go ``batch_size`` at a time, in order, and once more than ``max_fail`` (a count,
         or a fraction of the servers) did not succeed, the batches not started are skipped.
+        ``detach=True`` hands each server's run to a keeper process there, so that it goes on
+        when this process dies or loses its connection (see :mod:`cronium_nb.detached`).
         """
         self._check_open()
         event, targets, run_input = self._validate(event, servers, input, timeout)
         rollout = Rollout(batch_size, max_fail)
+        if detach:
+            if api:
+                raise EventError(
+                    "api=True needs this process to answer the script's helpers: a detached run cannot use it"
+                )
+            if rollout.batch_size is not None:
+                raise EventError("a rollout needs this process to start each next batch: a detached run cannot be one")
+            if self._cluster is not None:
+                raise EventError("a detached run goes through this process's connections, not a Dask cluster")
+            detached_runs.check_spool_bytes(self.detached_spool_bytes)
         placement = self._place(targets, api, rollout)
         keep_going = self.continue_on_failure if continue_on_failure is None else continue_on_failure
-        return self._start(event, targets, run_input, keep_going, callbacks or Callbacks(), api, rollout, placement)
+        return self._start(
+            event, targets, run_input, keep_going, callbacks or Callbacks(), api, rollout, placement, detach=detach
+        )
 
     def _place(self, targets: list[Server], api: bool, rollout: Rollout) -> dict[str, list[Server]] | None:
         """Through a Dask cluster: the worker of each server (checked before anything runs); None
@@ -199,12 +219,15 @@ class Executor:
         rollout: Rollout,
         placement: dict[str, list[Server]] | None,
         retry_of: str | None = None,
+        *,
+        detach: bool = False,
     ) -> Job:
         execution_id = uuid.uuid4().hex[:12]
         coroutine = self._execute(
-            execution_id, event, targets, run_input, keep_going, callbacks, api, rollout, placement, retry_of
+            execution_id, event, targets, run_input, keep_going, callbacks, api, rollout, placement, retry_of, detach
         )
         job = Job(execution_id, self._loop_thread, coroutine)
+        job.detached = detach
         self._jobs.add(job)
         return job
 
@@ -407,6 +430,81 @@ class Executor:
         """The ``distributed.Client`` the servers run through, or None: in this process."""
         return None if self._cluster is None else self._cluster.client
 
+    # -- detached runs (cronium_nb.detached)
+
+    def attach(
+        self,
+        execution_id: str,
+        *,
+        callbacks: Callbacks | None = None,
+        secrets: dict[str, str] | None = None,
+        background: bool = False,
+    ) -> Any:
+        """Follow a detached execution (of this process or of one that is gone): each server's
+        output from the start, then live, up to its result, which is stored; returns the
+        :class:`ExecutionResult` (``background=True``: a :class:`Job` at once, whose ``cancel()``
+        stops the runs on the servers). The event's secrets were redacted on the servers already;
+        ``secrets`` given here are redacted too. Ctrl-C stops following; the runs go on."""
+        job = self._attach(execution_id, callbacks, secrets, cancel=False)
+        if background:
+            return job
+        try:
+            return job.result()
+        except KeyboardInterrupt:
+            self.stop_following(job)
+            return job.result()
+
+    def stop_following(self, job: Job) -> None:
+        """Stop following a detached execution's job; its runs go on on the servers (the job's
+        result says ``detached``). A job that is not detached is cancelled."""
+        if job.detached:
+            self._leaving.add(job.execution_id)
+        job.cancel()
+
+    def cancel_detached(self, execution_id: str, *, secrets: dict[str, str] | None = None) -> ExecutionResult:
+        """Stop a detached execution's runs on every server still running it; returns the result
+        (cancelled where a run was stopped), stored."""
+        return self._attach(execution_id, None, secrets, cancel=True).result()
+
+    def detached(self) -> pd.DataFrame:
+        """Detached executions whose results are not all stored yet, one row per server, with its
+        run's state on the server: running, finished (waiting for attach), lost, gone, unknown."""
+        self._check_open()
+        executions = detached_runs.pending_executions(self.store)
+        names = sorted({name for row in executions for name in row["follow"]})
+        known = {name: server for name, server in self.inventory.servers.items() if name in names}
+        return self._loop_thread.call(detached_runs.listing(self._parts, executions, known))
+
+    def _attach(
+        self, execution_id: str, callbacks: Callbacks | None, secrets: dict[str, str] | None, *, cancel: bool
+    ) -> Job:
+        self._check_open()
+        if any(job.execution_id == execution_id and not job.done() for job in list(self._jobs)):
+            raise detached_runs.DetachedError(f"this executor follows execution {execution_id!r} already: use its job")
+        plan = detached_runs.plan_attach(self.store, execution_id, secrets, self.inventory.select)
+        if not plan.follow:
+            job = Job(execution_id, self._loop_thread, _value(detached_runs.stored_result(self.store, plan)))
+        else:
+            settings = detached_runs.DetachSettings(
+                self.detached_spool_bytes, self._leaving_check(execution_id), plan.started_at, cancel
+            )
+            coroutine = detached_runs.attach(
+                plan,
+                self._parts,
+                callbacks=callbacks or Callbacks(),
+                variable_scope=self.variable_scope,
+                max_log_bytes=self.max_log_bytes,
+                concurrency=self.concurrency,
+                settings=settings,
+            )
+            job = Job(execution_id, self._loop_thread, coroutine)
+        job.detached = True
+        self._jobs.add(job)
+        return job
+
+    def _leaving_check(self, execution_id: str) -> Callable[[], bool]:
+        return lambda: execution_id in self._leaving
+
     def metrics(self) -> pd.DataFrame:
         """Counters and per-phase durations (a DataFrame, shown styled in a notebook)."""
         return MetricsFrame(self._metrics.frame())
@@ -426,6 +524,8 @@ class Executor:
             return
         self._closed = True
         running = [job for job in [*self._jobs, *self._transfer_jobs] if not job.done()]
+        # Detached runs go on on their servers: this process only stops following them.
+        self._leaving.update(job.execution_id for job in self._jobs if not job.done() and job.detached)
         for job in running:
             job.cancel()
         if running and not self._loop_thread.on_loop():
@@ -487,12 +587,15 @@ class Executor:
         rollout: Rollout,
         placement: dict[str, list[Server]] | None,
         retry_of: str | None,
+        detach: bool = False,
     ) -> ExecutionResult:
         worker = self._store_worker
         options: dict[str, Any] = {"timeout": event.timeout, "type": event.type, "continue_on_failure": keep_going}
         options |= {"api": api, **rollout.options()}
         if placement is not None:  # the Dask worker of each server
             options["cluster"] = {address: [s.name for s in servers] for address, servers in placement.items()}
+        if detach:  # what attach needs
+            options |= {"detach": True, "grace_period": event.grace_period}
 
         def prepare_and_record() -> PreparedPayload:  # on the store's thread
             payload = self._payloads.prepare(event)
@@ -519,7 +622,11 @@ class Executor:
             execution_id, event, payload, run_input, callbacks, worker, api, self.variable_scope, self.max_log_bytes
         )
 
+        settings = detached_runs.DetachSettings(self.detached_spool_bytes, self._leaving_check(execution_id))
+
         def run_server(server: Server, limit: asyncio.Semaphore) -> Coroutine[Any, Any, ServerResult]:
+            if detach:
+                return detached_runs.DetachServerRun(execution, server, self._parts, settings).run(limit)
             return ServerRun(execution, server, self._parts).run(limit)
 
         if self._cluster is not None and placement is not None:
@@ -533,6 +640,8 @@ class Executor:
                 targets, run_server, concurrency=self.concurrency, keep_going=keep_going, cancelled=cancelled,
                 rollout=rollout,
             )  # fmt: skip
+        if detach:
+            result = await detached_runs.settle(result, worker)
         self._metrics.executions[result.status.value] += 1
         result.retry_of = retry_of
 
@@ -584,3 +693,8 @@ def _cluster_dispatch(
         runner_dist=None if runner_dist is None else str(runner_dist),
     )
     return ClusterDispatch(client, settings)
+
+
+async def _value(value: Any) -> Any:
+    """A coroutine that gives ``value`` (a Job of something already known)."""
+    return value

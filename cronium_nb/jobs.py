@@ -59,6 +59,7 @@ class Job(concurrent.futures.Future):
     def __init__(self, execution_id: str, loop_thread: LoopThread, coroutine: Coroutine[Any, Any, ExecutionResult]):
         super().__init__()
         self.execution_id = execution_id
+        self.detached = False  # a detached execution: closing the executor leaves it running
         self._loop = loop_thread.loop
         self._task: asyncio.Task[ExecutionResult] | None = None
         self._cancel_sent = False  # a task is cancelled once: its cleanup must not be cut short

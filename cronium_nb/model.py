@@ -223,10 +223,11 @@ class Status(str, Enum):
     CANCELLED = "cancelled"
     SKIPPED = "skipped"  # a server: a rollout stopped (max_fail) before its batch began; it ran nothing
     INTERRUPTED = "interrupted"  # the orchestrator died while it ran (found on the next open)
+    DETACHED = "detached"  # a detached run goes on on its servers, followed by no orchestrator
 
     def __str__(self) -> str:
         return self.value
 
     @property
     def finished(self) -> bool:
-        return self not in (Status.PENDING, Status.RUNNING)
+        return self not in (Status.PENDING, Status.RUNNING, Status.DETACHED)

@@ -28,7 +28,7 @@ from typing import Any
 
 from cronium_nb.errors import CroniumError, ErrorKind
 
-MAGIC = b"CRONIUM-RUNNER/1\n"
+MAGIC = b"CRONIUM-RUNNER/2\n"
 HEADER = struct.Struct(">cdI")
 STDOUT, STDERR, MESSAGE = b"O", b"E", b"M"
 KINDS = (STDOUT, STDERR, MESSAGE)

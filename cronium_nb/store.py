@@ -410,10 +410,20 @@ class Store:
 
     def recover_interrupted(self) -> list[str]:
         """Mark executions left running by a process that is gone as ``interrupted``."""
-        running = self._query("SELECT id, owner FROM executions WHERE status = ?", (Status.RUNNING.value,))
-        dead = [execution_id for execution_id, owner in running if not owner_alive(owner)]
+        running = self._query(
+            "SELECT id, owner, json_extract(options, '$.detach') FROM executions WHERE status = ?",
+            (Status.RUNNING.value,),
+        )
+        dead = [execution_id for execution_id, owner, detach in running if not owner_alive(owner) and not detach]
         unfinished = (Status.PENDING.value, Status.RUNNING.value)
         with self._transaction() as db:
+            for execution_id, owner, detach in running:
+                if detach and not owner_alive(owner):  # it goes on on its servers: ex.attach() follows it
+                    db.execute("UPDATE executions SET status = ? WHERE id = ?", (Status.DETACHED.value, execution_id))
+                    db.execute(
+                        "UPDATE server_results SET status = ? WHERE execution_id = ? AND status IN (?, ?)",
+                        (Status.DETACHED.value, execution_id, *unfinished),
+                    )
             for execution_id in dead:
                 last_log = db.execute(
                     "SELECT MAX(ts) FROM log_chunks WHERE execution_id = ?", (execution_id,)
@@ -430,6 +440,55 @@ class Store:
                     (Status.INTERRUPTED.value, execution_id, *unfinished),
                 )
         return dead
+
+    # -- detached executions (see cronium_nb.detached)
+
+    def execution_row(self, execution_id: str) -> dict[str, Any] | None:
+        """An execution's row (``options`` and ``targets`` parsed), or None."""
+        rows = self._query(
+            "SELECT id, event_id, event_name, targets, status, started_at, finished_at, options, owner, "
+            "payload_version, error FROM executions WHERE id = ?",
+            (execution_id,),
+        )
+        if not rows:
+            return None
+        names = ("id", "event_id", "event_name", "targets", "status", "started_at", "finished_at", "options", "owner",
+                 "payload_version", "error")  # fmt: skip
+        row = dict(zip(names, rows[0], strict=True))
+        row["targets"], row["options"] = json.loads(row["targets"]), json.loads(row["options"])
+        return row
+
+    def detached_executions(self) -> list[str]:
+        """Ids of detached executions not completed yet (running or detached), oldest first."""
+        rows = self._query(
+            "SELECT id FROM executions WHERE json_extract(options, '$.detach') AND status IN (?, ?) "
+            "ORDER BY started_at",
+            (Status.RUNNING.value, Status.DETACHED.value),
+        )
+        return [row[0] for row in rows]
+
+    def adopt_execution(self, execution_id: str, servers: Sequence[str]) -> None:
+        """This process follows the execution from now on (``attach``): it is running again, owned
+        here, and the logs of ``servers`` are cleared (their runs' spools are sent again, whole)."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE executions SET status = ?, owner = ?, finished_at = NULL, error = NULL WHERE id = ?",
+                (Status.RUNNING.value, current_owner(), execution_id),
+            )
+            for server in servers:
+                db.execute("DELETE FROM log_chunks WHERE execution_id = ? AND server = ?", (execution_id, server))
+                db.execute(
+                    "UPDATE server_results SET status = ? WHERE execution_id = ? AND server = ?",
+                    (Status.RUNNING.value, execution_id, server),
+                )
+
+    def mark_detached(self, execution_id: str, error: str) -> None:
+        """The execution goes on on some servers that nobody follows now."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE executions SET status = ?, finished_at = NULL, error = ? WHERE id = ?",
+                (Status.DETACHED.value, error, execution_id),
+            )
 
     def execution_status(self, execution_id: str) -> Status:
         rows = self._query("SELECT status FROM executions WHERE id = ?", (execution_id,))

@@ -36,6 +36,7 @@ STATUS_COLOURS = {
     Status.PARTIAL: "#9a6700",
     Status.SKIPPED: "#8250df",
     Status.INTERRUPTED: "#6e7781",
+    Status.DETACHED: "#1b7c83",  # goes on on the server, followed by no one
 }
 PHASES = ("connect", "deploy", "upload", "run", "cleanup")
 PHASE_COLOURS = dict(zip(PHASES, ("#8c959f", "#bf8700", "#0969da", "#1a7f37", "#6e7781"), strict=True))

@@ -1,5 +1,5 @@
-"""IPython magics: ``%cronium_servers``, ``%%cronium``, ``%cronium_fleet``, ``%cronium_metrics``,
-``%cronium_history``, ``%cronium_vars``, ``%cronium_put``, ``%cronium_fetch``,
+"""IPython magics: ``%cronium_servers``, ``%%cronium``, ``%cronium_attach``, ``%cronium_fleet``,
+``%cronium_metrics``, ``%cronium_history``, ``%cronium_vars``, ``%cronium_put``, ``%cronium_fetch``,
 ``%cronium_confirm_above``, ``%cronium_cluster``."""
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import display
 
+from cronium_nb.detached import DetachedError
+from cronium_nb.executor import Executor, Job
 from cronium_nb.fleet import VARIANTS, FleetError
 from cronium_nb.inventory import InventoryError, UnknownServerError
 from cronium_nb.manifest import SCRIPT_TYPES
@@ -52,6 +54,27 @@ def _parse_paths(magic: Any, line: str) -> Any:
         return magic.parser.parse_args(words)
     except UsageError as error:
         raise UsageError(str(error).splitlines()[-1]) from None
+
+
+def _follow(executor: Executor, job: Job, view: Any, events: EventQueue) -> Any:
+    """Show a job's events until it ends and return its result. Ctrl-C cancels the remote work,
+    or, for a detached execution, stops following it (its runs go on)."""
+    try:
+        while not job.done():
+            events.drain(view)
+    except KeyboardInterrupt:
+        if job.detached:
+            view.note(f"interrupted: the runs go on on the servers; ex.attach({job.execution_id!r}) follows them")
+            executor.stop_following(job)
+        else:
+            view.note("interrupted: cancelling the remote work…")
+            job.cancel()
+        while not job.done():
+            events.drain(view)
+    events.drain(view, wait=0)
+    result = job.result()
+    view.finish(result)
+    return result
 
 
 @magics_class
@@ -128,6 +151,7 @@ class CroniumMagics(Magics):
     )
     @argument("--dry-run", action="store_true", help="show the plan (targets, payload, runner cache); run nothing")
     @argument("--yes", action="store_true", help="run on more than the executor's confirm_above servers without asking")
+    @argument("--detach", action="store_true", help="the runs go on if the kernel dies: ex.attach(id) follows them")
     @cell_magic
     def cronium(self, line: str, cell: str) -> Any:
         """Run the cell's script on servers over SSH, with live output per server.
@@ -141,6 +165,8 @@ class CroniumMagics(Magics):
         run_input: Any = None
         if args.input_json is not None and args.input_var is not None:
             raise UsageError("give --input or --input-from, not both")
+        if args.api and args.detach:
+            raise UsageError("--api needs the kernel to answer the script's helpers: a --detach run cannot use it")
         if args.input_var is not None:
             if args.input_var not in self._user_ns:
                 raise UsageError(f"--input-from: no variable {args.input_var!r} in the notebook")
@@ -177,7 +203,13 @@ class CroniumMagics(Magics):
         if len(servers) > executor.confirm_above and not args.yes:
             confirm_run(servers, executor.confirm_above)
         events = EventQueue()
-        job = executor.submit(event, servers, input=run_input, callbacks=events.callbacks(), api=args.api, **rollout)
+        try:
+            job = executor.submit(
+                event, servers, input=run_input, callbacks=events.callbacks(), api=args.api, detach=args.detach,
+                **rollout,
+            )  # fmt: skip
+        except EventError as error:  # e.g. --detach with --batch
+            raise UsageError(str(error)) from None
         view = make_view(servers, f"{name} ({args.type})", job if args.bg else None)
         if isinstance(view, WidgetView):
             display(view)
@@ -186,17 +218,33 @@ class CroniumMagics(Magics):
             if args.output_var:
                 self._user_ns[args.output_var] = handle
             return handle
+        result = _follow(executor, job, view, events)
+        if args.output_var:
+            self._user_ns[args.output_var] = result
+        return result
+
+    @magic_arguments()
+    @argument("execution_id", nargs="?", help="the detached execution to follow; without it, list them")
+    @argument("-o", "--output", dest="output_var", help="store the result in this variable")
+    @line_magic
+    def cronium_attach(self, line: str) -> Any:
+        """Follow a detached execution (``%%cronium --detach``, ``submit(..., detach=True)``) with
+        live output, from its first line to its result; without an id, list the detached
+        executions (``ex.detached()``). Ctrl-C stops following; the runs go on."""
+        args = _parse(self.cronium_attach, line)
+        executor = self.session.executor
+        if args.execution_id is None:
+            return executor.detached()
+        events = EventQueue()
         try:
-            while not job.done():
-                events.drain(view)
-        except KeyboardInterrupt:
-            view.note("interrupted: cancelling the remote work…")
-            job.cancel()
-            while not job.done():
-                events.drain(view)
-        events.drain(view, wait=0)
-        result = job.result()
-        view.finish(result)
+            job = executor.attach(args.execution_id, callbacks=events.callbacks(), background=True)
+        except (DetachedError, UnknownServerError) as error:
+            raise UsageError(str(error)) from None
+        row = executor.store.execution_row(args.execution_id) or {"targets": [], "event_name": "?"}
+        view = make_view(list(row["targets"]), f"{row['event_name']} (attached {args.execution_id})", None)
+        if isinstance(view, WidgetView):
+            display(view)
+        result = _follow(executor, job, view, events)
         if args.output_var:
             self._user_ns[args.output_var] = result
         return result

@@ -16,6 +16,7 @@ import (
 	"syscall"
 
 	"cronium/runner/internal/daemon"
+	"cronium/runner/internal/detach"
 	"cronium/runner/internal/execute"
 	"cronium/runner/internal/exitcode"
 	"cronium/runner/internal/helpers"
@@ -54,6 +55,8 @@ func run(argv []string) int {
 		return serve(args)
 	case "daemon":
 		return daemonCommand(argv[0], args)
+	case "keeper":
+		return keeperCommand(args)
 	case "helper":
 		if len(args) < 1 {
 			return usageError("helper", "the following arguments are required: verb, args")
@@ -371,4 +374,27 @@ func daemonCommand(argv0 string, args []string) int {
 		return daemon.Serve(c, fd)
 	}
 	return daemon.Start(c)
+}
+
+// keeperCommand is a detached run's keeper, started by a session (see package detach): the
+// request and payload on stdin, the control FIFO as fd 3 and the spool as fd 4.
+func keeperCommand(args []string) int {
+	f, code := parse("keeper", args, []string{"--job", "--workroot", "--executable", "--spool-max-bytes", "--max-result-bytes"}, nil, 0)
+	if f == nil {
+		return code
+	}
+	limit, code := maxResultBytes("keeper", f)
+	if code >= 0 {
+		return code
+	}
+	spool, err := strconv.ParseInt(f.values["--spool-max-bytes"], 10, 64)
+	if err != nil || spool <= 0 || f.values["--job"] == "" {
+		return usageError("keeper", "--job and a positive --spool-max-bytes are required")
+	}
+	exe := f.values["--executable"]
+	if exe == "" {
+		exe = executable()
+	}
+	return detach.Keep(detach.KeeperConfig{JobDir: f.values["--job"], Workroot: workroot(f), Executable: exe,
+		SpoolBytes: spool, MaxResultBytes: limit})
 }

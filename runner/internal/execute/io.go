@@ -85,6 +85,25 @@ func (in *Input) Exactly(size int) ([]byte, error) {
 // Ended says whether stdin has ended (seen during a run).
 func (in *Input) Ended() bool { return in.ended }
 
+// Wait waits up to d for more input (a follower of a detached run between polls of its spool)
+// and returns the complete control lines now buffered, parsed, and whether stdin has ended.
+func (in *Input) Wait(d time.Duration) ([]any, bool) {
+	if !in.ended {
+		timer := time.NewTimer(d)
+		defer timer.Stop()
+		select {
+		case chunk := <-in.chunks:
+			if chunk == nil {
+				in.ended = true
+			} else {
+				in.buf = append(in.buf, chunk...)
+			}
+		case <-timer.C:
+		}
+	}
+	return in.controlMessages(), in.ended
+}
+
 // controlMessages returns the complete control lines now buffered, parsed (an unparsable line
 // is an {"op": "invalid"} message).
 func (in *Input) controlMessages() []any {
@@ -147,6 +166,9 @@ func (f *Framed) send(kind byte, ts float64, data []byte) error {
 
 // Stream sends script output.
 func (f *Framed) Stream(kind byte, ts float64, data []byte) error { return f.send(kind, ts, data) }
+
+// Frame sends one frame as it is (a detached run's spooled frames, relayed).
+func (f *Framed) Frame(kind byte, ts float64, payload []byte) error { return f.send(kind, ts, payload) }
 
 // Message sends a JSON message.
 func (f *Framed) Message(message *pyjson.Object) error {

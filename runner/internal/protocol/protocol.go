@@ -16,7 +16,7 @@ import (
 )
 
 // Magic starts every runner stream.
-const Magic = "CRONIUM-RUNNER/1\n"
+const Magic = "CRONIUM-RUNNER/2\n"
 
 // Frame kinds.
 const (
@@ -32,7 +32,7 @@ const HeaderSize = 1 + 8 + 4
 const MaxFrame = 16 * 1024 * 1024
 
 // Version is the protocol's name as the hello message gives it.
-const Version = "CRONIUM-RUNNER/1"
+const Version = "CRONIUM-RUNNER/2"
 
 // AppendFrame appends one encoded frame to dst.
 func AppendFrame(dst []byte, kind byte, ts float64, payload []byte) []byte {

@@ -2,7 +2,8 @@
 // payload after another from its input (stdin, or a daemon connection), with the session's
 // helper programs installed once, and the stale-binary check (a runner whose file on disk was
 // removed or replaced since it started says "stale" and leaves, so the orchestrator deploys
-// again instead of running an old runner).
+// again instead of running an old runner). Detached runs' requests (detach, attach, release,
+// jobs) are handed to package detach.
 package session
 
 import (
@@ -14,6 +15,7 @@ import (
 	"syscall"
 
 	"cronium/runner/internal/apisocket"
+	"cronium/runner/internal/detach"
 	"cronium/runner/internal/execute"
 	"cronium/runner/internal/exitcode"
 	"cronium/runner/internal/helpers"
@@ -139,7 +141,20 @@ func Serve(in *execute.Input, reporter *execute.Framed, c Config) int {
 			fmt.Fprintf(os.Stderr, "cronium-runner: bad request line: not a JSON object\n")
 			return int(exitcode.Internal)
 		}
-		if op, _ := request.Get("op"); op != "run" {
+		op, _ := request.Get("op")
+		jobs := detach.Config{Workroot: c.Workroot, Executable: c.Identity.Path, MaxResultBytes: c.MaxResultBytes}
+		switch op {
+		case "run", "detach":
+		case "attach":
+			detach.Attach(request, in, reporter, jobs)
+			continue
+		case "release":
+			detach.Release(request, reporter, jobs)
+			continue
+		case "jobs":
+			detach.Jobs(reporter, jobs)
+			continue
+		default:
 			continue // e.g. a stop that arrived after its run had ended
 		}
 		if !intact || !c.Identity.Current() {
@@ -154,6 +169,10 @@ func Serve(in *execute.Input, reporter *execute.Framed, c Config) int {
 			if runnerErr.Code == exitcode.NoPayload {
 				return int(runnerErr.Code)
 			}
+			continue
+		}
+		if op == "detach" {
+			detach.Start(line, request, data, in, reporter, jobs)
 			continue
 		}
 		sha, hasSHA := request.Get("sha256")

@@ -1,0 +1,441 @@
+package detach
+
+import (
+	"archive/tar"
+	"bytes"
+	"compress/gzip"
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"cronium/runner/internal/execute"
+	"cronium/runner/internal/helpers"
+	"cronium/runner/internal/payload"
+	"cronium/runner/internal/protocol"
+	"cronium/runner/internal/pyjson"
+)
+
+// TestMain lets the test binary stand in for the runner's keeper (Start runs /proc/self/exe
+// keeper ...), and for the helpers the script calls.
+func TestMain(m *testing.M) {
+	if verb, ok := helpers.Shell[filepath.Base(os.Args[0])]; ok { // the script's cronium.* helpers
+		os.Exit(helpers.Run(verb, os.Args[1:], os.Stdin, os.Stdout, os.Stderr))
+	}
+	if len(os.Args) > 1 && os.Args[1] == "keeper" {
+		values := map[string]string{}
+		for i := 2; i+1 < len(os.Args); i += 2 {
+			values[os.Args[i]] = os.Args[i+1]
+		}
+		spool, _ := strconv.ParseInt(values["--spool-max-bytes"], 10, 64)
+		os.Exit(Keep(KeeperConfig{JobDir: values["--job"], Workroot: values["--workroot"],
+			Executable: values["--executable"], SpoolBytes: spool}))
+	}
+	os.Exit(m.Run())
+}
+
+// bound is how long a test waits for what must happen; reaching it is the failure.
+const bound = 60 * time.Second
+
+func archive(t *testing.T, script string, timeout float64) []byte {
+	t.Helper()
+	manifest := fmt.Sprintf(`{"version": 1, "name": "detached", "type": "bash", "entrypoint": "script.sh", "timeout": %g, "grace_period": 1}`, timeout)
+	var raw bytes.Buffer
+	tw := tar.NewWriter(&raw)
+	for _, f := range [][2]string{{"manifest.yaml", manifest}, {"script.sh", script}} {
+		tw.WriteHeader(&tar.Header{Name: f[0], Typeflag: tar.TypeReg, Mode: 0o600, Size: int64(len(f[1]))})
+		tw.Write([]byte(f[1]))
+	}
+	tw.Close()
+	var out bytes.Buffer
+	gz := gzip.NewWriter(&out)
+	gz.Write(raw.Bytes())
+	gz.Close()
+	return out.Bytes()
+}
+
+// follower is the orchestrator's end of one session: its input, and the frames it receives.
+type follower struct {
+	in       *os.File // write control lines here; close it to leave
+	frames   chan protocol.Frame
+	finished chan struct{} // the session's detach or attach call returned
+}
+
+func newFollower(t *testing.T) (*follower, *execute.Input, *execute.Framed) {
+	t.Helper()
+	inR, inW, _ := os.Pipe()
+	outR, outW, _ := os.Pipe()
+	f := &follower{in: inW, frames: make(chan protocol.Frame, 100000), finished: make(chan struct{})}
+	t.Cleanup(func() { inW.Close(); outR.Close(); inR.Close() })
+	go func() {
+		var decoder protocol.Decoder
+		buf := make([]byte, 65536)
+		for {
+			n, err := outR.Read(buf)
+			frames, _ := decoder.Feed(buf[:n])
+			for _, frame := range frames {
+				f.frames <- frame
+			}
+			if err != nil {
+				close(f.frames)
+				return
+			}
+		}
+	}()
+	out := execute.NewFramed(outW)
+	go func() {
+		<-f.finished
+		outW.Close()
+	}()
+	return f, execute.NewInput(inR), out
+}
+
+// collect reads frames until the result (or the end): stdout, the messages by type, the result.
+func (f *follower) collect(t *testing.T) (string, map[string]map[string]any) {
+	t.Helper()
+	var stdout strings.Builder
+	messages := map[string]map[string]any{}
+	deadline := time.After(bound)
+	for {
+		select {
+		case frame, ok := <-f.frames:
+			if !ok {
+				return stdout.String(), messages
+			}
+			if frame.Kind == protocol.Stdout {
+				stdout.Write(frame.Payload)
+				continue
+			}
+			if frame.Kind == protocol.Message {
+				var m map[string]any
+				json.Unmarshal(frame.Payload, &m)
+				messages[m["type"].(string)] = m
+				if m["type"] == "result" {
+					return stdout.String(), messages
+				}
+			}
+		case <-deadline:
+			t.Fatalf("no result within %s; stdout so far %q", bound, stdout.String())
+		}
+	}
+}
+
+// waitFor waits for the frame that satisfies ok (bounded).
+func (f *follower) waitFor(t *testing.T, what string, ok func(protocol.Frame) bool) {
+	t.Helper()
+	deadline := time.After(bound)
+	for {
+		select {
+		case frame := <-f.frames:
+			if ok(frame) {
+				return
+			}
+		case <-deadline:
+			t.Fatalf("no %s within %s", what, bound)
+		}
+	}
+}
+
+func request(t *testing.T, job string, data []byte, extra string) ([]byte, *pyjson.Object) {
+	t.Helper()
+	line := []byte(fmt.Sprintf(`{"op": "detach", "job": %q, "sha256": %q, "payload_size": %d, "execution_id": "x1", "server": "s1", "env": {"SECRET_TOKEN": "hunter2"}%s}`,
+		job, payload.SHA256Hex(data), len(data), extra))
+	parsed, err := pyjson.Parse(line)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return line, parsed.(*pyjson.Object)
+}
+
+func testConfig(t *testing.T) Config {
+	exe, _ := os.Executable()
+	return Config{Workroot: filepath.Join(t.TempDir(), "runs"), Executable: exe}
+}
+
+// start sends a detach request on a new session; the session follows until its input closes.
+func detachJob(t *testing.T, c Config, job, script string, timeout float64, extra string) *follower {
+	t.Helper()
+	data := archive(t, script, timeout)
+	line, req := request(t, job, data, extra)
+	f, in, out := newFollower(t)
+	go func() {
+		defer close(f.finished)
+		Start(line, req, data, in, out, c)
+	}()
+	return f
+}
+
+func attach(t *testing.T, c Config, job string) *follower {
+	t.Helper()
+	f, in, out := newFollower(t)
+	req, _ := pyjson.Parse([]byte(fmt.Sprintf(`{"op": "attach", "job": %q}`, job)))
+	go func() {
+		defer close(f.finished)
+		Attach(req.(*pyjson.Object), in, out, c)
+	}()
+	return f
+}
+
+func stateOfJob(c Config, job string) State {
+	for _, s := range List(c.Workroot) {
+		if s.Job == job {
+			return s
+		}
+	}
+	return State{State: "absent"}
+}
+
+func waitState(t *testing.T, c Config, job, want string) State {
+	t.Helper()
+	deadline := time.Now().Add(bound)
+	for {
+		s := stateOfJob(c, job)
+		if s.State == want {
+			return s
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("job %s is %s, not %s, after %s", job, s.State, want, bound)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func TestRunOutlivesItsFollowerAndAttachGetsEveryLine(t *testing.T) {
+	c := testConfig(t)
+	const lines = 300
+	f := detachJob(t, c, "job1", fmt.Sprintf(`for i in $(seq 1 %d); do echo "line $i"; if [ $i = 5 ]; then sleep 1; fi; done; cronium.output '{"n": 300}'`, lines), 60, "")
+	f.waitFor(t, "line 1", func(fr protocol.Frame) bool { return bytes.Contains(fr.Payload, []byte("line 1\n")) })
+	f.in.Close() // the orchestrator goes away mid-run
+	<-f.finished
+	if s := stateOfJob(c, "job1"); s.State != "running" && s.State != "finished" {
+		t.Fatalf("after the follower left the run is %s", s.State)
+	}
+	if listed := waitState(t, c, "job1", "finished"); bytes.Contains(listed.Result, []byte("outputs")) ||
+		!bytes.Contains(listed.Result, []byte(`"exit_code":0`)) {
+		t.Fatalf("the listing's result is not the summary: %s", listed.Result)
+	}
+
+	stdout, messages := attach(t, c, "job1").collect(t)
+	var want strings.Builder
+	for i := 1; i <= lines; i++ {
+		fmt.Fprintf(&want, "line %d\n", i)
+	}
+	if stdout != want.String() {
+		t.Fatalf("attach gave %d bytes, not every line in order:\n%q", len(stdout), stdout)
+	}
+	result := messages["result"]
+	if result["exit_code"] != float64(0) || fmt.Sprint(result["outputs"]) != "map[n:300]" {
+		t.Fatalf("result %v", result)
+	}
+	if _, ok := messages["attached"]; !ok {
+		t.Fatalf("no attached message: %v", messages)
+	}
+	spool, _ := os.ReadFile(filepath.Join(c.Workroot, JobsDir, "job1", SpoolFile))
+	if bytes.Contains(spool, []byte("hunter2")) {
+		t.Fatal("the run's secret env reached the spool")
+	}
+	for _, name := range []string{"", SpoolFile, ResultFile, InfoFile, ControlFile} {
+		st, err := os.Lstat(filepath.Join(c.Workroot, JobsDir, "job1", name))
+		if err != nil || st.Mode().Perm()&0o077 != 0 {
+			t.Fatalf("%s: %v, mode %v: not private", name, err, st.Mode())
+		}
+	}
+
+	f2, _, out := newFollower(t)
+	req, _ := pyjson.Parse([]byte(`{"op": "release", "job": "job1"}`))
+	Release(req.(*pyjson.Object), out, c)
+	close(f2.finished)
+	_, released := f2.collect(t)
+	if released["released"]["removed"] != true {
+		t.Fatalf("release: %v", released)
+	}
+	if _, err := os.Lstat(filepath.Join(c.Workroot, JobsDir, "job1")); !os.IsNotExist(err) {
+		t.Fatalf("the job dir is still there after release: %v", err)
+	}
+	_, gone := attach(t, c, "job1").collect(t)
+	if code := gone["result"]["runner_error"].(map[string]any)["code"]; code != NoJob {
+		t.Fatalf("attach after release: %v", gone)
+	}
+}
+
+func TestStopLineReachesTheKeeper(t *testing.T) {
+	c := testConfig(t)
+	f := detachJob(t, c, "job2", "echo started; sleep 60", 120, "")
+	f.waitFor(t, "the script's first line", func(fr protocol.Frame) bool { return bytes.Contains(fr.Payload, []byte("started")) })
+	running := stateOfJob(c, "job2")
+	if running.State != "running" || running.PID == 0 {
+		t.Fatalf("running job: %+v", running)
+	}
+	release := func() map[string]any {
+		f2, _, out := newFollower(t)
+		req, _ := pyjson.Parse([]byte(`{"op": "release", "job": "job2"}`))
+		Release(req.(*pyjson.Object), out, c)
+		close(f2.finished)
+		_, m := f2.collect(t)
+		return m["released"]
+	}
+	if r := release(); r["removed"] != false {
+		t.Fatalf("a running job was released: %v", r)
+	}
+	f.in.Write([]byte(`{"op": "stop", "reason": "cancel"}` + "\n"))
+	_, messages := f.collect(t)
+	if messages["result"]["stop_reason"] != "cancel" {
+		t.Fatalf("result %v", messages["result"])
+	}
+	waitState(t, c, "job2", "finished")
+	if syscall.Kill(running.PID, 0) == nil {
+		waitGone(t, running.PID)
+	}
+	if r := release(); r["removed"] != true {
+		t.Fatalf("release: %v", r)
+	}
+}
+
+func waitGone(t *testing.T, pid int) {
+	t.Helper()
+	deadline := time.Now().Add(bound)
+	for syscall.Kill(pid, 0) == nil {
+		stat, _ := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if fields := strings.Fields(string(stat)); len(fields) > 2 && fields[2] == "Z" {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("process %d still alive", pid)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func TestTimeoutAppliesWhileNobodyFollows(t *testing.T) {
+	c := testConfig(t)
+	f := detachJob(t, c, "job3", "echo begin; sleep 30; echo never", 1, "")
+	f.waitFor(t, "detached", func(fr protocol.Frame) bool { return bytes.Contains(fr.Payload, []byte(`"detached"`)) })
+	f.in.Close()
+	<-f.finished
+	s := waitState(t, c, "job3", "finished")
+	var result map[string]any
+	json.Unmarshal(s.Result, &result)
+	if _, listed := result["outputs"]; listed || result["timed_out"] != true || result["stop_reason"] != "timeout" {
+		t.Fatalf("result %v", result)
+	}
+	stdout, _ := attach(t, c, "job3").collect(t)
+	if stdout != "begin\n" {
+		t.Fatalf("stdout %q", stdout)
+	}
+}
+
+func TestSpoolIsBoundedAndSaysWhatItDropped(t *testing.T) {
+	c := testConfig(t)
+	f := detachJob(t, c, "job4", `for i in $(seq 1 2000); do echo "line $i"; done`, 60, `, "spool_max_bytes": 1000`)
+	stdout, messages := f.collect(t)
+	if len(stdout) > 1000 || !strings.HasPrefix(stdout, "line 1\nline 2\n") {
+		t.Fatalf("spooled %d bytes: %q", len(stdout), stdout)
+	}
+	dropped := messages["spool_dropped"]
+	lines := int(dropped["lines"].(float64))
+	if lines < 1800 || lines > 2000 || dropped["limit"] != float64(1000) {
+		t.Fatalf("marker %v", dropped)
+	}
+	if messages["result"]["exit_code"] != float64(0) {
+		t.Fatalf("result %v", messages["result"])
+	}
+}
+
+func TestLostKeeperIsReported(t *testing.T) {
+	c := testConfig(t)
+	f := detachJob(t, c, "job5", "echo up; sleep 60", 120, "")
+	var scriptPID int
+	f.waitFor(t, "started", func(fr protocol.Frame) bool {
+		var m map[string]any
+		if fr.Kind == protocol.Message && json.Unmarshal(fr.Payload, &m) == nil && m["type"] == "started" {
+			scriptPID = int(m["pid"].(float64))
+			return true
+		}
+		return false
+	})
+	f.in.Close()
+	<-f.finished
+	keeper := stateOfJob(c, "job5").PID
+	syscall.Kill(keeper, syscall.SIGKILL)
+	syscall.Kill(-scriptPID, syscall.SIGKILL)
+	waitState(t, c, "job5", "lost")
+	stdout, messages := attach(t, c, "job5").collect(t)
+	if stdout != "up\n" || messages["result"]["runner_error"].(map[string]any)["code"] != Lost {
+		t.Fatalf("stdout %q, messages %v", stdout, messages)
+	}
+}
+
+func TestRefusedRequests(t *testing.T) {
+	c := testConfig(t)
+	for name, extra := range map[string]string{"../escape": "", "ok": `, "spool_max_bytes": -1`} {
+		f := detachJob(t, c, name, "echo hi", 10, extra)
+		_, messages := f.collect(t)
+		if messages["result"]["exit_code"] != float64(64) {
+			t.Fatalf("%s: %v", name, messages)
+		}
+	}
+	f := detachJob(t, c, "dup", "echo hi", 10, "")
+	f.collect(t)
+	again := detachJob(t, c, "dup", "echo hi", 10, "")
+	_, messages := again.collect(t)
+	if msg := messages["result"]["runner_error"].(map[string]any)["message"]; !strings.Contains(msg.(string), "exists already") {
+		t.Fatalf("a second detach of one job: %v", messages)
+	}
+	data := archive(t, "echo hi", 10)
+	line, req := request(t, "badsum", data, "")
+	req.Set("sha256", strings.Repeat("0", 64))
+	fb, in, out := newFollower(t)
+	go func() { defer close(fb.finished); Start(line, req, data, in, out, c) }()
+	_, messages = fb.collect(t)
+	if messages["result"]["exit_code"] != float64(67) {
+		t.Fatalf("checksum: %v", messages)
+	}
+	if _, err := os.Lstat(filepath.Join(c.Workroot, JobsDir, "badsum")); !os.IsNotExist(err) {
+		t.Fatal("a refused payload left a job dir")
+	}
+}
+
+func TestSecretsNeverReachTheSpool(t *testing.T) {
+	c := testConfig(t)
+	script := `echo "token $SECRET_TOKEN here"; printf 'last %s' "$SECRET_TOKEN" >&2; cronium.output "$SECRET_TOKEN"`
+	stdout, messages := detachJob(t, c, "job6", script, 60, "").collect(t)
+	if stdout != "token *** here\n" || messages["result"]["outputs"] != "***" {
+		t.Fatalf("stdout %q, result %v", stdout, messages["result"])
+	}
+	spool, _ := os.ReadFile(filepath.Join(c.Workroot, JobsDir, "job6", SpoolFile))
+	result, _ := os.ReadFile(filepath.Join(c.Workroot, JobsDir, "job6", ResultFile))
+	if bytes.Contains(spool, []byte("hunter2")) || bytes.Contains(result, []byte("hunter2")) {
+		t.Fatalf("a secret reached the job dir:\n%q\n%q", spool, result)
+	}
+	if !bytes.Contains(spool, []byte("last ***")) {
+		t.Fatalf("the unfinished last line was not spooled at the end: %q", spool)
+	}
+}
+
+func TestStreamRedactionAcrossChunks(t *testing.T) {
+	env := pyjson.NewObject().Set("K", "hunter2").Set("PEM", "-----BEGIN KEY-----\nabcdefgh\n}\n")
+	s := &streamRedactor{r: NewRedactor(env)}
+	var out []byte
+	for _, piece := range []string{"a hun", "ter2 b\nx abcd", "efgh y } z\n", "no end hunt"} {
+		out = append(out, s.feed([]byte(piece))...)
+	}
+	out = append(out, s.flush()...)
+	if string(out) != "a *** b\nx *** y } z\nno end hunt" {
+		t.Fatalf("%q", out)
+	}
+	long := strings.Repeat("x", maxHeldLine) + "hunter2" + strings.Repeat("y", 10)
+	s = &streamRedactor{r: NewRedactor(env)}
+	out = nil
+	for i := 0; i < len(long); i += 1000 { // no newline: spooled before the line ends, still redacted
+		out = append(out, s.feed([]byte(long[i:min(i+1000, len(long))]))...)
+	}
+	out = append(out, s.flush()...)
+	if bytes.Contains(out, []byte("hunter")) || len(out) != len(long)-4 {
+		t.Fatalf("long line: %d bytes, redacted: %v", len(out), !bytes.Contains(out, []byte("hunter")))
+	}
+}
