@@ -28,6 +28,7 @@ from typing import Any
 import pandas as pd
 
 from cronium_nb import resources
+from cronium_nb.become import BecomeAuth, BecomePasswordSource
 from cronium_nb.config import state_dir as resolve_state_dir
 from cronium_nb.execution import DEFAULT_MAX_LOG_BYTES, Callbacks, Execution
 from cronium_nb.inventory import Inventory
@@ -62,7 +63,10 @@ class Executor:
     deployment; ``concurrency`` bounds servers worked on at once; ``continue_on_failure=False``
     cancels the other servers at the first failure; ``max_log_bytes`` bounds the output text
     stored per execution (1 GiB): past it lines are counted, not stored, and each server's log
-    ends with a ``cronium`` stream line saying how much was dropped.
+    ends with a ``cronium`` stream line saying how much was dropped. ``become_password`` (or a
+    callable returning it) is for servers whose sudo asks for one when an event runs with
+    ``become``; without it the executor asks once, when a server first needs it
+    (:mod:`cronium_nb.become`).
     """
 
     def __init__(
@@ -78,6 +82,7 @@ class Executor:
         runner_dist: str | Path | None = None,
         variable_scope: str = "global",
         max_log_bytes: int = DEFAULT_MAX_LOG_BYTES,
+        become_password: BecomePasswordSource = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -111,6 +116,7 @@ class Executor:
             self._runtime,
             self._store_worker,
             self._metrics,
+            BecomeAuth(become_password),
         )
         self._jobs: weakref.WeakSet[Job] = weakref.WeakSet()  # not finished yet, or not collected
         self._closed = False

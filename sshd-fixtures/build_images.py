@@ -92,10 +92,7 @@ def mmdebstrap_command(arch: str, variant: str, output: Path) -> list[str]:
         f'install -m 0755 {HERE / "entrypoint.sh"} "$1"{ENTRYPOINT}',
         f'install -m 0644 {HERE / "sshd_config.conf"} "$1"/etc/ssh/sshd_config.d/cronium.conf',
         'chroot "$1" usermod -p "*" root',
-        *(
-            f'chroot "$1" useradd -m -s /bin/bash -p "*" -u {uid} {USERADD_OPTIONS.get(user, "")} {user}'.replace("  ", " ")
-            for user, uid in FIXTURE_USERS.items()
-        ),
+        *(useradd_hook(user, uid) for user, uid in FIXTURE_USERS.items()),
         *(f'echo "{user}:{FIXTURE_SUDO_PASSWORD}" | chroot "$1" chpasswd' for user in FIXTURE_PASSWORD_USERS),
         *(sudoers_hooks() if "sudo" in PACKAGES[variant] else []),
         'rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*',
@@ -114,6 +111,11 @@ def mmdebstrap_command(arch: str, variant: str, output: Path) -> list[str]:
         str(output),
         *([f"deb {debian_mirror()} {SUITES[arch]} main"] if SUITES[arch] != "bookworm" else []),
     ]
+
+
+def useradd_hook(user: str, uid: int) -> str:
+    options = f"{USERADD_OPTIONS[user]} " if user in USERADD_OPTIONS else ""
+    return f'chroot "$1" useradd -m -s /bin/bash -p "*" -u {uid} {options}{user}'
 
 
 def sudoers_hooks() -> list[str]:

@@ -92,6 +92,8 @@ class CroniumMagics(Magics):
     @argument("-o", "--output", dest="output_var", help="store the result (or --bg handle) in this variable")
     @argument("--bg", action="store_true", help="return at once with a cancellable handle")
     @argument("--api", action="store_true", help="API mode: live variables and tool actions through an SSH forward")
+    @argument("--become", action="store_true", help="run the script as root through sudo (see --become-user)")
+    @argument("--become-user", help="the user --become runs the script as (default root; implies --become)")
     @cell_magic
     def cronium(self, line: str, cell: str) -> Any:
         """Run the cell's script on servers over SSH, with live output per server.
@@ -120,7 +122,14 @@ class CroniumMagics(Magics):
                 raise UsageError(f"--input is not valid JSON: {error}") from None
         name = args.name or f"cell-{hashlib.sha256(cell.encode()).hexdigest()[:8]}"
         try:
-            event = Event(name=name, script=cell, type=args.type, timeout=args.timeout)
+            event = Event(
+                name=name,
+                script=cell,
+                type=args.type,
+                timeout=args.timeout,
+                become=args.become or args.become_user is not None,
+                become_user=args.become_user or "root",
+            )
             executor = self.session.executor
             servers = [s.name for s in executor.inventory.select(args.servers)]
         except (EventError, UnknownServerError) as error:
