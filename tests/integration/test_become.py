@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from cronium_nb import Event, Executor, Fleet, Inventory, Status
+from cronium_nb import Event, Fleet, Inventory, Job, Status
 from cronium_nb.fleet import FIXTURE_SUDO_PASSWORD
 
 pytestmark = pytest.mark.fleet
@@ -36,11 +36,20 @@ def _as(fleet: Fleet, users: dict[str, str]) -> Inventory:
     return Inventory([replace(fleet.member(f"become-{arch}-1").server, user=user) for arch, user in users.items()])
 
 
-def _wait_until(what: str, condition: Callable[[], bool], limit: float = POLL_LIMIT_S) -> None:
+def _wait_until(what: str, condition: Callable[[], bool], limit: float = POLL_LIMIT_S, job: Job | None = None) -> None:
+    """Poll ``condition`` (bounded: a hang is the failure); a ``job`` that ends meanwhile fails it."""
     deadline = time.monotonic() + limit
     while not condition():
         assert time.monotonic() < deadline, f"not within {limit:g} s: {what}"
+        if job is not None and job.done():
+            pytest.fail(f"the run ended before {what}: {job.result().summary.to_dict('records')}")
         time.sleep(0.2)
+
+
+def _processes(fleet: Fleet, name: str) -> list[tuple[str, str]]:
+    """(user, command line) of every process on the server."""
+    lines = fleet.exec(name, ["ps", "-eo", "user:32,args", "--no-headers"]).output.splitlines()
+    return [(parts[0], parts[1] if len(parts) > 1 else "") for parts in (line.split(None, 1) for line in lines)]
 
 
 def _left_to_root(fleet: Fleet, name: str, user: str) -> str:
@@ -102,31 +111,33 @@ def test_sudo_with_a_password_works_and_the_password_is_found_nowhere(
     event = Event(
         name="become-operator",
         # The script waits for the test to have looked at the server's processes.
-        script=f'echo "running as $(id -un)"; until [ -e {release} ]; do sleep 0.2; done; cronium.output "$(id -u)"',
+        script=f'echo "running as $(id -un)"; sh -c \'until [ -e "$0" ]; do sleep 0.2; done\' {release}\n'
+        'cronium.output "$(id -u)"',
         timeout=300,
         become=True,
     )
     caplog.set_level(logging.DEBUG)
     executor = executor_factory(_as(fleet, {arch: "operator"}), become_password=PASSWORD)
     job = executor.submit(event)
-    samples: list[str] = []
+    samples: list[list[tuple[str, str]]] = []
 
     def script_running() -> bool:
-        samples.append(fleet.exec(name, ["ps", "-eo", "user,args"]).output)
-        return any(line.startswith("root") and release in line for line in samples[-1].splitlines())
+        samples.append(_processes(fleet, name))
+        return ("root", f'sh -c until [ -e "$0" ]; do sleep 0.2; done {release}') in samples[-1]
 
     try:
-        _wait_until("the script runs as root", script_running)
+        _wait_until("the script runs as root", script_running, job=job)
         for _ in range(3):  # and a few more looks while it runs
-            samples.append(fleet.exec(name, ["ps", "-eo", "user,args"]).output)
+            samples.append(_processes(fleet, name))
     finally:
         fleet.exec(name, f"touch {release}")
     result = job.result(timeout=POLL_LIMIT_S)
     fleet.exec(name, f"rm -f {release}")
     assert result.status == Status.SUCCESS, result.summary.to_dict("records")
     assert result.outputs[name] == 0 and "running as root" in result.logs["line"].tolist()
-    assert any("become-exec" in sample for sample in samples)  # the samples saw the run's processes
-    assert not [sample for sample in samples if PASSWORD in sample]
+    seen_args = [args for sample in samples for _user, args in sample]
+    assert any(args.endswith(" become-exec") for args in seen_args)  # the samples saw the run's processes
+    assert [args for args in seen_args if PASSWORD in args] == []
     executor.close()  # the store written and closed
     seen = {
         "logs": result.logs.to_csv(),
@@ -190,15 +201,16 @@ def test_a_stopped_become_run_leaves_no_process(fleet: Fleet, executor_factory, 
     executor = executor_factory(_as(fleet, {arch: "cronium"}))
     job = executor.submit(event)
 
-    def run_processes() -> str:
-        lines = fleet.exec(name, ["ps", "-eo", "user,args"]).output.splitlines()
-        return "\n".join(line for line in lines if marker in line or "become-exec" in line)
+    def run_processes() -> list[tuple[str, str]]:
+        return [(user, args) for user, args in _processes(fleet, name) if marker in args or "become-exec" in args]
 
-    _wait_until("the script's processes run as root", lambda: run_processes().count(f"root     sleep {marker}") == 3)
+    _wait_until(
+        "the script's processes run as root", lambda: run_processes().count(("root", f"sleep {marker}")) == 3, job=job
+    )
     if how == "cancel":
         job.cancel()
     result = job.result(timeout=POLL_LIMIT_S)
     assert result.status == (Status.TIMEOUT if how == "timeout" else Status.CANCELLED)
-    _wait_until("no process of the run is left", lambda: run_processes() == "", limit=30)
+    _wait_until("no process of the run is left", lambda: run_processes() == [], limit=30)
     assert fleet.exec(name, "pgrep -x sudo || true").output.strip() == ""
     assert _left_to_root(fleet, name, "cronium") == ""
