@@ -63,8 +63,11 @@ class BecomeAuth:
         self._asking = asyncio.Lock()
         self._needs_password: dict[tuple[Any, str], bool] = {}  # (connection key, user) -> sudo asks
 
-    async def context(self, pooled: PooledConnection, user: str) -> dict[str, Any]:
-        """The run context's ``become``: the user, and the password only where sudo asks for one."""
+    async def context(self, pooled: PooledConnection, user: str) -> dict[str, Any] | None:
+        """The run context's ``become``: the user, and the password only where sudo asks for one;
+        None when the connection logs in as that user already (no sudo needed)."""
+        if pooled.target.user == user:
+            return None
         key = (pooled.key, user)
         if key not in self._needs_password:
             self._needs_password[key] = await self._probe(pooled, user)

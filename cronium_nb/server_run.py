@@ -149,8 +149,9 @@ class ServerRun:
                 "event": {"id": execution.payload.event_id, "payload_version": execution.payload.version},
             }
             user = become_user(execution.event, self.server)
-            if user is not None:
-                context["become"] = become = await deadline.bound(parts.become.context(pooled, user), "become")
+            become = None if user is None else await deadline.bound(parts.become.context(pooled, user), "become")
+            if become is not None:
+                context["become"] = become
                 if become["password"]:
                     execution.redactor = Redactor([*execution.event.secrets.values(), become["password"]])
             api_run = await deadline.bound(self._open_api(pooled, info, context, variables), "api")

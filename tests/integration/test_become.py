@@ -91,6 +91,9 @@ def test_become_runs_as_root_with_working_helpers_and_gives_everything_back(
     second = executor.run(python)  # same runner session and helper dir; python imports the helpers
     assert second.status == Status.SUCCESS, second.summary.to_dict("records")
     assert second.outputs[name] == {"uid": 0, "n": 8} and second.variables[name]["py"] == "root"
+    api = executor.run(bash, api=True)  # the helpers through the orchestrator's API socket, as root
+    assert api.status == Status.SUCCESS and api[name].helpers == "api", api.summary.to_dict("records")
+    assert api.outputs[name] == {"uid": 0, "n": 7} and api.variables[name]["became"] == "root"
     assert _left_to_root(fleet, name, "cronium") == ""
     plain = executor.run(replace(bash, name="plain", become=False))  # the server's login user again
     assert plain.status == Status.SUCCESS and plain.outputs[name]["uid"] == 1000

@@ -77,6 +77,10 @@ def test_the_password_is_asked_once_however_many_servers_need_it() -> None:
     assert asked == ["asked"] and threading.get_ident() not in threads  # asked off the loop
 
 
+def test_a_login_as_root_needs_no_sudo_to_become_root() -> None:
+    assert asyncio.run(BecomeAuth().context(_connection("root"), "root")) is None  # nothing run, nothing asked
+
+
 def test_no_password_and_nobody_to_ask_is_a_clear_become_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("sys.stdin", None)  # no terminal
     auth = BecomeAuth()
