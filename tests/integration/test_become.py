@@ -15,9 +15,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import yaml
 
 from cronium_nb import Event, Fleet, Inventory, Job, Status
 from cronium_nb.fleet import FIXTURE_SUDO_PASSWORD
+from tests.kernel_harness import kernel, run_cell_answering
 
 pytestmark = pytest.mark.fleet
 ARCHES = ["amd64", "arm64"]
@@ -221,3 +223,23 @@ def test_a_stopped_become_run_leaves_no_process(fleet: Fleet, executor_factory, 
     assert result.status == (Status.TIMEOUT if how == "timeout" else Status.CANCELLED)
     _wait_until("no process of the run is left", lambda: run_processes() == [], limit=30)
     assert _left_to_root(fleet, name, "cronium") == ""
+
+
+def test_a_notebook_asks_for_the_sudo_password_once(fleet: Fleet, tmp_path: Path) -> None:
+    """``%%cronium --become`` in a real kernel, both servers' sudo asking: the frontend's password
+    field (an input request) comes once, and the password is not in the cell's output."""
+    servers = [
+        {"name": s.name, "host": s.host, "port": s.port, "user": "operator", "key_path": s.key_path,
+         "known_hosts": s.known_hosts}
+        for s in fleet.servers
+    ]  # fmt: skip
+    inventory = tmp_path / "servers.yaml"
+    inventory.write_text(yaml.safe_dump({"servers": servers}))
+    with kernel({"CRONIUM_HOME": str(tmp_path / "home"), "CRONIUM_DISPLAY": "text"}) as client:
+        client.execute(f"%load_ext cronium_nb\n%cronium_servers {inventory}", reply=True, timeout=60)
+        cell = run_cell_answering(client, "%%cronium -s all --become -o res\necho uid $(id -u)", PASSWORD, POLL_LIMIT_S)
+        assert cell.reply["status"] == "ok", cell.reply
+        assert cell.prompts == [("sudo password for operator@127.0.0.1 (to run as root): ", True)]  # once for both
+        assert cell.text.count("uid 0") == 2 and PASSWORD not in cell.text, cell.text
+        check = client.execute("assert res.status == 'success', res.summary", reply=True, timeout=30)
+        assert check["content"]["status"] == "ok", check["content"]
