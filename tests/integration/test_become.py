@@ -171,7 +171,7 @@ def test_a_user_who_may_not_sudo_fails_alone_with_sudos_reason(fleet: Fleet, exe
     assert result.logs.query("server == @refused.server").empty  # sudo's words are the error, not output
 
 
-def test_without_a_password_sudo_that_asks_fails_clearly_and_the_password_is_asked_once(
+def test_without_the_password_sudo_that_asks_fails_clearly_and_the_password_is_asked_once(
     fleet: Fleet, executor_factory
 ) -> None:
     nobody_asked = executor_factory(_as(fleet, {"amd64": "operator", "arm64": "cronium"}))
@@ -179,6 +179,10 @@ def test_without_a_password_sudo_that_asks_fails_clearly_and_the_password_is_ask
     assert result.status == Status.PARTIAL  # cronium's sudo needs no password
     refused = result["become-amd64-1"]
     assert refused.error_kind == "become" and "needs a password to run as root, and none could be had" in refused.error
+    wrong = executor_factory(_as(fleet, {"amd64": "operator"}), become_password="not-the-password")
+    refused = wrong.run(Event(name="become-wrong", script="id -u", timeout=120, become=True))["become-amd64-1"]
+    assert refused.error_kind == "become" and "sudo did not accept the password to run as root" in refused.error
+    assert "not-the-password" not in refused.error
     asked: list[int] = []
     executor = executor_factory(
         _as(fleet, {"amd64": "operator", "arm64": "cronium"}), become_password=lambda: asked.append(1) or PASSWORD
