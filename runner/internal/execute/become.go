@@ -157,7 +157,7 @@ func (b *Become) handshake(stderr io.Reader, stdin io.WriteCloser) ([]byte, bool
 			break
 		}
 		// Keep what could be the start of a marker; the rest is sudo's.
-		keep := len(BecomePrompt)
+		keep := max(len(BecomePrompt), len(BecomeReady))
 		if len(pending) > keep {
 			said = append(said, pending[:len(pending)-keep]...)
 			pending = pending[len(pending)-keep:]
