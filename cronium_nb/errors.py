@@ -22,6 +22,7 @@ ErrorKind = Literal[
     "host_key",  # the server's host key is unknown, changed or revoked
     "deploy",  # the runner could not be put on the server
     "runner",  # the runner would not start, or reported an error of its own
+    "become",  # become (sudo): refused, a wrong or missing password, or no sudo on the server
     "script",  # the script ran and failed (exit code, a value it set that cannot be stored)
     "timeout",  # the event's timeout ended the script, or a setup step stalled past it
     "cancelled",  # cancelled by the caller (job.cancel(), Ctrl-C, continue_on_failure=False)
@@ -34,6 +35,7 @@ ERROR_KINDS: tuple[ErrorKind, ...] = (
     "host_key",
     "deploy",
     "runner",
+    "become",
     "script",
     "timeout",
     "cancelled",

@@ -34,6 +34,7 @@ import pandas as pd
 
 from cronium_nb import detached as detached_runs
 from cronium_nb import resources
+from cronium_nb.become import BecomeAuth, BecomePasswordSource, become_user
 from cronium_nb.config import state_dir as resolve_state_dir
 from cronium_nb.execution import DEFAULT_MAX_LOG_BYTES, Callbacks, Execution
 from cronium_nb.inventory import Inventory
@@ -79,6 +80,9 @@ class Executor:
     ends with a ``cronium`` stream line saying how much was dropped. ``confirm_above``: a
     ``%%cronium`` cell aimed at more servers than this asks for confirmation (``--yes`` skips it).
     ``detached_spool_bytes`` bounds the output a detached run keeps on its server (64 MiB).
+    ``become_password`` (or a callable returning it) is for servers whose sudo asks for one when
+    an event runs with ``become``; without it the executor asks once, when a server first needs it
+    (:mod:`cronium_nb.become`).
     """
 
     detached_spool_bytes: int = detached_runs.DEFAULT_SPOOL_BYTES
@@ -98,6 +102,7 @@ class Executor:
         max_log_bytes: int = DEFAULT_MAX_LOG_BYTES,
         confirm_above: int = DEFAULT_CONFIRM_ABOVE,
         cluster: Any = None,
+        become_password: BecomePasswordSource = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -138,6 +143,7 @@ class Executor:
             self._runtime,
             self._store_worker,
             self._metrics,
+            BecomeAuth(become_password),
         )
         self._transfers = Transfers(self.pool, concurrency, self._store_worker)
         self._jobs: weakref.WeakSet[Job] = weakref.WeakSet()  # not finished yet, or not collected
@@ -188,6 +194,10 @@ class Executor:
                 raise EventError("a rollout needs this process to start each next batch: a detached run cannot be one")
             if self._cluster is not None:
                 raise EventError("a detached run goes through this process's connections, not a Dask cluster")
+            if any(become_user(event, server) is not None for server in targets):
+                raise EventError(
+                    "a detached run cannot use become yet (sudo's password would have to wait on the server)"
+                )
             detached_runs.check_spool_bytes(self.detached_spool_bytes)
         placement = self._place(targets, api, rollout)
         keep_going = self.continue_on_failure if continue_on_failure is None else continue_on_failure

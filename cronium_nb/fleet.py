@@ -56,7 +56,14 @@ VARIANTS = ("full", "bare")
 # architecture end to end, at a fraction of the build time.
 IMAGES = tuple((arch, variant) for arch in ARCHES for variant in VARIANTS if arch != "riscv64" or variant == "bare")
 # Users created in every image (name -> uid); the fleet's key is authorized for root and these.
-FIXTURE_USERS = {"cronium": 1000, "intruder": 1001}
+FIXTURE_USERS = {"cronium": 1000, "intruder": 1001, "operator": 1002}
+# sudo in the full images (runs with become=True): cronium may sudo without a password,
+# operator with FIXTURE_SUDO_PASSWORD, intruder not at all. intruder has the same password, so
+# that sudo gets past asking for it and says why it refuses ("... is not in the sudoers file").
+# Password logins over SSH stay off (sshd_config.conf): the password is good for sudo only.
+FIXTURE_SUDOERS = "cronium ALL=(ALL:ALL) NOPASSWD: ALL\noperator ALL=(ALL:ALL) ALL\n"
+FIXTURE_SUDO_PASSWORD = "fixture-sudo-pw-7c41e9"
+FIXTURE_PASSWORD_USERS = ("operator", "intruder")
 FLEET_LABEL = "cronium.fleet"
 OWNER_LABEL = "cronium.fleet.owner"  # the starting process, as cronium_nb.store.current_owner() names it
 NETWORK_LABEL = "cronium.fleet.network"  # the fleet's networks: "internal" or "edge"

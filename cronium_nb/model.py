@@ -33,7 +33,9 @@ class Server:
     else OpenSSH's defaults (port 22, the local user name, ``~/.ssh/id_*`` and ssh-agent keys,
     ``~/.ssh/known_hosts``). A value given here wins over the config. ``jump`` names another
     inventory server to connect through (a bastion; it may have its own ``jump``);
-    ``forward_agent`` forwards the local ssh-agent to this server (off by default).
+    ``forward_agent`` forwards the local ssh-agent to this server (off by default);
+    ``become`` runs every event's script on this server through sudo, as if the event said
+    ``become=True`` (see :mod:`cronium_nb.become`).
     ``key_path`` and ``known_hosts`` are expanded (``~``) on creation. ``site`` names the
     network the server lives in: through a Dask cluster (``Executor(cluster=client)``) it runs on
     a worker that offers the resource ``site-<site>``; ``None``: on any worker.
@@ -48,6 +50,7 @@ class Server:
     jump: str | None = None
     forward_agent: bool = False
     site: str | None = None
+    become: bool = False
 
     def __post_init__(self) -> None:
         for text_field in ("name", "host", "user", "jump"):
@@ -68,8 +71,9 @@ class Server:
             check_port(self.port, f"server {self.name!r}")
         if self.jump == self.name:
             raise ValueError(f"server {self.name!r}: jump names the server itself")
-        if not isinstance(self.forward_agent, bool):
-            raise ValueError(f"server {self.name!r}: forward_agent must be true or false, got {self.forward_agent!r}")
+        for flag in ("forward_agent", "become"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"server {self.name!r}: {flag} must be true or false, got {getattr(self, flag)!r}")
         if self.site is not None and (not isinstance(self.site, str) or not SITE_NAME.fullmatch(self.site)):
             raise ValueError(
                 f"server {self.name!r}: site must be letters, digits, '.', '_' or '-' (it becomes the Dask "
@@ -159,6 +163,8 @@ class Event:
     ``env`` values go into the payload manifest; ``secrets`` are environment values too, but
     they travel only on the runner's stdin (never in a manifest, a command line or a log) and
     are redacted wherever output is stored or shown. ``input`` is the default input of a run.
+    ``become=True`` runs the script as ``become_user`` through sudo (the runner itself stays the
+    login user's; see :mod:`cronium_nb.become`); a server's own ``become`` turns it on there too.
     """
 
     name: str
@@ -169,6 +175,8 @@ class Event:
     env: dict[str, str] = field(default_factory=dict)
     secrets: dict[str, str] = field(default_factory=dict, repr=False)
     grace_period: float = DEFAULT_GRACE_S
+    become: bool = False
+    become_user: str = "root"
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -186,6 +194,9 @@ class Event:
             check_input(self.input)
         except EventError as error:
             raise EventError(f"event {self.name!r}: {error}") from None
+        if not isinstance(self.become, bool):
+            raise EventError(f"event {self.name!r}: become must be true or false, got {self.become!r}")
+        check_become_user(self.become_user, f"event {self.name!r}")
         overlap = set(self.env) & set(self.secrets)
         if overlap:
             raise EventError(f"event {self.name!r}: {', '.join(sorted(overlap))} set both in env and secrets")
@@ -208,6 +219,22 @@ class Event:
             timeout=float(self.timeout),
             grace_period=float(self.grace_period),
             env=dict(self.env),
+        )
+
+
+# The only become_user for now: a non-root user could not reach the runner, its helpers and
+# the run's work dir, which stay in the login user's private cache (README, "Running as root").
+BECOME_USERS = ("root",)
+
+
+def check_become_user(user: object, what: str) -> None:
+    """Refuse a become_user that sudo could misread (an option, a #uid) or that is not supported."""
+    if not isinstance(user, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9._-]{0,63}", user):
+        raise EventError(f"{what}: become_user must be a user name, got {user!r}")
+    if user not in BECOME_USERS:
+        raise EventError(
+            f"{what}: become_user {user!r} is not supported: only root (the runner and the run's work dir "
+            "live in the login user's private cache, which another unprivileged user cannot reach)"
         )
 
 

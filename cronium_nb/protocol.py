@@ -45,6 +45,7 @@ class RunnerExit(IntEnum):
     INTERPRETER_MISSING = 69  # bash/sh/python3/node not found on the server
     INTERNAL = 70  # a bug in the runner
     WORKDIR = 73  # the private work dir could not be created or is unsafe
+    BECOME = 74  # become: sudo is missing, or refused to run the script as the user
 
     @property
     def slug(self) -> str:

@@ -16,15 +16,17 @@ import json
 import sys
 import time
 from collections.abc import Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncssh
 
+from cronium_nb.become import BecomeAuth, become_user
 from cronium_nb.errors import CroniumError, DeployError, ErrorKind, RunnerUnavailable, SetupStalled
 from cronium_nb.execution import Execution
 from cronium_nb.metrics import Metrics
 from cronium_nb.model import Event, Server, Status, variable_too_deep
+from cronium_nb.redaction import Redactor
 from cronium_nb.results import ServerResult
 from cronium_nb.runtime_api import ApiRun, RuntimeService
 from cronium_nb.ssh.api_forward import ApiForwards, ForwardRefused
@@ -39,6 +41,7 @@ SETUP_STEPS = {
     "connect": "connecting",
     "probe": "probing the server",
     "deploy": "deploying the runner",
+    "become": "checking sudo",
     "api": "opening the API forward",
     "start": "starting the runner and waiting for its hello",
 }
@@ -79,6 +82,7 @@ class RunParts:
     runtime: RuntimeService
     store: StoreWorker
     metrics: Metrics
+    become: BecomeAuth = field(default_factory=BecomeAuth)  # sudo: who needs a password, and it
 
 
 class ServerRun:
@@ -144,6 +148,12 @@ class ServerRun:
                 "env": dict(execution.event.secrets),
                 "event": {"id": execution.payload.event_id, "payload_version": execution.payload.version},
             }
+            user = become_user(execution.event, self.server)
+            become = None if user is None else await deadline.bound(parts.become.context(pooled, user), "become")
+            if become is not None:
+                context["become"] = become
+                if become["password"]:
+                    execution.redactor = Redactor([*execution.event.secrets.values(), become["password"]])
             api_run = await deadline.bound(self._open_api(pooled, info, context, variables), "api")
             execution.status(result, "run")
             try:
@@ -291,7 +301,8 @@ class ServerRun:
         elif report is None:
             self._fail("unreachable", run.error or "connection lost during the run (no result from the runner)")
         elif report.get("runner_error"):
-            self._fail("runner", report["runner_error"]["message"])
+            kind: ErrorKind = "become" if report["runner_error"].get("code") == "become" else "runner"
+            self._fail(kind, report["runner_error"]["message"])
         else:
             code = report.get("exit_code")
             if code == 0:

@@ -25,14 +25,27 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from cronium_nb.fleet import ARCHES, FIXTURE_USERS, IMAGE_REPOSITORY, IMAGES, VARIANTS, image_tag
+from cronium_nb.fleet import (
+    ARCHES,
+    FIXTURE_PASSWORD_USERS,
+    FIXTURE_SUDO_PASSWORD,
+    FIXTURE_SUDOERS,
+    FIXTURE_USERS,
+    IMAGE_REPOSITORY,
+    IMAGES,
+    VARIANTS,
+    image_tag,
+)
 from cronium_nb.ssh.deploy import MACHINE_ARCH
 
 HERE = Path(__file__).resolve().parent
 RECIPE_FILES = ("entrypoint.sh", "sshd_config.conf")
 SUITES = {"amd64": "bookworm", "arm64": "bookworm", "riscv64": "trixie"}
 BASE_PACKAGES = ["openssh-server", "procps", "tini", "bash", "coreutils", "tar", "gzip"]
-PACKAGES = {"bare": BASE_PACKAGES, "full": [*BASE_PACKAGES, "python3", "nodejs"]}
+PACKAGES = {"bare": BASE_PACKAGES, "full": [*BASE_PACKAGES, "python3", "nodejs", "sudo"]}
+# Debian ships a system group named "operator" (gid 37), so useradd cannot make that user a
+# group of its own name: it gets the users group instead.
+USERADD_OPTIONS = {"operator": "--no-user-group --gid users"}
 ENTRYPOINT = "/usr/local/sbin/cronium-sshd-entrypoint"
 IMAGE_SETTINGS = [f'ENTRYPOINT ["/usr/bin/tini", "--", "{ENTRYPOINT}"]']  # `docker import --change`
 
@@ -79,7 +92,9 @@ def mmdebstrap_command(arch: str, variant: str, output: Path) -> list[str]:
         f'install -m 0755 {HERE / "entrypoint.sh"} "$1"{ENTRYPOINT}',
         f'install -m 0644 {HERE / "sshd_config.conf"} "$1"/etc/ssh/sshd_config.d/cronium.conf',
         'chroot "$1" usermod -p "*" root',
-        *(f'chroot "$1" useradd -m -s /bin/bash -p "*" -u {uid} {user}' for user, uid in FIXTURE_USERS.items()),
+        *(useradd_hook(user, uid) for user, uid in FIXTURE_USERS.items()),
+        *(f'echo "{user}:{FIXTURE_SUDO_PASSWORD}" | chroot "$1" chpasswd' for user in FIXTURE_PASSWORD_USERS),
+        *(sudoers_hooks() if "sudo" in PACKAGES[variant] else []),
         'rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*',
     ]
     return [
@@ -95,6 +110,22 @@ def mmdebstrap_command(arch: str, variant: str, output: Path) -> list[str]:
         SUITES[arch],
         str(output),
         *([f"deb {debian_mirror()} {SUITES[arch]} main"] if SUITES[arch] != "bookworm" else []),
+    ]
+
+
+def useradd_hook(user: str, uid: int) -> str:
+    options = f"{USERADD_OPTIONS[user]} " if user in USERADD_OPTIONS else ""
+    return f'chroot "$1" useradd -m -s /bin/bash -p "*" -u {uid} {options}{user}'
+
+
+def sudoers_hooks() -> list[str]:
+    """Write the fleet's sudo rules (cronium_nb.fleet.FIXTURE_SUDOERS) to /etc/sudoers.d and
+    have visudo check them, so a typo fails the build instead of every sudo."""
+    rules = FIXTURE_SUDOERS.replace("\n", "\\n")
+    return [
+        f'printf "{rules}" > "$1"/etc/sudoers.d/cronium-fleet',
+        'chmod 0440 "$1"/etc/sudoers.d/cronium-fleet',
+        'chroot "$1" visudo -c -q',
     ]
 
 

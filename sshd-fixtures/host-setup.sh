@@ -38,18 +38,26 @@ ensure_docker() {
 }
 
 # Emulation of a foreign architecture through qemu-user and binfmt_misc (flag F: the interpreter
-# is opened at registration, so it works inside containers too).
+# is opened at registration, so it works inside containers too; flag C: an emulated set-user-ID
+# program gets its owner's rights, as natively, so that sudo works in the arm64 containers).
 ensure_binfmt() {
     local qemu=$1 entry=/proc/sys/fs/binfmt_misc/$1
-    if [ -e "$entry" ] && grep -q enabled "$entry"; then return; fi
+    if [ -e "$entry" ] && grep -q enabled "$entry" && grep -q '^flags: .*C' "$entry"; then return; fi
     [ -f "/usr/lib/binfmt.d/$qemu.conf" ] || apt_install qemu-user-static
-    [ "$(id -u)" = 0 ] || die "$qemu emulation is not registered; as root: mount binfmt_misc and register $qemu"
+    [ "$(id -u)" = 0 ] || die "$qemu emulation is not registered with flags F and C; as root: mount binfmt_misc and register $qemu"
     if [ ! -e /proc/sys/fs/binfmt_misc/register ]; then
         mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
     fi
-    [ -e "$entry" ] || cat "/usr/lib/binfmt.d/$qemu.conf" >/proc/sys/fs/binfmt_misc/register
+    # Registered without C (Debian's file says OPF): register again with it (one write after the
+    # other, so an exec of an emulated program in between is all that could miss it).
+    local line
+    line="$(sed 's/:\([A-Z]*\)$/:\1C/' "/usr/lib/binfmt.d/$qemu.conf")"
+    if [ -e "$entry" ]; then
+        echo -1 >"$entry"
+    fi
+    echo "$line" >/proc/sys/fs/binfmt_misc/register
     grep -q enabled "$entry" || die "$qemu binfmt entry is not enabled"
-    say "$qemu emulation registered"
+    say "$qemu emulation registered (flags $(sed -n 's/^flags: //p' "$entry"))"
 }
 
 # arch-test is only a *recommended* dependency of mmdebstrap, and --no-install-recommends leaves it

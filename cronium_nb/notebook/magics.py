@@ -152,6 +152,8 @@ class CroniumMagics(Magics):
     @argument("--dry-run", action="store_true", help="show the plan (targets, payload, runner cache); run nothing")
     @argument("--yes", action="store_true", help="run on more than the executor's confirm_above servers without asking")
     @argument("--detach", action="store_true", help="the runs go on if the kernel dies: ex.attach(id) follows them")
+    @argument("--become", action="store_true", help="run the script as root through sudo (see --become-user)")
+    @argument("--become-user", help="the user --become runs the script as (default root; implies --become)")
     @cell_magic
     def cronium(self, line: str, cell: str) -> Any:
         """Run the cell's script on servers over SSH, with live output per server.
@@ -185,7 +187,14 @@ class CroniumMagics(Magics):
                 raise UsageError(f"--input is not valid JSON: {error}") from None
         name = args.name or f"cell-{hashlib.sha256(cell.encode()).hexdigest()[:8]}"
         try:
-            event = Event(name=name, script=cell, type=args.type, timeout=args.timeout)
+            event = Event(
+                name=name,
+                script=cell,
+                type=args.type,
+                timeout=args.timeout,
+                become=args.become or args.become_user is not None,
+                become_user=args.become_user or "root",
+            )
             executor = self.session.executor
             servers = [s.name for s in executor.inventory.select(args.servers)]
         except (EventError, UnknownServerError) as error:

@@ -47,10 +47,14 @@ def _encrypted(error: Exception) -> bool:
     return isinstance(error, asyncssh.KeyImportError) and "passphrase" in str(error).lower()
 
 
-def ask_passphrase(path: str) -> str:
-    """Ask the person at the keyboard: the notebook frontend's password field when running in a
-    Jupyter kernel that allows input, ``getpass`` in a terminal; else :class:`KeyNeedsPassphrase`."""
-    prompt = f"Passphrase for {path}: "
+class PromptUnavailable(Exception):
+    """Nobody can be asked for a secret here (no terminal, a frontend without input); why."""
+
+
+def ask_hidden(prompt: str) -> str:
+    """Ask the person at the keyboard for a secret, not echoed: the notebook frontend's password
+    field when running in a Jupyter kernel that allows input, ``getpass`` in a terminal; else
+    :class:`PromptUnavailable` (blocking: call it in a worker thread)."""
     try:
         from IPython import get_ipython
 
@@ -59,14 +63,22 @@ def ask_passphrase(path: str) -> str:
         kernel = None
     if kernel is not None:
         if not getattr(kernel, "_allow_stdin", False):
-            raise KeyNeedsPassphrase(path, "this notebook frontend cannot ask for input")
+            raise PromptUnavailable("this notebook frontend cannot ask for input")
         try:
             return str(kernel.getpass(prompt))
         except Exception as error:  # e.g. StdinNotImplementedError: the frontend cannot answer
-            raise KeyNeedsPassphrase(path, f"the notebook could not ask ({error})") from None
+            raise PromptUnavailable(f"the notebook could not ask ({error})") from None
     if sys.stdin is not None and sys.stdin.isatty():
         return getpass.getpass(prompt)
-    raise KeyNeedsPassphrase(path)
+    raise PromptUnavailable("none was given and none can be asked for here (no terminal, no notebook)")
+
+
+def ask_passphrase(path: str) -> str:
+    """Ask for a key file's passphrase (:func:`ask_hidden`); else :class:`KeyNeedsPassphrase`."""
+    try:
+        return ask_hidden(f"Passphrase for {path}: ")
+    except PromptUnavailable as why:
+        raise KeyNeedsPassphrase(path, str(why)) from None
 
 
 def unlock(path: str, passphrase: str) -> asyncssh.SSHKey:

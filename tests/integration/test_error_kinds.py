@@ -13,6 +13,7 @@ import asyncssh
 import pytest
 
 from cronium_nb import Event, Executor, Fleet, Status
+from cronium_nb.fleet import FIXTURE_SUDO_PASSWORD
 from cronium_nb.model import Server
 from cronium_nb.server_run import ServerRun
 from cronium_nb.store import Store
@@ -118,3 +119,15 @@ def test_cancelled(cronium_fleet: Fleet, tmp_path: Path) -> None:
         result = job.result(timeout=120)
     for name in cronium_fleet.names:
         check(result, name, "cancelled", tmp_path / "state", Status.CANCELLED)
+
+
+def test_become(cronium_fleet: Fleet, tmp_path: Path) -> None:
+    """sudo refuses one server's login user (intruder may not sudo); the other logs in as root,
+    which needs no sudo to become root."""
+    first = cronium_fleet.names[0]
+    servers = with_server(cronium_fleet, first, user="intruder")
+    with Executor(state_dir=tmp_path / "state", become_password=FIXTURE_SUDO_PASSWORD) as executor:
+        result = executor.run(Event(name="kinds-become", script="id -u", become=True), servers=servers)
+    check(result, first, "become", tmp_path / "state")
+    assert "intruder is not in the sudoers file" in result[first].error
+    assert result[other(cronium_fleet, first)].status == Status.SUCCESS

@@ -54,6 +54,14 @@ def test_detach_with_api_mode_or_a_bad_spool_limit_is_refused(executor: Executor
     assert executor.history().empty  # nothing was started
 
 
+def test_detach_with_a_rollout_or_become_is_refused_before_anything_runs(executor: Executor) -> None:
+    with pytest.raises(EventError, match="a detached run cannot be one"):
+        executor.submit(Event(name="e", script="true"), "web1", detach=True, batch_size=1, max_fail=0)
+    with pytest.raises(EventError, match="a detached run cannot use become"):
+        executor.submit(Event(name="e", script="true", become=True), "web1", detach=True)
+    assert executor.history().empty
+
+
 def test_a_detached_execution_outlives_its_owner_in_the_store(tmp_path: Path) -> None:
     state = tmp_path / "state"
     state.mkdir()

@@ -5,14 +5,12 @@ nowhere in the cell's output."""
 from __future__ import annotations
 
 import os
-import queue
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-jupyter_client = pytest.importorskip("jupyter_client.manager")
+from tests.kernel_harness import kernel, run_cell_answering
 
 PASSPHRASE = "tr0ub4dor&3"
 
@@ -30,46 +28,11 @@ def test_a_notebook_asks_for_a_key_s_passphrase_once(local_servers, tmp_path: Pa
     ]  # fmt: skip
     inventory = tmp_path / "servers.yaml"
     inventory.write_text(yaml.safe_dump({"servers": servers}))
-    env = {**os.environ, "CRONIUM_HOME": str(tmp_path / "home"), "CRONIUM_DISPLAY": "text"}
-    manager = jupyter_client.KernelManager(kernel_name="python3")
-    manager.start_kernel(env=env)
-    client = manager.client()
-    client.start_channels()
-    try:
-        client.wait_for_ready(timeout=60)
+    with kernel({"CRONIUM_HOME": str(tmp_path / "home"), "CRONIUM_DISPLAY": "text"}) as client:
         client.execute(f"%load_ext cronium_nb\n%cronium_servers {inventory}", reply=True, timeout=60)
-        msg_id = client.execute("%%cronium -s all -o res\necho up from $USER", allow_stdin=True)
-        prompts = []
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                request = client.get_stdin_msg(timeout=0.2)
-            except queue.Empty:
-                try:
-                    reply = client.get_shell_msg(timeout=0.01)
-                except queue.Empty:
-                    continue
-                if reply["parent_header"].get("msg_id") == msg_id:
-                    break
-                continue
-            prompts.append((request["content"]["prompt"], request["content"]["password"]))
-            client.input(PASSPHRASE)
-        else:
-            pytest.fail("the cell did not finish")
-        assert reply["content"]["status"] == "ok", reply["content"]
-        assert prompts == [(f"Passphrase for {locked}: ", True)]  # once, for both servers
-        outputs = []
-        while True:
-            try:
-                message = client.get_iopub_msg(timeout=0.5)
-            except queue.Empty:
-                break
-            if message["msg_type"] == "stream":
-                outputs.append(message["content"]["text"])
-        text = "".join(outputs)
-        assert "up from" in text and PASSPHRASE not in text
+        cell = run_cell_answering(client, "%%cronium -s all -o res\necho up from $USER", PASSPHRASE)
+        assert cell.reply["status"] == "ok", cell.reply
+        assert cell.prompts == [(f"Passphrase for {locked}: ", True)]  # once, for both servers
+        assert "up from" in cell.text and PASSPHRASE not in cell.text
         check = client.execute("assert res.status == 'success', res.summary", reply=True, timeout=30)
         assert check["content"]["status"] == "ok", check["content"]
-    finally:
-        client.stop_channels()
-        manager.shutdown_kernel(now=True)

@@ -57,6 +57,8 @@ func run(argv []string) int {
 		return daemonCommand(argv[0], args)
 	case "keeper":
 		return keeperCommand(args)
+	case execute.BecomeCommand: // started by sudo, as the user a run becomes (execute/become.go)
+		return execute.BecomeExec()
 	case "helper":
 		if len(args) < 1 {
 			return usageError("helper", "the following arguments are required: verb, args")

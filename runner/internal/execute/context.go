@@ -22,6 +22,7 @@ type Context struct {
 	HasAPI         bool
 	Event          *pyjson.Object // what only the orchestrator knows: id, payload_version
 	MaxResultBytes int64          // 0: the runner's default
+	Become         *Become        // nil: the script runs as the login user
 }
 
 // truthy is Python's bool() of a JSON value.
@@ -100,6 +101,13 @@ func ContextFrom(data any) (*Context, error) {
 			return nil, exitcode.New(exitcode.Usage, "run context 'max_result_bytes' must be a positive whole number of bytes")
 		}
 		c.MaxResultBytes = int64(f)
+	}
+	if v, ok := obj.Get("become"); ok && v != nil {
+		become, err := BecomeFrom(v)
+		if err != nil {
+			return nil, err
+		}
+		c.Become = become
 	}
 	return c, nil
 }

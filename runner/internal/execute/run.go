@@ -124,10 +124,18 @@ func RunPayload(data []byte, ctx *Context, reporter Reporter, in *Input, o Optio
 		}
 		timings.Set("prepare_s", num(time.Since(clock).Seconds()-extractS))
 		supervisor := &Supervisor{Argv: argv, Dir: workdir, Env: env, Timeout: Seconds(m.Timeout),
-			Grace: Seconds(m.GracePeriod), Reporter: reporter, Input: in}
+			Grace: Seconds(m.GracePeriod), Reporter: reporter, Input: in, Become: ctx.Become}
+		if ctx.Become != nil {
+			if supervisor.Argv, err = ctx.Become.prepare(argv, workdir, helperDir, env, supervisor.Grace, o.Executable); err != nil {
+				return fail(result, err)
+			}
+		}
 		outcome, err := supervisor.Run()
 		if err != nil {
 			return fail(result, err)
+		}
+		if ctx.Become != nil && ctx.Become.Failure != "" && !outcome.Stopped {
+			return fail(result, exitcode.New(exitcode.BecomeFailed, "%s", ctx.Become.Failure))
 		}
 		timings.Set("script_s", num(outcome.ScriptS))
 		limit := o.MaxResultBytes

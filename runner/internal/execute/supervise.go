@@ -3,6 +3,7 @@ package execute
 import (
 	"encoding/binary"
 	"encoding/hex"
+	"io"
 	"math/rand/v2"
 	"os"
 	"os/signal"
@@ -45,7 +46,8 @@ type Supervisor struct {
 	Timeout  time.Duration
 	Grace    time.Duration
 	Reporter Reporter
-	Input    *Input // nil: no control channel (local mode)
+	Input    *Input  // nil: no control channel (local mode)
+	Become   *Become // run the script through sudo as another user (become.go)
 
 	mark     []byte
 	pid      int
@@ -105,8 +107,17 @@ func (s *Supervisor) stop(sig syscall.Signal, reason string) {
 	}
 	s.signalTree(sig)
 	if !s.killing {
-		s.killing, s.killAt = true, time.Now().Add(s.Grace)
+		s.killing, s.killAt = true, time.Now().Add(s.killGrace())
 	}
+}
+
+// killGrace is how long after the first SIGTERM the tree gets SIGKILL. Through sudo, the
+// script's side stops its own tree within the grace period; sudo gets a margin more.
+func (s *Supervisor) killGrace() time.Duration {
+	if s.Become != nil {
+		return s.Grace + becomeMargin
+	}
+	return s.Grace
 }
 
 type chunk struct {
@@ -115,6 +126,18 @@ type chunk struct {
 }
 
 func readPipe(f *os.File, kind byte, out chan<- chunk, done <-chan struct{}) {
+	forwardPipe(f, kind, nil, out, done)
+}
+
+// forwardPipe sends first (if any), then what f gives, then the end of the stream.
+func forwardPipe(f *os.File, kind byte, first []byte, out chan<- chunk, done <-chan struct{}) {
+	if len(first) > 0 {
+		select {
+		case out <- chunk{kind, first}:
+		case <-done:
+			return
+		}
+	}
 	for {
 		buf := make([]byte, readSize)
 		n, err := f.Read(buf)
@@ -151,11 +174,19 @@ func (s *Supervisor) Run() (Outcome, error) {
 	signal.Notify(signals, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP, syscall.SIGCHLD)
 	defer signal.Stop(signals)
 
-	devnull, err := os.Open(os.DevNull)
+	stdin, err := os.Open(os.DevNull)
 	if err != nil {
 		return s.outcome, err
 	}
-	defer devnull.Close()
+	defer stdin.Close()
+	var becomeIn *os.File // become: sudo's stdin, for the password and the spec
+	if s.Become != nil {
+		stdin.Close()
+		if stdin, becomeIn, err = os.Pipe(); err != nil {
+			return s.outcome, err
+		}
+		defer becomeIn.Close()
+	}
 	outR, outW, err := os.Pipe()
 	if err != nil {
 		return s.outcome, err
@@ -168,11 +199,14 @@ func (s *Supervisor) Run() (Outcome, error) {
 	}
 	started := time.Now()
 	process, err := os.StartProcess(s.Argv[0], s.Argv, &os.ProcAttr{
-		Dir: s.Dir, Env: env, Files: []*os.File{devnull, outW, errW},
+		Dir: s.Dir, Env: env, Files: []*os.File{stdin, outW, errW},
 		Sys: &syscall.SysProcAttr{Setsid: true},
 	})
 	outW.Close()
 	errW.Close()
+	if s.Become != nil {
+		stdin.Close()
+	}
 	if err != nil {
 		outR.Close()
 		errR.Close()
@@ -187,7 +221,24 @@ func (s *Supervisor) Run() (Outcome, error) {
 	defer close(done)
 	chunks := make(chan chunk, 4)
 	go readPipe(outR, protocol.Stdout, chunks, done)
-	go readPipe(errR, protocol.Stderr, chunks, done)
+	if s.Become != nil {
+		go func() {
+			// sudo's own words (prompt, refusal) are not the script's output: only what
+			// follows become-exec's ready line is.
+			first, ready := s.Become.handshake(errR, becomeIn)
+			if !ready {
+				io.Copy(io.Discard, errR)
+				select {
+				case chunks <- chunk{protocol.Stderr, nil}:
+				case <-done:
+				}
+				return
+			}
+			forwardPipe(errR, protocol.Stderr, first, chunks, done)
+		}()
+	} else {
+		go readPipe(errR, protocol.Stderr, chunks, done)
+	}
 	defer outR.Close()
 	defer errR.Close()
 	exited := make(chan *os.ProcessState, 1)
@@ -268,7 +319,7 @@ func (s *Supervisor) Run() (Outcome, error) {
 				orphansSignalled = true
 				s.signalTree(syscall.SIGTERM)
 				if !s.killing {
-					s.killing, s.killAt = true, time.Now().Add(s.Grace)
+					s.killing, s.killAt = true, time.Now().Add(s.killGrace())
 				}
 			}
 			continue

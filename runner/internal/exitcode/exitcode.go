@@ -20,12 +20,14 @@ const (
 	InterpreterMissing Code = 69 // bash/sh/python3/node not found on the server
 	Internal           Code = 70 // a bug in the runner
 	Workdir            Code = 73 // the private work dir could not be created or is unsafe
+	BecomeFailed       Code = 74 // become: sudo is missing, or refused to run the script as the user
 )
 
 var slugs = map[Code]string{
 	Usage: "usage", BadPayload: "bad_payload", NoPayload: "no_payload",
 	ChecksumMismatch: "checksum_mismatch", BadManifest: "bad_manifest",
 	InterpreterMissing: "interpreter_missing", Internal: "internal", Workdir: "workdir",
+	BecomeFailed: "become",
 }
 
 // Slug is the code's name in result messages ("bad_payload").
