@@ -15,22 +15,33 @@ runs and a new one opened after it):
    with ``O_CREAT|O_EXCL`` and mode 0600, so no other user of the server can read it while it
    fills; the local file is read in ``CHUNK_BYTES`` pieces, hashed (SHA-256) as it is read, and
    each piece written at its offset (asyncssh pipelines the SFTP requests of a piece), so a
-   1 GB file never sits in memory. The file is fsynced and closed.
+   1 GB file never sits in memory. The file is fsynced, given its mode (``mode``, else the
+   replaced file's, else 0644) through the open handle (``fsetstat``: never through its name,
+   which another user who can write in the directory could swap for a link), and closed.
 2. ``sha256sum`` reads the temporary file from the server's own disk. We hash on the server
    rather than read the file back over SFTP: reading back would move every byte a second time
    over the network, while ``sha256sum`` (coreutils or busybox, on every Linux server) checks
    what was really written at the cost of one short process. Its path is passed shell-quoted
    (:func:`shlex.quote`) to ``sh -c``, so no path a user writes can run a command.
-3. Only when both digests are equal, the temporary file gets its mode (``mode``, else the mode
-   of the file it replaces, else 0644) and is renamed over the destination
+3. Only when both digests are equal, and the temporary name still holds a regular file of the
+   size written (not a link someone swapped in), it is renamed over the destination
    (``posix-rename@openssh.com``: atomic, an existing file is replaced). Readers of the
    destination see the old file or the whole new one, never a part. On any failure, timeout or
    cancel the temporary file is removed (when the connection still allows it).
 
+Links at the destination are never written through: a link there is replaced by the new file
+(rename does not follow it), the replaced file's mode is taken only from a regular file
+(``lstat``), and its setuid/setgid bits only when the new file has the same owner (group): an
+upload must not become setuid to us because the file it replaced was setuid to someone else.
+A destination that is a link to a directory is refused unless the path ends in ``/`` (someone
+who can write next to it could otherwise lead the upload into a directory of their choice).
+
 ``fetch`` mirrors it: SFTP reads the remote file in pieces into a private (0600) temporary
-file in ``DEST/<server>/``, hashing as it goes; the server then hashes the same number of bytes
-(``head -c N | sha256sum``, so a log that grows meanwhile still verifies); only equal digests
-rename the temporary file to ``DEST/<server>/<basename>``. The server's name and the remote
+file in ``DEST/<server>/``, written through the descriptor that created it, hashing as it goes.
+It copies the size the file had when opened (a busy log that keeps growing would otherwise never
+end); a file that shrinks meanwhile fails. The server then hashes the same number of bytes
+(``head -c N | sha256sum``); only equal digests, and a temporary name that still names the file
+we wrote, rename it to ``DEST/<server>/<basename>``. The server's name and the remote
 basename become local path parts only when they are plain names: ``..``, ``.``, ``/``, NUL or an
 empty name are refused before anything runs, and the final path is checked to lie in ``DEST``.
 
@@ -335,11 +346,9 @@ class Transfers:
             temp: str | None = None
             try:
                 async with _SFTPSession(connection) as sftp:
-                    dest = remote
-                    if remote.endswith("/") or await sftp.isdir(remote):
-                        dest = posixpath.join(remote, local.name)
+                    dest = await _destination(sftp, remote, local.name)
                     row.path = dest
-                    replaced_mode = await _regular_file_mode(sftp, dest)
+                    replaced = await _replaced_file(sftp, dest)
                     temp = temp_name(dest)
                     try:
                         handle = await sftp.open(
@@ -361,6 +370,7 @@ class Transfers:
                         )
                         with contextlib.suppress(asyncssh.SFTPOpUnsupported):
                             await handle.fsync()
+                        await handle.chmod(_mode_to_give(mode, replaced, await handle.stat()))
                     row.bytes = digest.size
                 remote_digest = await _remote_sha256(connection, temp)
                 if remote_digest != digest.hex:
@@ -369,7 +379,7 @@ class Transfers:
                         "the destination was left unchanged"
                     )
                 async with _SFTPSession(connection) as sftp:
-                    await sftp.chmod(temp, _first_given(mode, replaced_mode, DEFAULT_MODE))
+                    await _check_still_ours(sftp, temp, dest, digest.size)
                     try:
                         await sftp.posix_rename(temp, dest)
                     except asyncssh.SFTPError as error:
@@ -402,9 +412,17 @@ class Transfers:
                     except asyncssh.SFTPError as error:
                         raise TransferFailed(f"cannot read {remote}: {error.reason}") from None
                     async with handle:
-                        partial = received = await asyncio.to_thread(_private_partial, dest, server_dir, name)
-                        digest = await _download(
-                            handle, received, lambda done: self._report(request, row.server, done, attributes.size)
+                        size = (await handle.stat()).size  # as opened: what we copy, however it grows
+                        # created here, not in a thread: a cancel cannot strand it unnamed
+                        descriptor, received = _private_partial(dest, server_dir, name)
+                        partial = received
+                        written = await _download(
+                            handle, descriptor, size, lambda done: self._report(request, row.server, done, size)
+                        )
+                    digest = written.digest
+                    if size is not None and digest.size < size:
+                        raise TransferFailed(
+                            f"cannot read {remote}: it shrank while it was read ({digest.size} of {size} bytes)"
                         )
                     row.bytes = digest.size
                 remote_digest = await _remote_sha256(connection, remote, limit=digest.size)
@@ -412,6 +430,11 @@ class Transfers:
                     raise TransferFailed(
                         f"checksum mismatch for {remote}: received sha256 {digest.hex}, the server has {remote_digest} "
                         "for the same bytes (did the file change while it was read?)"
+                    )
+                if not os.path.samestat(written.file, os.lstat(received)):
+                    raise TransferFailed(
+                        f"cannot write {final}: its temporary file {received} was replaced by someone else "
+                        "while it was written; nothing was renamed"
                     )
                 os.replace(received, final)
                 partial = None
@@ -476,26 +499,79 @@ class _SFTPSession:
             await self.client.wait_closed()
 
 
-def _first_given(*modes: int | None) -> int:
-    """The mode to give: the caller's, else the replaced file's, else the default."""
-    return next(mode for mode in modes if mode is not None)
+async def _destination(sftp: asyncssh.SFTPClient, remote: str, name: str) -> str:
+    """Where a put of the local file ``name`` to ``remote`` writes: ``remote``, or ``name`` in it
+    when it is a directory. A link there is followed only when the path ends in ``/``."""
+    if remote.endswith("/"):
+        return posixpath.join(remote, name)
+    try:
+        attributes = await sftp.lstat(remote)
+    except asyncssh.SFTPError:
+        return remote  # nothing there yet (or not ours to see): the open says which
+    kind = attributes.permissions or 0
+    if stat.S_ISDIR(kind):
+        return posixpath.join(remote, name)
+    if stat.S_ISLNK(kind) and await sftp.isdir(remote):
+        raise TransferFailed(
+            f"cannot write {remote}: it is a symbolic link to a directory; "
+            "end the path with '/' to put the file into the directory it points to"
+        )
+    return remote
+
+
+async def _replaced_file(sftp: asyncssh.SFTPClient, path: str) -> asyncssh.SFTPAttrs | None:
+    """The attributes of the regular file at ``path`` itself (a link is not followed: it is
+    replaced, and lends nothing); None when there is none."""
+    try:
+        attributes = await sftp.lstat(path)
+    except asyncssh.SFTPError:
+        return None
+    if attributes.permissions is None or not stat.S_ISREG(attributes.permissions):
+        return None
+    return attributes
+
+
+def _mode_to_give(mode: int | None, replaced: asyncssh.SFTPAttrs | None, created: asyncssh.SFTPAttrs) -> int:
+    """The caller's ``mode``, else the replaced file's permissions, else the default. The
+    replaced file's setuid (setgid) bit is kept only when the new file has its owner (group)."""
+    if mode is not None:
+        return mode
+    if replaced is None or replaced.permissions is None:
+        return DEFAULT_MODE
+    kept = replaced.permissions & 0o1777
+    if replaced.uid is not None and replaced.uid == created.uid:
+        kept |= replaced.permissions & stat.S_ISUID
+    if replaced.gid is not None and replaced.gid == created.gid:
+        kept |= replaced.permissions & stat.S_ISGID
+    return kept
+
+
+async def _check_still_ours(sftp: asyncssh.SFTPClient, temp: str, dest: str, size: int) -> None:
+    """Refuse to rename ``temp`` unless it is still a regular file of the ``size`` we wrote:
+    in a directory others can write in, it may have been swapped for a link meanwhile."""
+    try:
+        attributes = await sftp.lstat(temp)
+    except asyncssh.SFTPError as error:
+        raise TransferFailed(f"cannot replace {dest}: its temporary file {temp}: {error.reason}") from None
+    kind = attributes.permissions or 0
+    if stat.S_ISLNK(kind):
+        now = "a symbolic link"
+    elif not stat.S_ISREG(kind):
+        now = "not a regular file"
+    elif attributes.size != size:
+        now = f"{attributes.size} bytes, not {size}"
+    else:
+        return
+    raise TransferFailed(
+        f"cannot replace {dest}: its temporary file {temp} was replaced by someone else (now {now}); "
+        "the destination was left unchanged"
+    )
 
 
 def temp_name(dest: str) -> str:
     """A fresh hidden name next to ``dest`` (same directory: the rename stays atomic)."""
     stem = posixpath.basename(dest).encode()[:_TEMP_STEM_BYTES].decode(errors="ignore")
     return posixpath.join(posixpath.dirname(dest), f".{stem}.cronium-{secrets.token_hex(8)}{TEMP_SUFFIX}")
-
-
-async def _regular_file_mode(sftp: asyncssh.SFTPClient, path: str) -> int | None:
-    """The permission bits of the regular file at ``path``; None when there is none."""
-    try:
-        attributes = await sftp.stat(path)
-    except asyncssh.SFTPError:
-        return None
-    if attributes.permissions is None or not stat.S_ISREG(attributes.permissions):
-        return None
-    return attributes.permissions & 0o7777
 
 
 def _read_and_hash(source: IO[bytes], hasher: Any) -> bytes:
@@ -515,15 +591,16 @@ async def _upload(local: Path, handle: asyncssh.SFTPClientFile, done: Callable[[
     return _Digest(hasher.hexdigest(), offset)
 
 
-def _private_partial(dest: Path, server_dir: Path, name: str) -> Path:
-    """A new 0600 file next to where ``name`` goes, after checking that place is inside ``dest``."""
+def _private_partial(dest: Path, server_dir: Path, name: str) -> tuple[int, Path]:
+    """A new 0600 file next to where ``name`` goes, after checking that place is inside ``dest``:
+    its open descriptor (write through it: the name may be swapped by whoever can write there)
+    and its path."""
     server_dir.mkdir(parents=True, exist_ok=True)
     root = os.path.realpath(dest)
     if os.path.commonpath([root, os.path.realpath(server_dir)]) != root:
         raise TransferFailed(f"{server_dir} leads outside {dest} (a symbolic link?): refused")
     descriptor, path = tempfile.mkstemp(prefix=f".{name[:_TEMP_STEM_BYTES]}.", suffix=TEMP_SUFFIX, dir=server_dir)
-    os.close(descriptor)
-    return Path(path)
+    return descriptor, Path(path)
 
 
 def _write_and_hash(target: IO[bytes], hasher: Any, data: bytes) -> None:
@@ -531,16 +608,29 @@ def _write_and_hash(target: IO[bytes], hasher: Any, data: bytes) -> None:
     target.write(data)
 
 
-async def _download(handle: asyncssh.SFTPClientFile, partial: Path, done: Callable[[int], None]) -> _Digest:
-    """Copy the open remote file into ``partial`` piece by piece, hashing as it arrives."""
+@dataclass(frozen=True)
+class _Written:
+    digest: _Digest
+    file: os.stat_result  # of the file written: its name must still lead to it at the rename
+
+
+async def _download(
+    handle: asyncssh.SFTPClientFile, descriptor: int, size: int | None, done: Callable[[int], None]
+) -> _Written:
+    """Copy the open remote file into the local file open as ``descriptor`` (closed on return)
+    piece by piece, hashing as it arrives: its first ``size`` bytes (all of it when None)."""
     hasher, offset = hashlib.sha256(), 0
-    with open(partial, "wb") as target:
-        while data := cast(bytes, await handle.read(CHUNK_BYTES, offset)):  # opened without encoding
+    with open(descriptor, "wb") as target:
+        while size is None or offset < size:
+            wanted = CHUNK_BYTES if size is None else min(CHUNK_BYTES, size - offset)
+            data = cast(bytes, await handle.read(wanted, offset))  # opened without encoding
+            if not data:
+                break
             await asyncio.to_thread(_write_and_hash, target, hasher, data)
             offset += len(data)
             done(offset)
         await asyncio.to_thread(os.fsync, target.fileno())
-    return _Digest(hasher.hexdigest(), offset)
+        return _Written(_Digest(hasher.hexdigest(), offset), os.fstat(target.fileno()))
 
 
 async def _remote_sha256(connection: asyncssh.SSHClientConnection, path: str, limit: int | None = None) -> str:
