@@ -66,7 +66,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar, cast
@@ -340,7 +340,8 @@ class Transfers:
     async def _put_one(
         self, request: _Request, server: Server, row: _Row, local: Path, remote: str, mode: int | None
     ) -> None:
-        total = local.stat().st_size
+        with _failing_as(f"cannot read {local}", OSError):
+            total = local.stat().st_size
         async with self._lease(server, request.timeout) as pooled:
             connection = pooled.connection
             temp: str | None = None
@@ -365,12 +366,13 @@ class Transfers:
                         temp = None
                         raise TransferFailed(f"cannot write {dest}: {error.reason}") from None
                     async with handle:
-                        digest = await _upload(
-                            local, handle, lambda done: self._report(request, row.server, done, total)
-                        )
-                        with contextlib.suppress(asyncssh.SFTPOpUnsupported):
-                            await handle.fsync()
-                        await handle.chmod(_mode_to_give(mode, replaced, await handle.stat()))
+                        with _failing_as(f"cannot read {local}", OSError), _failing_as(f"cannot write {dest}"):
+                            digest = await _upload(
+                                local, handle, lambda done: self._report(request, row.server, done, total)
+                            )
+                            with contextlib.suppress(asyncssh.SFTPOpUnsupported):
+                                await handle.fsync()
+                            await handle.chmod(_mode_to_give(mode, replaced, await handle.stat()))
                     row.bytes = digest.size
                 remote_digest = await _remote_sha256(connection, temp)
                 if remote_digest != digest.hex:
@@ -412,13 +414,17 @@ class Transfers:
                     except asyncssh.SFTPError as error:
                         raise TransferFailed(f"cannot read {remote}: {error.reason}") from None
                     async with handle:
-                        size = (await handle.stat()).size  # as opened: what we copy, however it grows
-                        # created here, not in a thread: a cancel cannot strand it unnamed
-                        descriptor, received = _private_partial(dest, server_dir, name)
+                        # as opened: what we copy, however it grows; 0 is a /proc or /sys file,
+                        # whose size is only known by reading it to its end
+                        size = (await handle.stat()).size or None
+                        with _failing_as(f"cannot write {final}", OSError):
+                            # created here, not in a thread: a cancel cannot strand it unnamed
+                            descriptor, received = _private_partial(dest, server_dir, name)
                         partial = received
-                        written = await _download(
-                            handle, descriptor, size, lambda done: self._report(request, row.server, done, size)
-                        )
+                        with _failing_as(f"cannot write {final}", OSError), _failing_as(f"cannot read {remote}"):
+                            written = await _download(
+                                handle, descriptor, size, lambda done: self._report(request, row.server, done, size)
+                            )
                     digest = written.digest
                     if size is not None and digest.size < size:
                         raise TransferFailed(
@@ -431,12 +437,13 @@ class Transfers:
                         f"checksum mismatch for {remote}: received sha256 {digest.hex}, the server has {remote_digest} "
                         "for the same bytes (did the file change while it was read?)"
                     )
-                if not os.path.samestat(written.file, os.lstat(received)):
-                    raise TransferFailed(
-                        f"cannot write {final}: its temporary file {received} was replaced by someone else "
-                        "while it was written; nothing was renamed"
-                    )
-                os.replace(received, final)
+                with _failing_as(f"cannot write {final}", OSError):
+                    if not os.path.samestat(written.file, os.lstat(received)):
+                        raise TransferFailed(
+                            f"cannot write {final}: its temporary file {received} was replaced by someone else "
+                            "while it was written; nothing was renamed"
+                        )
+                    os.replace(received, final)
                 partial = None
                 row.sha256 = digest.hex
             finally:
@@ -461,6 +468,19 @@ def _frame(rows: list[_Row]) -> pd.DataFrame:
 class _Digest:
     hex: str
     size: int
+
+
+@contextlib.contextmanager
+def _failing_as(what: str, *errors: type[Exception]) -> Iterator[None]:
+    """``errors`` (default: an SFTP request the server failed) raised inside become this
+    server's failure ``what: reason``: a full local disk or a read error on the server is no
+    "connection failed"."""
+    caught = errors or (asyncssh.SFTPError,)
+    try:
+        yield
+    except caught as error:
+        reason = getattr(error, "reason", None) or getattr(error, "strerror", None) or str(error)
+        raise TransferFailed(f"{what}: {reason}") from None
 
 
 async def _within(awaitable: Awaitable[T], timeout: float | None) -> T:

@@ -1,9 +1,10 @@
 """File transfers against hostile surroundings, amd64 and arm64: another user of the server
 (the fleet's ``intruder``) who can write in the destination's directory and plants links there,
-a remote file that grows while it is fetched, and another local user racing for the fetch's
-temporary file. In each case we must not write, chmod or read through a link someone else
-planted, and nothing may be lent more rights than the caller asked for. What is on a server is
-checked with ``docker exec`` (the fleet's own view), never with the code under test."""
+a remote file that grows while it is fetched, another local user racing for the fetch's
+temporary file, and file errors (local or remote) that must name the file. In each case we
+must not write, chmod or read through a link someone else planted, and nothing may be lent
+more rights than the caller asked for. What is on a server is checked with ``docker exec``
+(the fleet's own view), never with the code under test."""
 
 from __future__ import annotations
 
@@ -198,3 +199,38 @@ def test_a_local_link_raced_in_for_the_fetch_temporary_file_is_not_written_throu
     assert victim.read_text() == "mine\n"  # not written through the link
     assert row["status"] == "failed" and "was replaced by someone else" in row["error"], row
     assert not (dest / server / "hostname").exists()
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_a_pseudo_file_that_says_size_zero_is_read_to_its_end(
+    cronium_fleet: Fleet, executor_factory, tmp_path: Path, arch: str
+) -> None:
+    """/proc and /sys files report size 0 and are only known by reading them: the size bound
+    of a growing file does not apply to them."""
+    server = server_of(cronium_fleet, arch).name
+    expected = cronium_fleet.exec(server, ["cat", "/proc/sys/kernel/hostname"]).output
+    assert expected.strip()
+    executor = executor_factory(cronium_fleet.inventory)
+    row = rows(executor.fetch("/proc/sys/kernel/hostname", servers=[server], dest=tmp_path / "out"))[server]
+    assert row["status"] == "success" and row["bytes"] == len(expected.encode()), row
+    assert Path(row["path"]).read_text() == expected
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_file_errors_name_the_file_not_the_connection(
+    cronium_fleet: Fleet, executor_factory, tmp_path: Path, arch: str
+) -> None:
+    """A local disk error (here a directory where the fetched file goes; a full disk alike) and
+    a read the server fails are this server's clear failure, not "connection failed"."""
+    server = server_of(cronium_fleet, arch).name
+    executor = executor_factory(cronium_fleet.inventory)
+    in_the_way = tmp_path / "out" / server / "hostname"
+    in_the_way.mkdir(parents=True)
+    row = rows(executor.fetch("/etc/hostname", servers=[server], dest=tmp_path / "out"))[server]
+    assert (row["status"], row["error"]) == ("failed", f"cannot write {in_the_way}: Is a directory"), row
+    assert os.listdir(in_the_way.parent) == ["hostname"]  # the temporary file removed
+
+    # reading memory the server process does not map fails on the server, after the open
+    row = rows(executor.fetch("/proc/self/mem", servers=[server], dest=tmp_path / "mem"))[server]
+    assert row["status"] == "failed" and row["error"].startswith("cannot read /proc/self/mem: "), row
+    assert not (tmp_path / "mem" / server / "mem").exists()
