@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
+import cronium_nb as cn
 from cronium_nb import Fleet
+from cronium_nb.transfer import CLEANUP_TIMEOUT_S
 from tests.integration.test_files import ARCHES, remote_sha256, rows, server_of, temp_files
 
 pytestmark = pytest.mark.fleet
@@ -234,3 +236,34 @@ def test_file_errors_name_the_file_not_the_connection(
     row = rows(executor.fetch("/proc/self/mem", servers=[server], dest=tmp_path / "mem"))[server]
     assert row["status"] == "failed" and row["error"].startswith("cannot read /proc/self/mem: "), row
     assert not (tmp_path / "mem" / server / "mem").exists()
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_a_server_that_freezes_mid_transfer_ends_within_its_timeout(
+    cronium_fleet: Fleet, executor_factory, tmp_path: Path, arch: str
+) -> None:
+    """The server stops answering after the first piece (its container paused). The timeout
+    ends the transfer, and the cleanup that follows (closing the file and the SFTP session,
+    removing the temporary file) is bounded as a whole: nothing waits for the keepalive, set
+    long here so that only our own bound can end it."""
+    server = server_of(cronium_fleet, arch).name
+    local = tmp_path / "eight.bin"
+    local.write_bytes(os.urandom(8 * MIB))
+    executor = executor_factory(cronium_fleet.inventory, ssh_options=cn.SSHOptions(keepalive_interval=60))
+    paused: list[str] = []
+
+    def progress(name: str, done: int, total: int | None) -> None:
+        if not paused:
+            cronium_fleet.pause(name)
+            paused.append(name)
+
+    try:
+        job = executor.submit_put(local, "/tmp/hostile-freeze.bin", servers=[server], timeout=15, progress=progress)
+        frame = job.result(timeout=300)
+    finally:
+        if paused:
+            cronium_fleet.unpause(server)
+    row = rows(frame)[server]
+    assert paused and (row["status"], row["error"]) == ("timeout", "the transfer did not finish within 15 s"), row
+    # generous: the keepalive alone would have ended it after about 3 minutes
+    assert row["duration_s"] < 15 + CLEANUP_TIMEOUT_S + 20, row
