@@ -66,7 +66,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar, cast
@@ -87,7 +87,7 @@ log = logging.getLogger("cronium_nb.transfer")
 COLUMNS = ("server", "path", "bytes", "sha256", "status", "error", "duration_s")
 CHUNK_BYTES = 1 << 20  # read and written per step, per server: what a transfer holds in memory
 DEFAULT_MODE = 0o644  # a new remote file's mode when none is given and no file is replaced
-CLEANUP_TIMEOUT_S = 10.0  # removing a temporary file after a failure: never a hang
+CLEANUP_TIMEOUT_S = 10.0  # one server's cleanup after a failure, timeout or cancel, in all: never a hang
 TEMP_SUFFIX = ".part"
 _TEMP_STEM_BYTES = 150  # of the destination's name in the temporary name (NAME_MAX is 255)
 _SHA256 = re.compile(r"\\?([0-9a-f]{64})\b")
@@ -344,9 +344,10 @@ class Transfers:
             total = local.stat().st_size
         async with self._lease(server, request.timeout) as pooled:
             connection = pooled.connection
+            cleanup = _Cleanup()
             temp: str | None = None
             try:
-                async with _SFTPSession(connection) as sftp:
+                async with _SFTPSession(connection, cleanup) as sftp:
                     dest = await _destination(sftp, remote, local.name)
                     row.path = dest
                     replaced = await _replaced_file(sftp, dest)
@@ -365,7 +366,7 @@ class Transfers:
                     except asyncssh.SFTPError as error:
                         temp = None
                         raise TransferFailed(f"cannot write {dest}: {error.reason}") from None
-                    async with handle:
+                    async with _closing(handle, cleanup):
                         with _failing_as(f"cannot read {local}", OSError), _failing_as(f"cannot write {dest}"):
                             digest = await _upload(
                                 local, handle, lambda done: self._report(request, row.server, done, total)
@@ -380,7 +381,7 @@ class Transfers:
                         f"checksum mismatch for {dest}: sent sha256 {digest.hex}, the server has {remote_digest}; "
                         "the destination was left unchanged"
                     )
-                async with _SFTPSession(connection) as sftp:
+                async with _SFTPSession(connection, cleanup) as sftp:
                     await _check_still_ours(sftp, temp, dest, digest.size)
                     try:
                         await sftp.posix_rename(temp, dest)
@@ -390,7 +391,7 @@ class Transfers:
                 row.sha256 = digest.hex
             except BaseException:
                 if temp is not None:
-                    await _remove_remote(connection, temp)
+                    await cleanup.run(_remove_remote(connection, temp, cleanup))
                 raise
 
     # -- fetch: one server
@@ -402,9 +403,10 @@ class Transfers:
         final = server_dir / name
         async with self._lease(server, request.timeout) as pooled:
             connection = pooled.connection
+            cleanup = _Cleanup()
             partial: Path | None = None
             try:
-                async with _SFTPSession(connection) as sftp:
+                async with _SFTPSession(connection, cleanup) as sftp:
                     try:
                         attributes = await sftp.stat(remote)
                         if attributes.permissions is not None and not stat.S_ISREG(attributes.permissions):
@@ -413,7 +415,7 @@ class Transfers:
                         handle = await sftp.open(remote, "rb", encoding=None)
                     except asyncssh.SFTPError as error:
                         raise TransferFailed(f"cannot read {remote}: {error.reason}") from None
-                    async with handle:
+                    async with _closing(handle, cleanup):
                         # as opened: what we copy, however it grows; 0 is a /proc or /sys file,
                         # whose size is only known by reading it to its end
                         size = (await handle.stat()).size or None
@@ -494,12 +496,43 @@ async def _within(awaitable: Awaitable[T], timeout: float | None) -> T:
     return await asyncio.wait_for(awaitable, timeout)
 
 
-class _SFTPSession:
-    """An SFTP session on ``connection`` (one channel), closed on leaving; a server that refuses
-    the subsystem is this server's clear failure."""
+class _Cleanup:
+    """One server's cleanup after a failure, timeout or cancel (closing the remote file and the
+    SFTP session, removing the temporary file): best effort, and ``CLEANUP_TIMEOUT_S`` for all
+    its steps together, so a server that stopped answering does not hold the transfer past its
+    timeout until the keepalive gives up on the connection."""
 
-    def __init__(self, connection: asyncssh.SSHClientConnection) -> None:
+    def __init__(self) -> None:
+        self._deadline: float | None = None  # set by the first step
+
+    async def run(self, step: Awaitable[object]) -> None:
+        """Await ``step`` within what is left of the budget; its errors are dropped (the
+        transfer's own error is the one that counts)."""
+        loop = asyncio.get_running_loop()
+        if self._deadline is None:
+            self._deadline = loop.time() + CLEANUP_TIMEOUT_S
+        with contextlib.suppress(Exception, asyncio.TimeoutError):
+            await asyncio.wait_for(step, max(0.0, self._deadline - loop.time()))
+
+
+@contextlib.asynccontextmanager
+async def _closing(handle: asyncssh.SFTPClientFile, cleanup: _Cleanup) -> AsyncIterator[asyncssh.SFTPClientFile]:
+    """``handle``, closed on leaving; after a failure the close is a step of ``cleanup``."""
+    try:
+        yield handle
+    except BaseException:
+        await cleanup.run(handle.close())
+        raise
+    await handle.close()
+
+
+class _SFTPSession:
+    """An SFTP session on ``connection`` (one channel), closed on leaving (after a failure, as a
+    step of ``cleanup``); a server that refuses the subsystem is this server's clear failure."""
+
+    def __init__(self, connection: asyncssh.SSHClientConnection, cleanup: _Cleanup) -> None:
         self.connection = connection
+        self.cleanup = cleanup
         self.client: asyncssh.SFTPClient | None = None
 
     async def __aenter__(self) -> asyncssh.SFTPClient:
@@ -513,10 +546,13 @@ class _SFTPSession:
             ) from None
         return self.client
 
-    async def __aexit__(self, *exc_info: object) -> None:
+    async def __aexit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
         if self.client is not None:
             self.client.exit()
-            await self.client.wait_closed()
+            if exc_type is None:
+                await self.client.wait_closed()
+            else:
+                await self.cleanup.run(self.client.wait_closed())
 
 
 async def _destination(sftp: asyncssh.SFTPClient, remote: str, name: str) -> str:
@@ -665,15 +701,10 @@ async def _remote_sha256(connection: asyncssh.SSHClientConnection, path: str, li
     return match.group(1)
 
 
-async def _remove_remote(connection: asyncssh.SSHClientConnection, path: str) -> None:
-    """Best effort, bounded: the connection may be the reason we are cleaning up."""
-
-    async def remove() -> None:
-        async with _SFTPSession(connection) as sftp:
-            await sftp.remove(path)
-
-    with contextlib.suppress(Exception, asyncio.TimeoutError):
-        await asyncio.wait_for(remove(), CLEANUP_TIMEOUT_S)
+async def _remove_remote(connection: asyncssh.SSHClientConnection, path: str, cleanup: _Cleanup) -> None:
+    """Remove ``path`` (a step of ``cleanup``: the connection may be why we are cleaning up)."""
+    async with _SFTPSession(connection, cleanup) as sftp:
+        await sftp.remove(path)
 
 
 # -- starting one (the executor's entry points check everything here, before anything runs)
