@@ -416,9 +416,12 @@ class Transfers:
                     except asyncssh.SFTPError as error:
                         raise TransferFailed(f"cannot read {remote}: {error.reason}") from None
                     async with _closing(handle, cleanup):
+                        opened = await handle.stat()  # what was opened, not what the name led to before
+                        if opened.permissions is not None and not stat.S_ISREG(opened.permissions):
+                            raise TransferFailed(f"cannot read {remote}: it is not a regular file (it was replaced)")
                         # as opened: what we copy, however it grows; 0 is a /proc or /sys file,
                         # whose size is only known by reading it to its end
-                        size = (await handle.stat()).size or None
+                        size = opened.size or None
                         with _failing_as(f"cannot write {final}", OSError):
                             # created here, not in a thread: a cancel cannot strand it unnamed
                             descriptor, received = _private_partial(dest, server_dir, name)
