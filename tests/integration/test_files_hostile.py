@@ -267,3 +267,27 @@ def test_a_server_that_freezes_mid_transfer_ends_within_its_timeout(
     assert paused and (row["status"], row["error"]) == ("timeout", "the transfer did not finish within 15 s"), row
     # generous: the keepalive alone would have ended it after about 3 minutes
     assert row["duration_s"] < 15 + CLEANUP_TIMEOUT_S + 20, row
+
+
+def test_a_local_file_that_grows_during_a_put_reaches_every_server_as_it_was_at_the_start(
+    cronium_fleet: Fleet, executor_factory, tmp_path: Path
+) -> None:
+    """A local log still being appended to: every server gets the same bytes, the size the file
+    had when the put was started, not whatever each server's reader found at its end."""
+    local = tmp_path / "growing.log"
+    local.write_bytes(os.urandom(4 * MIB))
+    original = hashlib.sha256(local.read_bytes()).hexdigest()
+    appended: list[str] = []
+
+    def progress(name: str, done: int, total: int | None) -> None:
+        if not appended:  # after the first piece to the first server: the writer appends as much again
+            with open(local, "ab") as log:
+                log.write(os.urandom(4 * MIB))
+            appended.append(name)
+
+    executor = executor_factory(cronium_fleet.inventory)
+    put = rows(executor.put(local, "/tmp/hostile-growing-put.log", servers="all", progress=progress))
+    assert appended and local.stat().st_size == 8 * MIB
+    for name, row in put.items():
+        assert (row["status"], row["bytes"], row["sha256"]) == ("success", 4 * MIB, original), row
+        assert remote_sha256(cronium_fleet, name, "/tmp/hostile-growing-put.log") == original
