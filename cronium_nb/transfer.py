@@ -15,9 +15,11 @@ runs and a new one opened after it):
    with ``O_CREAT|O_EXCL`` and mode 0600, so no other user of the server can read it while it
    fills; the local file is read in ``CHUNK_BYTES`` pieces, hashed (SHA-256) as it is read, and
    each piece written at its offset (asyncssh pipelines the SFTP requests of a piece), so a
-   1 GB file never sits in memory. The file is fsynced, given its mode (``mode``, else the
-   replaced file's, else 0644) through the open handle (``fsetstat``: never through its name,
-   which another user who can write in the directory could swap for a link), and closed.
+   1 GB file never sits in memory. Every server gets the size the file had when the put was
+   asked for (a local log still being appended to reaches all servers alike). The file is
+   fsynced, given its mode (``mode``, else the replaced file's, else 0644) through the open
+   handle (``fsetstat``: never through its name, which another user who can write in the
+   directory could swap for a link), and closed.
 2. ``sha256sum`` reads the temporary file from the server's own disk. We hash on the server
    rather than read the file back over SFTP: reading back would move every byte a second time
    over the network, while ``sha256sum`` (coreutils or busybox, on every Linux server) checks
@@ -235,10 +237,15 @@ class Transfers:
         mode: int | None,
         timeout: float | None,
         progress: Progress | None,
+        size: int | None = None,
     ) -> pd.DataFrame:
+        """``size``: the bytes of ``local`` every server gets (its size when the put was asked
+        for, so a file still being appended to reaches all alike); None: all of it."""
         request = _Request("put", str(local), targets, timeout, progress)
         return await self._fan_out(
-            request, lambda server: remote, lambda server, row: self._put_one(request, server, row, local, remote, mode)
+            request,
+            lambda server: remote,
+            lambda server, row: self._put_one(request, server, row, local, remote, mode, size),
         )
 
     async def fetch(
@@ -338,10 +345,15 @@ class Transfers:
     # -- put: one server
 
     async def _put_one(
-        self, request: _Request, server: Server, row: _Row, local: Path, remote: str, mode: int | None
+        self,
+        request: _Request,
+        server: Server,
+        row: _Row,
+        local: Path,
+        remote: str,
+        mode: int | None,
+        size: int | None,
     ) -> None:
-        with _failing_as(f"cannot read {local}", OSError):
-            total = local.stat().st_size
         async with self._lease(server, request.timeout) as pooled:
             connection = pooled.connection
             cleanup = _Cleanup()
@@ -369,7 +381,7 @@ class Transfers:
                     async with _closing(handle, cleanup):
                         with _failing_as(f"cannot read {local}", OSError), _failing_as(f"cannot write {dest}"):
                             digest = await _upload(
-                                local, handle, lambda done: self._report(request, row.server, done, total)
+                                local, handle, size, lambda done: self._report(request, row.server, done, size)
                             )
                             with contextlib.suppress(asyncssh.SFTPOpUnsupported):
                                 await handle.fsync()
@@ -633,20 +645,29 @@ def temp_name(dest: str) -> str:
     return posixpath.join(posixpath.dirname(dest), f".{stem}.cronium-{secrets.token_hex(8)}{TEMP_SUFFIX}")
 
 
-def _read_and_hash(source: IO[bytes], hasher: Any) -> bytes:
-    data = source.read(CHUNK_BYTES)
+def _read_and_hash(source: IO[bytes], hasher: Any, wanted: int) -> bytes:
+    data = source.read(wanted)
     hasher.update(data)
     return data
 
 
-async def _upload(local: Path, handle: asyncssh.SFTPClientFile, done: Callable[[int], None]) -> _Digest:
-    """Copy ``local`` into the open remote file piece by piece, hashing as it is read."""
+async def _upload(
+    local: Path, handle: asyncssh.SFTPClientFile, size: int | None, done: Callable[[int], None]
+) -> _Digest:
+    """Copy the first ``size`` bytes of ``local`` (all of it when None) into the open remote
+    file piece by piece, hashing as they are read."""
     hasher, offset = hashlib.sha256(), 0
     with open(local, "rb") as source:
-        while data := await asyncio.to_thread(_read_and_hash, source, hasher):
+        while size is None or offset < size:
+            wanted = CHUNK_BYTES if size is None else min(CHUNK_BYTES, size - offset)
+            data = await asyncio.to_thread(_read_and_hash, source, hasher, wanted)
+            if not data:
+                break
             await handle.write(data, offset)
             offset += len(data)
             done(offset)
+    if size is not None and offset < size:
+        raise TransferFailed(f"cannot read {local}: it shrank while it was read ({offset} of {size} bytes)")
     return _Digest(hasher.hexdigest(), offset)
 
 
@@ -731,8 +752,9 @@ def start_put(
     if not source.is_file():
         raise ValueError(f"local path {source} is not a regular file; put copies one file")
     remote = check_remote_path(remote)
+    size = source.stat().st_size or None  # 0: a /proc file, known only by reading it to its end
     coroutine = transfers.put(
-        targets, source, remote, check_mode(mode), check_timeout(timeout), _check_progress(progress)
+        targets, source, remote, check_mode(mode), check_timeout(timeout), _check_progress(progress), size
     )
     return TransferJob(loop, coroutine)
 
