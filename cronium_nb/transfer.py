@@ -491,11 +491,13 @@ class _Digest:
 def _failing_as(what: str, *errors: type[Exception]) -> Iterator[None]:
     """``errors`` (default: an SFTP request the server failed) raised inside become this
     server's failure ``what: reason``: a full local disk or a read error on the server is no
-    "connection failed"."""
+    "connection failed". A lost connection stays one."""
     caught = errors or (asyncssh.SFTPError,)
     try:
         yield
     except caught as error:
+        if isinstance(error, (asyncssh.SFTPNoConnection, asyncssh.SFTPConnectionLost)):
+            raise
         reason = getattr(error, "reason", None) or getattr(error, "strerror", None) or str(error)
         raise TransferFailed(f"{what}: {reason}") from None
 

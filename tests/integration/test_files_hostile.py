@@ -291,3 +291,25 @@ def test_a_local_file_that_grows_during_a_put_reaches_every_server_as_it_was_at_
     for name, row in put.items():
         assert (row["status"], row["bytes"], row["sha256"]) == ("success", 4 * MIB, original), row
         assert remote_sha256(cronium_fleet, name, "/tmp/hostile-growing-put.log") == original
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_an_sftp_session_that_dies_mid_put_is_a_lost_connection_and_leaves_no_temporary_file(
+    cronium_fleet: Fleet, executor_factory, tmp_path: Path, arch: str
+) -> None:
+    server = server_of(cronium_fleet, arch).name
+    directory = "/tmp/hostile-lost"
+    assert cronium_fleet.exec(server, ["sh", "-c", f"rm -rf {directory} && mkdir {directory}"]).exit_code == 0
+    local = tmp_path / "eight.bin"
+    local.write_bytes(os.urandom(8 * MIB))
+    killed: list[int] = []
+
+    def progress(name: str, done: int, total: int | None) -> None:
+        if not killed:  # the server's SFTP process dies; sshd and the SSH connection live on
+            killed.append(cronium_fleet.exec(name, ["pkill", "-KILL", "-x", "sftp-server"]).exit_code)
+
+    executor = executor_factory(cronium_fleet.inventory)
+    row = rows(executor.put(local, f"{directory}/eight.bin", servers=[server], progress=progress))[server]
+    assert killed == [0]
+    assert row["status"] == "failed" and row["error"].startswith("connection to "), row["error"]
+    assert cronium_fleet.exec(server, ["ls", "-A", directory]).output.strip() == ""  # removed on a new session
