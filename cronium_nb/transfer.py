@@ -15,22 +15,35 @@ runs and a new one opened after it):
    with ``O_CREAT|O_EXCL`` and mode 0600, so no other user of the server can read it while it
    fills; the local file is read in ``CHUNK_BYTES`` pieces, hashed (SHA-256) as it is read, and
    each piece written at its offset (asyncssh pipelines the SFTP requests of a piece), so a
-   1 GB file never sits in memory. The file is fsynced and closed.
+   1 GB file never sits in memory. Every server gets the size the file had when the put was
+   asked for (a local log still being appended to reaches all servers alike). The file is
+   fsynced, given its mode (``mode``, else the replaced file's, else 0644) through the open
+   handle (``fsetstat``: never through its name, which another user who can write in the
+   directory could swap for a link), and closed.
 2. ``sha256sum`` reads the temporary file from the server's own disk. We hash on the server
    rather than read the file back over SFTP: reading back would move every byte a second time
    over the network, while ``sha256sum`` (coreutils or busybox, on every Linux server) checks
    what was really written at the cost of one short process. Its path is passed shell-quoted
    (:func:`shlex.quote`) to ``sh -c``, so no path a user writes can run a command.
-3. Only when both digests are equal, the temporary file gets its mode (``mode``, else the mode
-   of the file it replaces, else 0644) and is renamed over the destination
+3. Only when both digests are equal, and the temporary name still holds a regular file of the
+   size written (not a link someone swapped in), it is renamed over the destination
    (``posix-rename@openssh.com``: atomic, an existing file is replaced). Readers of the
    destination see the old file or the whole new one, never a part. On any failure, timeout or
    cancel the temporary file is removed (when the connection still allows it).
 
+Links at the destination are never written through: a link there is replaced by the new file
+(rename does not follow it), the replaced file's mode is taken only from a regular file
+(``lstat``), and its setuid/setgid bits only when the new file has the same owner (group): an
+upload must not become setuid to us because the file it replaced was setuid to someone else.
+A destination that is a link to a directory is refused unless the path ends in ``/`` (someone
+who can write next to it could otherwise lead the upload into a directory of their choice).
+
 ``fetch`` mirrors it: SFTP reads the remote file in pieces into a private (0600) temporary
-file in ``DEST/<server>/``, hashing as it goes; the server then hashes the same number of bytes
-(``head -c N | sha256sum``, so a log that grows meanwhile still verifies); only equal digests
-rename the temporary file to ``DEST/<server>/<basename>``. The server's name and the remote
+file in ``DEST/<server>/``, written through the descriptor that created it, hashing as it goes.
+It copies the size the file had when opened (a busy log that keeps growing would otherwise never
+end); a file that shrinks meanwhile fails. The server then hashes the same number of bytes
+(``head -c N | sha256sum``); only equal digests, and a temporary name that still names the file
+we wrote, rename it to ``DEST/<server>/<basename>``. The server's name and the remote
 basename become local path parts only when they are plain names: ``..``, ``.``, ``/``, NUL or an
 empty name are refused before anything runs, and the final path is checked to lie in ``DEST``.
 
@@ -55,7 +68,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar, cast
@@ -76,7 +89,7 @@ log = logging.getLogger("cronium_nb.transfer")
 COLUMNS = ("server", "path", "bytes", "sha256", "status", "error", "duration_s")
 CHUNK_BYTES = 1 << 20  # read and written per step, per server: what a transfer holds in memory
 DEFAULT_MODE = 0o644  # a new remote file's mode when none is given and no file is replaced
-CLEANUP_TIMEOUT_S = 10.0  # removing a temporary file after a failure: never a hang
+CLEANUP_TIMEOUT_S = 10.0  # one server's cleanup after a failure, timeout or cancel, in all: never a hang
 TEMP_SUFFIX = ".part"
 _TEMP_STEM_BYTES = 150  # of the destination's name in the temporary name (NAME_MAX is 255)
 _SHA256 = re.compile(r"\\?([0-9a-f]{64})\b")
@@ -224,10 +237,15 @@ class Transfers:
         mode: int | None,
         timeout: float | None,
         progress: Progress | None,
+        size: int | None = None,
     ) -> pd.DataFrame:
+        """``size``: the bytes of ``local`` every server gets (its size when the put was asked
+        for, so a file still being appended to reaches all alike); None: all of it."""
         request = _Request("put", str(local), targets, timeout, progress)
         return await self._fan_out(
-            request, lambda server: remote, lambda server, row: self._put_one(request, server, row, local, remote, mode)
+            request,
+            lambda server: remote,
+            lambda server, row: self._put_one(request, server, row, local, remote, mode, size),
         )
 
     async def fetch(
@@ -327,19 +345,24 @@ class Transfers:
     # -- put: one server
 
     async def _put_one(
-        self, request: _Request, server: Server, row: _Row, local: Path, remote: str, mode: int | None
+        self,
+        request: _Request,
+        server: Server,
+        row: _Row,
+        local: Path,
+        remote: str,
+        mode: int | None,
+        size: int | None,
     ) -> None:
-        total = local.stat().st_size
         async with self._lease(server, request.timeout) as pooled:
             connection = pooled.connection
+            cleanup = _Cleanup()
             temp: str | None = None
             try:
-                async with _SFTPSession(connection) as sftp:
-                    dest = remote
-                    if remote.endswith("/") or await sftp.isdir(remote):
-                        dest = posixpath.join(remote, local.name)
+                async with _SFTPSession(connection, cleanup) as sftp:
+                    dest = await _destination(sftp, remote, local.name)
                     row.path = dest
-                    replaced_mode = await _regular_file_mode(sftp, dest)
+                    replaced = await _replaced_file(sftp, dest)
                     temp = temp_name(dest)
                     try:
                         handle = await sftp.open(
@@ -355,12 +378,14 @@ class Transfers:
                     except asyncssh.SFTPError as error:
                         temp = None
                         raise TransferFailed(f"cannot write {dest}: {error.reason}") from None
-                    async with handle:
-                        digest = await _upload(
-                            local, handle, lambda done: self._report(request, row.server, done, total)
-                        )
-                        with contextlib.suppress(asyncssh.SFTPOpUnsupported):
-                            await handle.fsync()
+                    async with _closing(handle, cleanup):
+                        with _failing_as(f"cannot read {local}", OSError), _failing_as(f"cannot write {dest}"):
+                            digest = await _upload(
+                                local, handle, size, lambda done: self._report(request, row.server, done, size)
+                            )
+                            with contextlib.suppress(asyncssh.SFTPOpUnsupported):
+                                await handle.fsync()
+                            await handle.chmod(_mode_to_give(mode, replaced, await handle.stat()))
                     row.bytes = digest.size
                 remote_digest = await _remote_sha256(connection, temp)
                 if remote_digest != digest.hex:
@@ -368,8 +393,8 @@ class Transfers:
                         f"checksum mismatch for {dest}: sent sha256 {digest.hex}, the server has {remote_digest}; "
                         "the destination was left unchanged"
                     )
-                async with _SFTPSession(connection) as sftp:
-                    await sftp.chmod(temp, _first_given(mode, replaced_mode, DEFAULT_MODE))
+                async with _SFTPSession(connection, cleanup) as sftp:
+                    await _check_still_ours(sftp, temp, dest, digest.size)
                     try:
                         await sftp.posix_rename(temp, dest)
                     except asyncssh.SFTPError as error:
@@ -378,7 +403,7 @@ class Transfers:
                 row.sha256 = digest.hex
             except BaseException:
                 if temp is not None:
-                    await _remove_remote(connection, temp)
+                    await cleanup.run(_remove_remote(connection, temp, cleanup))
                 raise
 
     # -- fetch: one server
@@ -390,9 +415,10 @@ class Transfers:
         final = server_dir / name
         async with self._lease(server, request.timeout) as pooled:
             connection = pooled.connection
+            cleanup = _Cleanup()
             partial: Path | None = None
             try:
-                async with _SFTPSession(connection) as sftp:
+                async with _SFTPSession(connection, cleanup) as sftp:
                     try:
                         attributes = await sftp.stat(remote)
                         if attributes.permissions is not None and not stat.S_ISREG(attributes.permissions):
@@ -401,10 +427,25 @@ class Transfers:
                         handle = await sftp.open(remote, "rb", encoding=None)
                     except asyncssh.SFTPError as error:
                         raise TransferFailed(f"cannot read {remote}: {error.reason}") from None
-                    async with handle:
-                        partial = received = await asyncio.to_thread(_private_partial, dest, server_dir, name)
-                        digest = await _download(
-                            handle, received, lambda done: self._report(request, row.server, done, attributes.size)
+                    async with _closing(handle, cleanup):
+                        opened = await handle.stat()  # what was opened, not what the name led to before
+                        if opened.permissions is not None and not stat.S_ISREG(opened.permissions):
+                            raise TransferFailed(f"cannot read {remote}: it is not a regular file (it was replaced)")
+                        # as opened: what we copy, however it grows; 0 is a /proc or /sys file,
+                        # whose size is only known by reading it to its end
+                        size = opened.size or None
+                        with _failing_as(f"cannot write {final}", OSError):
+                            # created here, not in a thread: a cancel cannot strand it unnamed
+                            descriptor, received = _private_partial(dest, server_dir, name)
+                        partial = received
+                        with _failing_as(f"cannot write {final}", OSError), _failing_as(f"cannot read {remote}"):
+                            written = await _download(
+                                handle, descriptor, size, lambda done: self._report(request, row.server, done, size)
+                            )
+                    digest = written.digest
+                    if size is not None and digest.size < size:
+                        raise TransferFailed(
+                            f"cannot read {remote}: it shrank while it was read ({digest.size} of {size} bytes)"
                         )
                     row.bytes = digest.size
                 remote_digest = await _remote_sha256(connection, remote, limit=digest.size)
@@ -413,7 +454,13 @@ class Transfers:
                         f"checksum mismatch for {remote}: received sha256 {digest.hex}, the server has {remote_digest} "
                         "for the same bytes (did the file change while it was read?)"
                     )
-                os.replace(received, final)
+                with _failing_as(f"cannot write {final}", OSError):
+                    if not os.path.samestat(written.file, os.lstat(received)):
+                        raise TransferFailed(
+                            f"cannot write {final}: its temporary file {received} was replaced by someone else "
+                            "while it was written; nothing was renamed"
+                        )
+                    os.replace(received, final)
                 partial = None
                 row.sha256 = digest.hex
             finally:
@@ -440,6 +487,21 @@ class _Digest:
     size: int
 
 
+@contextlib.contextmanager
+def _failing_as(what: str, *errors: type[Exception]) -> Iterator[None]:
+    """``errors`` (default: an SFTP request the server failed) raised inside become this
+    server's failure ``what: reason``: a full local disk or a read error on the server is no
+    "connection failed". A lost connection stays one."""
+    caught = errors or (asyncssh.SFTPError,)
+    try:
+        yield
+    except caught as error:
+        if isinstance(error, (asyncssh.SFTPNoConnection, asyncssh.SFTPConnectionLost)):
+            raise
+        reason = getattr(error, "reason", None) or getattr(error, "strerror", None) or str(error)
+        raise TransferFailed(f"{what}: {reason}") from None
+
+
 async def _within(awaitable: Awaitable[T], timeout: float | None) -> T:
     """``awaitable``, raising TimeoutError (and cancelling it) after ``timeout`` seconds."""
     if timeout is None:
@@ -451,12 +513,43 @@ async def _within(awaitable: Awaitable[T], timeout: float | None) -> T:
     return await asyncio.wait_for(awaitable, timeout)
 
 
-class _SFTPSession:
-    """An SFTP session on ``connection`` (one channel), closed on leaving; a server that refuses
-    the subsystem is this server's clear failure."""
+class _Cleanup:
+    """One server's cleanup after a failure, timeout or cancel (closing the remote file and the
+    SFTP session, removing the temporary file): best effort, and ``CLEANUP_TIMEOUT_S`` for all
+    its steps together, so a server that stopped answering does not hold the transfer past its
+    timeout until the keepalive gives up on the connection."""
 
-    def __init__(self, connection: asyncssh.SSHClientConnection) -> None:
+    def __init__(self) -> None:
+        self._deadline: float | None = None  # set by the first step
+
+    async def run(self, step: Awaitable[object]) -> None:
+        """Await ``step`` within what is left of the budget; its errors are dropped (the
+        transfer's own error is the one that counts)."""
+        loop = asyncio.get_running_loop()
+        if self._deadline is None:
+            self._deadline = loop.time() + CLEANUP_TIMEOUT_S
+        with contextlib.suppress(Exception, asyncio.TimeoutError):
+            await asyncio.wait_for(step, max(0.0, self._deadline - loop.time()))
+
+
+@contextlib.asynccontextmanager
+async def _closing(handle: asyncssh.SFTPClientFile, cleanup: _Cleanup) -> AsyncIterator[asyncssh.SFTPClientFile]:
+    """``handle``, closed on leaving; after a failure the close is a step of ``cleanup``."""
+    try:
+        yield handle
+    except BaseException:
+        await cleanup.run(handle.close())
+        raise
+    await handle.close()
+
+
+class _SFTPSession:
+    """An SFTP session on ``connection`` (one channel), closed on leaving (after a failure, as a
+    step of ``cleanup``); a server that refuses the subsystem is this server's clear failure."""
+
+    def __init__(self, connection: asyncssh.SSHClientConnection, cleanup: _Cleanup) -> None:
         self.connection = connection
+        self.cleanup = cleanup
         self.client: asyncssh.SFTPClient | None = None
 
     async def __aenter__(self) -> asyncssh.SFTPClient:
@@ -470,15 +563,82 @@ class _SFTPSession:
             ) from None
         return self.client
 
-    async def __aexit__(self, *exc_info: object) -> None:
+    async def __aexit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
         if self.client is not None:
             self.client.exit()
-            await self.client.wait_closed()
+            if exc_type is None:
+                await self.client.wait_closed()
+            else:
+                await self.cleanup.run(self.client.wait_closed())
 
 
-def _first_given(*modes: int | None) -> int:
-    """The mode to give: the caller's, else the replaced file's, else the default."""
-    return next(mode for mode in modes if mode is not None)
+async def _destination(sftp: asyncssh.SFTPClient, remote: str, name: str) -> str:
+    """Where a put of the local file ``name`` to ``remote`` writes: ``remote``, or ``name`` in it
+    when it is a directory. A link there is followed only when the path ends in ``/``."""
+    if remote.endswith("/"):
+        return posixpath.join(remote, name)
+    try:
+        attributes = await sftp.lstat(remote)
+    except asyncssh.SFTPError:
+        return remote  # nothing there yet (or not ours to see): the open says which
+    kind = attributes.permissions or 0
+    if stat.S_ISDIR(kind):
+        return posixpath.join(remote, name)
+    if stat.S_ISLNK(kind) and await sftp.isdir(remote):
+        raise TransferFailed(
+            f"cannot write {remote}: it is a symbolic link to a directory; "
+            "end the path with '/' to put the file into the directory it points to"
+        )
+    return remote
+
+
+async def _replaced_file(sftp: asyncssh.SFTPClient, path: str) -> asyncssh.SFTPAttrs | None:
+    """The attributes of the regular file at ``path`` itself (a link is not followed: it is
+    replaced, and lends nothing); None when there is none."""
+    try:
+        attributes = await sftp.lstat(path)
+    except asyncssh.SFTPError:
+        return None
+    if attributes.permissions is None or not stat.S_ISREG(attributes.permissions):
+        return None
+    return attributes
+
+
+def _mode_to_give(mode: int | None, replaced: asyncssh.SFTPAttrs | None, created: asyncssh.SFTPAttrs) -> int:
+    """The caller's ``mode``, else the replaced file's permissions, else the default. The
+    replaced file's setuid (setgid) bit is kept only when the new file has its owner (group)."""
+    if mode is not None:
+        return mode
+    if replaced is None or replaced.permissions is None:
+        return DEFAULT_MODE
+    kept = replaced.permissions & 0o1777
+    if replaced.uid is not None and replaced.uid == created.uid:
+        kept |= replaced.permissions & stat.S_ISUID
+    if replaced.gid is not None and replaced.gid == created.gid:
+        kept |= replaced.permissions & stat.S_ISGID
+    return kept
+
+
+async def _check_still_ours(sftp: asyncssh.SFTPClient, temp: str, dest: str, size: int) -> None:
+    """Refuse to rename ``temp`` unless it is still a regular file of the ``size`` we wrote:
+    in a directory others can write in, it may have been swapped for a link meanwhile."""
+    try:
+        attributes = await sftp.lstat(temp)
+    except asyncssh.SFTPError as error:
+        raise TransferFailed(f"cannot replace {dest}: its temporary file {temp}: {error.reason}") from None
+    kind = attributes.permissions or 0
+    if stat.S_ISLNK(kind):
+        now = "a symbolic link"
+    elif not stat.S_ISREG(kind):
+        now = "not a regular file"
+    elif attributes.size != size:
+        now = f"{attributes.size} bytes, not {size}"
+    else:
+        return
+    raise TransferFailed(
+        f"cannot replace {dest}: its temporary file {temp} was replaced by someone else (now {now}); "
+        "the destination was left unchanged"
+    )
 
 
 def temp_name(dest: str) -> str:
@@ -487,43 +647,42 @@ def temp_name(dest: str) -> str:
     return posixpath.join(posixpath.dirname(dest), f".{stem}.cronium-{secrets.token_hex(8)}{TEMP_SUFFIX}")
 
 
-async def _regular_file_mode(sftp: asyncssh.SFTPClient, path: str) -> int | None:
-    """The permission bits of the regular file at ``path``; None when there is none."""
-    try:
-        attributes = await sftp.stat(path)
-    except asyncssh.SFTPError:
-        return None
-    if attributes.permissions is None or not stat.S_ISREG(attributes.permissions):
-        return None
-    return attributes.permissions & 0o7777
-
-
-def _read_and_hash(source: IO[bytes], hasher: Any) -> bytes:
-    data = source.read(CHUNK_BYTES)
+def _read_and_hash(source: IO[bytes], hasher: Any, wanted: int) -> bytes:
+    data = source.read(wanted)
     hasher.update(data)
     return data
 
 
-async def _upload(local: Path, handle: asyncssh.SFTPClientFile, done: Callable[[int], None]) -> _Digest:
-    """Copy ``local`` into the open remote file piece by piece, hashing as it is read."""
+async def _upload(
+    local: Path, handle: asyncssh.SFTPClientFile, size: int | None, done: Callable[[int], None]
+) -> _Digest:
+    """Copy the first ``size`` bytes of ``local`` (all of it when None) into the open remote
+    file piece by piece, hashing as they are read."""
     hasher, offset = hashlib.sha256(), 0
     with open(local, "rb") as source:
-        while data := await asyncio.to_thread(_read_and_hash, source, hasher):
+        while size is None or offset < size:
+            wanted = CHUNK_BYTES if size is None else min(CHUNK_BYTES, size - offset)
+            data = await asyncio.to_thread(_read_and_hash, source, hasher, wanted)
+            if not data:
+                break
             await handle.write(data, offset)
             offset += len(data)
             done(offset)
+    if size is not None and offset < size:
+        raise TransferFailed(f"cannot read {local}: it shrank while it was read ({offset} of {size} bytes)")
     return _Digest(hasher.hexdigest(), offset)
 
 
-def _private_partial(dest: Path, server_dir: Path, name: str) -> Path:
-    """A new 0600 file next to where ``name`` goes, after checking that place is inside ``dest``."""
+def _private_partial(dest: Path, server_dir: Path, name: str) -> tuple[int, Path]:
+    """A new 0600 file next to where ``name`` goes, after checking that place is inside ``dest``:
+    its open descriptor (write through it: the name may be swapped by whoever can write there)
+    and its path."""
     server_dir.mkdir(parents=True, exist_ok=True)
     root = os.path.realpath(dest)
     if os.path.commonpath([root, os.path.realpath(server_dir)]) != root:
         raise TransferFailed(f"{server_dir} leads outside {dest} (a symbolic link?): refused")
     descriptor, path = tempfile.mkstemp(prefix=f".{name[:_TEMP_STEM_BYTES]}.", suffix=TEMP_SUFFIX, dir=server_dir)
-    os.close(descriptor)
-    return Path(path)
+    return descriptor, Path(path)
 
 
 def _write_and_hash(target: IO[bytes], hasher: Any, data: bytes) -> None:
@@ -531,16 +690,29 @@ def _write_and_hash(target: IO[bytes], hasher: Any, data: bytes) -> None:
     target.write(data)
 
 
-async def _download(handle: asyncssh.SFTPClientFile, partial: Path, done: Callable[[int], None]) -> _Digest:
-    """Copy the open remote file into ``partial`` piece by piece, hashing as it arrives."""
+@dataclass(frozen=True)
+class _Written:
+    digest: _Digest
+    file: os.stat_result  # of the file written: its name must still lead to it at the rename
+
+
+async def _download(
+    handle: asyncssh.SFTPClientFile, descriptor: int, size: int | None, done: Callable[[int], None]
+) -> _Written:
+    """Copy the open remote file into the local file open as ``descriptor`` (closed on return)
+    piece by piece, hashing as it arrives: its first ``size`` bytes (all of it when None)."""
     hasher, offset = hashlib.sha256(), 0
-    with open(partial, "wb") as target:
-        while data := cast(bytes, await handle.read(CHUNK_BYTES, offset)):  # opened without encoding
+    with open(descriptor, "wb") as target:
+        while size is None or offset < size:
+            wanted = CHUNK_BYTES if size is None else min(CHUNK_BYTES, size - offset)
+            data = cast(bytes, await handle.read(wanted, offset))  # opened without encoding
+            if not data:
+                break
             await asyncio.to_thread(_write_and_hash, target, hasher, data)
             offset += len(data)
             done(offset)
         await asyncio.to_thread(os.fsync, target.fileno())
-    return _Digest(hasher.hexdigest(), offset)
+        return _Written(_Digest(hasher.hexdigest(), offset), os.fstat(target.fileno()))
 
 
 async def _remote_sha256(connection: asyncssh.SSHClientConnection, path: str, limit: int | None = None) -> str:
@@ -555,15 +727,10 @@ async def _remote_sha256(connection: asyncssh.SSHClientConnection, path: str, li
     return match.group(1)
 
 
-async def _remove_remote(connection: asyncssh.SSHClientConnection, path: str) -> None:
-    """Best effort, bounded: the connection may be the reason we are cleaning up."""
-
-    async def remove() -> None:
-        async with _SFTPSession(connection) as sftp:
-            await sftp.remove(path)
-
-    with contextlib.suppress(Exception, asyncio.TimeoutError):
-        await asyncio.wait_for(remove(), CLEANUP_TIMEOUT_S)
+async def _remove_remote(connection: asyncssh.SSHClientConnection, path: str, cleanup: _Cleanup) -> None:
+    """Remove ``path`` (a step of ``cleanup``: the connection may be why we are cleaning up)."""
+    async with _SFTPSession(connection, cleanup) as sftp:
+        await sftp.remove(path)
 
 
 # -- starting one (the executor's entry points check everything here, before anything runs)
@@ -587,8 +754,9 @@ def start_put(
     if not source.is_file():
         raise ValueError(f"local path {source} is not a regular file; put copies one file")
     remote = check_remote_path(remote)
+    size = source.stat().st_size or None  # 0: a /proc file, known only by reading it to its end
     coroutine = transfers.put(
-        targets, source, remote, check_mode(mode), check_timeout(timeout), _check_progress(progress)
+        targets, source, remote, check_mode(mode), check_timeout(timeout), _check_progress(progress), size
     )
     return TransferJob(loop, coroutine)
 
