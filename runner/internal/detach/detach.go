@@ -5,8 +5,8 @@
 // Each detached run has a private job dir, <workroot>/jobs/<job> (0700, like every dir of the
 // work root), holding:
 //
-//	spool        the run's frames as the wire carries them (magic, then O/E/M frames), bounded:
-//	             past the limit output frames are counted, not written, and a spool_dropped
+//	spool        the run's frames as the wire carries them (magic, then O/E/M frames), bounded
+//	             (frame headers count): past the limit output is counted, not written, and a spool_dropped
 //	             message before the result says how many lines and bytes were dropped
 //	control      a FIFO (0600) that the keeper holds open: control lines written to it reach
 //	             the run ({"op": "stop", ...}); opening it for writing without blocking fails
