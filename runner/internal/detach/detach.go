@@ -11,7 +11,8 @@
 //	control      a FIFO (0600) that the keeper holds open: control lines written to it reach
 //	             the run ({"op": "stop", ...}); opening it for writing without blocking fails
 //	             with ENXIO once no keeper holds it, which is how a gone keeper is noticed
-//	info.json    job, execution id, server, keeper pid, host id, start time, spool limit
+//	info.json    job, execution id, server, keeper pid, host id, start time, spool limit, and the
+//	             run mark of the script's processes (a lost run's are found and killed by it)
 //	result.json  the result message, once the run has ended
 //
 // A session answers "detach" (start a keeper, then follow), "attach" (follow: the spool from
@@ -37,6 +38,7 @@ import (
 	"cronium/runner/internal/exitcode"
 	"cronium/runner/internal/hostid"
 	"cronium/runner/internal/payload"
+	"cronium/runner/internal/proctree"
 	"cronium/runner/internal/protocol"
 	"cronium/runner/internal/pyjson"
 )
@@ -128,6 +130,7 @@ type Info struct {
 	Host        string  `json:"host"`
 	StartedAt   float64 `json:"started_at"`
 	SpoolBytes  int64   `json:"spool_max_bytes"`
+	Mark        string  `json:"mark"` // proctree.MarkVariable's value in the script's processes
 }
 
 func spoolLimit(request *pyjson.Object) (int64, error) {
@@ -209,8 +212,9 @@ func launch(dir, job string, line, data []byte, limit int64, request *pyjson.Obj
 		return nil, err
 	}
 	defer stdin.Close()
+	mark := execute.NewMark() // not a secret: only this user can read a process's environment
 	args := []string{"--job", dir, "--workroot", c.Workroot, "--executable", c.Executable,
-		"--spool-max-bytes", fmt.Sprint(limit)}
+		"--spool-max-bytes", fmt.Sprint(limit), "--mark", mark}
 	if c.MaxResultBytes > 0 {
 		args = append(args, "--max-result-bytes", fmt.Sprint(c.MaxResultBytes))
 	}
@@ -234,7 +238,7 @@ func launch(dir, job string, line, data []byte, limit int64, request *pyjson.Obj
 	executionID, _ := request.Get("execution_id")
 	server, _ := request.Get("server")
 	info := &Info{Job: job, ExecutionID: pyjson.Str(executionID), Server: pyjson.Str(server), PID: cmd.Process.Pid,
-		Host: hostid.ID(), StartedAt: execute.Now(), SpoolBytes: limit}
+		Host: hostid.ID(), StartedAt: execute.Now(), SpoolBytes: limit, Mark: mark}
 	if err := writeJSON(filepath.Join(dir, InfoFile), info); err != nil {
 		cmd.Process.Kill()
 		return nil, err
@@ -350,6 +354,9 @@ func follow(job string, in *execute.Input, out *execute.Framed, c Config) {
 			continue
 		}
 		if gone {
+			if info, err := readInfo(dir); err == nil {
+				stopLost(info)
+			}
 			out.Message(resultError(Lost, "the detached run's keeper process is gone and left no result "+
 				"(killed, or the server restarted); its output up to then was sent"))
 			return
@@ -487,11 +494,28 @@ func Jobs(out *execute.Framed, c Config) {
 	out.Message(pyjson.NewObject().Set("type", "jobs").Set("jobs", parsed))
 }
 
-// Sweep removes job dirs of this host whose run ended (or was lost) more than KeepFor ago and
-// that nobody released.
+// stopLost kills what is left of a lost run's processes (found by its run mark): a keeper
+// killed with SIGKILL could not stop them, and nothing else enforces their timeout.
+func stopLost(info *Info) {
+	if info.Mark == "" || !sameHost(info.Host, hostid.ID()) {
+		return
+	}
+	mark := []byte(proctree.MarkVariable + "=" + info.Mark)
+	for pid, state := range proctree.Processes(-1, mark) { // -1: by the mark alone
+		if state != 'Z' {
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
+	}
+}
+
+// Sweep stops what is left of lost runs of this host, and removes job dirs of this host whose
+// run ended (or was lost) more than KeepFor ago and that nobody released.
 func Sweep(workroot string) {
 	cutoff := time.Now().Add(-KeepFor)
 	for _, s := range List(workroot) {
+		if s.State == "lost" {
+			stopLost(&s.Info)
+		}
 		if s.State != "finished" && s.State != "lost" {
 			continue
 		}

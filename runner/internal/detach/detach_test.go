@@ -34,7 +34,7 @@ func TestMain(m *testing.M) {
 		}
 		spool, _ := strconv.ParseInt(values["--spool-max-bytes"], 10, 64)
 		os.Exit(Keep(KeeperConfig{JobDir: values["--job"], Workroot: values["--workroot"],
-			Executable: values["--executable"], SpoolBytes: spool}))
+			Executable: values["--executable"], SpoolBytes: spool, Mark: values["--mark"]}))
 	}
 	os.Exit(m.Run())
 }
@@ -521,5 +521,35 @@ func TestSpoolStaysWholeWhenAWriteIsCutShort(t *testing.T) {
 	stdout, messages := decodeSpool(t, path)
 	if stdout != "first line\n" || messages["result"] == nil || messages["spool_dropped"]["lines"] != float64(2) {
 		t.Fatalf("stdout %q, messages %v", stdout, messages)
+	}
+}
+
+// A keeper killed with SIGKILL (the OOM killer, kill -9) cannot enforce the run's timeout: the
+// run's processes, a background child included, must not go on for ever. The first runner
+// request that finds the run lost (here: an attach) stops them.
+func TestLostKeeperLeavesNoProcessBehind(t *testing.T) {
+	c := testConfig(t)
+	f := detachJob(t, c, "job7", `sleep 300 & echo "child $!"; echo up; wait`, 600, "")
+	var scriptPID, childPID int
+	f.waitFor(t, "the child's pid", func(fr protocol.Frame) bool {
+		var m map[string]any
+		if fr.Kind == protocol.Message && json.Unmarshal(fr.Payload, &m) == nil && m["type"] == "started" {
+			scriptPID = int(m["pid"].(float64))
+		}
+		if fr.Kind == protocol.Stdout {
+			fmt.Sscanf(string(fr.Payload), "child %d", &childPID)
+		}
+		return childPID != 0
+	})
+	f.in.Close()
+	<-f.finished
+	syscall.Kill(stateOfJob(c, "job7").PID, syscall.SIGKILL)
+	waitState(t, c, "job7", "lost")
+	_, messages := attach(t, c, "job7").collect(t)
+	if messages["result"]["runner_error"].(map[string]any)["code"] != Lost {
+		t.Fatalf("messages %v", messages)
+	}
+	for _, pid := range []int{scriptPID, childPID} {
+		waitGone(t, pid)
 	}
 }

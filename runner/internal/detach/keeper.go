@@ -23,6 +23,7 @@ type KeeperConfig struct {
 	Executable     string
 	SpoolBytes     int64
 	MaxResultBytes int64
+	Mark           string // the run mark of the script's processes (info.json has it too)
 }
 
 // Keep is the keeper: it reads the request line and the payload from stdin, then runs the
@@ -62,7 +63,7 @@ func Keep(c KeeperConfig) int {
 	shaText, _ := sha.(string)
 	return execute.RunPayload(data, ctx, spool, execute.NewInput(control), execute.Options{
 		SHA256: shaText, HasSHA256: hasSHA && sha != nil, Workroot: c.Workroot,
-		Executable: c.Executable, MaxResultBytes: c.MaxResultBytes,
+		Executable: c.Executable, MaxResultBytes: c.MaxResultBytes, Mark: c.Mark,
 	})
 }
 
