@@ -232,18 +232,25 @@ func launch(dir, job string, line, data []byte, limit int64, request *pyjson.Obj
 	_, writeErr := feed.Write(append(append(append([]byte(nil), line...), '\n'), data...))
 	feed.Close()
 	if writeErr != nil {
-		cmd.Process.Kill()
+		abandon(cmd.Process)
 		return nil, writeErr
 	}
 	executionID, _ := request.Get("execution_id")
 	server, _ := request.Get("server")
 	info := &Info{Job: job, ExecutionID: pyjson.Str(executionID), Server: pyjson.Str(server), PID: cmd.Process.Pid,
 		Host: hostid.ID(), StartedAt: execute.Now(), SpoolBytes: limit, Mark: mark}
-	if err := writeJSON(filepath.Join(dir, InfoFile), info); err != nil {
-		cmd.Process.Kill()
+	if err := writeJSON(filepath.Join(dir, InfoFile), info); err != nil { // e.g. a full disk
+		abandon(cmd.Process)
 		return nil, err
 	}
 	return info, nil
+}
+
+// abandon stops a keeper whose start failed (its job dir is removed next, so nobody could
+// follow or stop it later). SIGTERM, not SIGKILL: a keeper already running the script stops
+// the script's whole tree, as on any stop; one that is not that far yet simply ends.
+func abandon(keeper *os.Process) {
+	keeper.Signal(syscall.SIGTERM)
 }
 
 // writeJSON replaces path atomically with v as JSON (mode 0600).

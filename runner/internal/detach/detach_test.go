@@ -553,3 +553,32 @@ func TestLostKeeperLeavesNoProcessBehind(t *testing.T) {
 		waitGone(t, pid)
 	}
 }
+
+// A keeper whose start failed after it was started (info.json not written: a full disk) is
+// abandoned with its job dir; the script it may have started must not go on unseen.
+func TestAbandonedKeeperStopsItsRun(t *testing.T) {
+	c := testConfig(t)
+	f := detachJob(t, c, "job8", `sleep 300 & echo "child $!"; wait`, 600, "")
+	var scriptPID, childPID int
+	f.waitFor(t, "the child's pid", func(fr protocol.Frame) bool {
+		var m map[string]any
+		if fr.Kind == protocol.Message && json.Unmarshal(fr.Payload, &m) == nil && m["type"] == "started" {
+			scriptPID = int(m["pid"].(float64))
+		}
+		if fr.Kind == protocol.Stdout {
+			fmt.Sscanf(string(fr.Payload), "child %d", &childPID)
+		}
+		return childPID != 0
+	})
+	f.in.Close() // start() does not follow a run it abandons
+	<-f.finished
+	keeper, err := os.FindProcess(stateOfJob(c, "job8").PID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	abandon(keeper)
+	os.RemoveAll(filepath.Join(c.Workroot, JobsDir, "job8")) // as start() does next
+	for _, pid := range []int{scriptPID, childPID} {
+		waitGone(t, pid)
+	}
+}
