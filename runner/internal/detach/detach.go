@@ -31,6 +31,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strings"
 	"syscall"
 	"time"
 
@@ -277,6 +278,23 @@ func Alive(dir string) bool {
 	return true
 }
 
+// maxStopReason bounds a stop line's reason: the line must fit one FIFO write (PIPE_BUF).
+const maxStopReason = 256
+
+// stopLine is the control line of an orchestrator's stop request: its op and reason only,
+// short enough to reach the keeper in one piece (a line cut short would swallow the next).
+func stopLine(request *pyjson.Object) []byte {
+	line := pyjson.NewObject().Set("op", "stop")
+	if reason, ok := request.Get("reason"); ok {
+		text := pyjson.Str(reason)
+		if len(text) > maxStopReason {
+			text = strings.ToValidUTF8(text[:maxStopReason], "")
+		}
+		line.Set("reason", text)
+	}
+	return pyjson.Compact(line)
+}
+
 // sendControl writes one control line to the running job.
 func sendControl(dir string, line []byte) {
 	fd, err := syscall.Open(filepath.Join(dir, ControlFile), syscall.O_WRONLY|syscall.O_NONBLOCK|syscall.O_NOFOLLOW|syscall.O_CLOEXEC, 0)
@@ -376,7 +394,7 @@ func follow(job string, in *execute.Input, out *execute.Framed, c Config) {
 		for _, message := range messages {
 			if obj, ok := message.(*pyjson.Object); ok {
 				if op, _ := obj.Get("op"); op == "stop" {
-					sendControl(dir, pyjson.Compact(obj))
+					sendControl(dir, stopLine(obj))
 				}
 			}
 		}

@@ -582,3 +582,16 @@ func TestAbandonedKeeperStopsItsRun(t *testing.T) {
 		waitGone(t, pid)
 	}
 }
+
+// A stop line reaches the keeper whole, whatever else the orchestrator's line carried: the
+// FIFO takes one write whole only up to PIPE_BUF, and a line cut short swallows the next.
+func TestOversizedStopLineStillStops(t *testing.T) {
+	c := testConfig(t)
+	f := detachJob(t, c, "job9", "echo started; sleep 60", 120, "")
+	f.waitFor(t, "the script's first line", func(fr protocol.Frame) bool { return bytes.Contains(fr.Payload, []byte("started")) })
+	f.in.Write([]byte(`{"op": "stop", "reason": "cancel", "note": "` + strings.Repeat("x", 100000) + `"}` + "\n"))
+	_, messages := f.collect(t)
+	if messages["result"]["stop_reason"] != "cancel" {
+		t.Fatalf("result %v", messages["result"])
+	}
+}
