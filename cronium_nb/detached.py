@@ -61,8 +61,8 @@ FINAL = {status.value for status in Status if status.finished}
 
 class DetachedError(CroniumError, ValueError):
     """``attach`` or ``cancel_detached`` asked about an execution that is not a detached one of
-    this store, or a detached run's spool limit is not one the runner takes; raised before
-    anything is sent."""
+    this store, or that another live process follows now, or a detached run's spool limit is not
+    one the runner takes; raised before anything is sent."""
 
 
 def check_spool_bytes(value: object) -> None:
@@ -350,6 +350,8 @@ def plan_attach(
         )
     given = dict(secrets or {})  # the keeper redacted them already; these are redacted here too
     targets = select(list(row["targets"]))
+    if follower := store.live_follower(execution_id):
+        raise _followed_elsewhere(execution_id, follower)
     frame = store.server_results(execution_id)
     stored: dict[str, ServerResult] = {}
     follow: set[str] = set()
@@ -368,6 +370,14 @@ def plan_attach(
     )
     payload = PreparedPayload(row["event_id"] or 0, row["payload_version"] or 0, "", Path(), b"", "attach")
     return AttachPlan(execution_id, event, targets, follow, stored, row["started_at"], payload)
+
+
+def _followed_elsewhere(execution_id: str, follower: str) -> DetachedError:
+    host, _, rest = follower.partition(":")
+    return DetachedError(
+        f"execution {execution_id!r} is followed by another process now (pid {rest.partition(':')[0]} on {host}): "
+        "attach it once that process stopped following (ex.stop_following(job), or it ended)"
+    )
 
 
 def _server_result(record: dict[str, Any]) -> ServerResult:
@@ -399,7 +409,9 @@ async def attach(
     """Follow the plan's servers to their results (on the executor's loop), store them, and
     complete the execution's record."""
     worker = parts.store
-    await worker.call(worker.store.adopt_execution, plan.execution_id, sorted(plan.follow))
+    follower = await worker.call(worker.store.adopt_execution, plan.execution_id, sorted(plan.follow))
+    if follower:  # it began following since plan_attach looked
+        raise _followed_elsewhere(plan.execution_id, follower)
     execution = Execution(
         plan.execution_id, plan.event, plan.payload, None, callbacks, worker, False, variable_scope, max_log_bytes
     )

@@ -229,6 +229,13 @@ def owner_alive(owner: str) -> bool:
     return _process_start_time(pid) == start
 
 
+def _other_live_owner(row: Sequence[Any] | None) -> str | None:
+    """The owner of an executions row (status, owner) that is running in another live process."""
+    if row is None or row[0] != Status.RUNNING.value or row[1] == current_owner() or not owner_alive(row[1]):
+        return None
+    return str(row[1])
+
+
 @dataclass(frozen=True)
 class PayloadRow:
     id: int
@@ -467,10 +474,21 @@ class Store:
         )
         return [row[0] for row in rows]
 
-    def adopt_execution(self, execution_id: str, servers: Sequence[str]) -> None:
+    def live_follower(self, execution_id: str) -> str | None:
+        """The owner of a running execution when it is another process that is alive (it follows
+        the execution now), else None."""
+        rows = self._query("SELECT status, owner FROM executions WHERE id = ?", (execution_id,))
+        return _other_live_owner(rows[0] if rows else None)
+
+    def adopt_execution(self, execution_id: str, servers: Sequence[str]) -> str | None:
         """This process follows the execution from now on (``attach``): it is running again, owned
-        here, and the logs of ``servers`` are cleared (their runs' spools are sent again, whole)."""
+        here, and the logs of ``servers`` are cleared (their runs' spools are sent again, whole).
+        Not while another live process follows it (two followers would store every line twice):
+        then nothing changes and that process's owner string is returned."""
         with self._transaction() as db:
+            row = db.execute("SELECT status, owner FROM executions WHERE id = ?", (execution_id,)).fetchone()
+            if follower := _other_live_owner(row):
+                return follower
             db.execute(
                 "UPDATE executions SET status = ?, owner = ?, finished_at = NULL, error = NULL WHERE id = ?",
                 (Status.RUNNING.value, current_owner(), execution_id),
@@ -481,6 +499,7 @@ class Store:
                     "UPDATE server_results SET status = ? WHERE execution_id = ? AND server = ?",
                     (Status.RUNNING.value, execution_id, server),
                 )
+        return None
 
     def mark_detached(self, execution_id: str, error: str) -> None:
         """The execution goes on on some servers that nobody follows now."""

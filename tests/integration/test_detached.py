@@ -284,3 +284,25 @@ def test_another_user_cannot_read_or_stop_a_detached_run(cronium_fleet_factory, 
         for name in fleet.names:
             assert list(result.logs[result.logs["server"] == name]["line"]) == ["private output"]
             assert wait_for(lambda name=name: not processes_matching(fleet, name, r"sleep 6006"), timeout=60)
+
+
+def test_a_killed_keeper_leaves_no_process_behind(single, tmp_path: Path) -> None:
+    """A keeper SIGKILLed (the OOM killer, kill -9) can no longer stop its run at the timeout:
+    the listing that finds the run lost stops what is left of its processes, and attach stores
+    the output spooled up to then with the reason."""
+    fleet, name = single
+    execution_id, state = submit_in_child_and_kill(
+        fleet, name, tmp_path, {"name": "keeper-killed", "script": "echo up; sleep 6007 & wait", "timeout": 3000}
+    )
+    assert processes_matching(fleet, name, r"sleep 6007")
+    keeper = processes_matching(fleet, name, rf"cronium-runner keeper .*{job_name(execution_id, name)}")
+    assert len(keeper) == 1, keeper
+    assert fleet.exec(name, f"kill -KILL {keeper[0].split()[0]}").exit_code == 0
+    with Executor(fleet.inventory, state_dir=state) as executor:
+        listed = executor.detached()
+        assert list(listed["state"]) == ["lost"], listed.to_string()
+        assert wait_for(lambda: not processes_matching(fleet, name, r"sleep 6007"), timeout=60)
+        result = executor.attach(execution_id)
+        assert result.status == Status.FAILED, result.summary.to_string()
+        assert "keeper process is gone" in (result[name].error or ""), result.summary.to_string()
+        assert list(result.logs["line"]) == ["up"]

@@ -5,14 +5,17 @@ tests/integration/test_detached.py)."""
 from __future__ import annotations
 
 import re
+import socket
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from cronium_nb import DetachedError, Event, EventError, Executor, Inventory, Server, Status
 from cronium_nb.detached import DETACHED_COLUMNS, job_name
-from cronium_nb.store import DB_NAME, Store
+from cronium_nb.store import DB_NAME, Store, _process_start_time, current_owner
 
 
 @pytest.fixture
@@ -95,3 +98,35 @@ def test_job_names_are_file_names_and_differ_per_server() -> None:
     names = {job_name("0123456789ab", server) for server in ("web1", "web 2", "../../etc", "web1 ")}
     assert len(names) == 4
     assert all(re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name) for name in names)
+
+
+def test_attach_is_refused_while_another_live_process_follows(tmp_path: Path) -> None:
+    """Two followers of one execution would each clear and store its servers' lines (each line
+    twice): attach is refused while another process that is alive follows it, and the store's
+    adoption is refused too (when that process began following after attach looked)."""
+    state = tmp_path / "state"
+    inventory = Inventory([Server(name="web1", host="127.0.0.1", port=1)])
+    with Executor(inventory, state_dir=state) as executor:
+        executor.store.start_execution("det2", "long", ["web1"], options={"detach": True})
+    follower = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        owner = f"{socket.gethostname()}:{follower.pid}:{_process_start_time(follower.pid)}"
+        with sqlite3.connect(state / DB_NAME) as db:  # as that process's attach leaves it
+            db.execute("UPDATE executions SET status = 'running', owner = ? WHERE id = 'det2'", (owner,))
+        with Executor(inventory, state_dir=state) as executor:
+            message = rf"execution 'det2' is followed by another process now \(pid {follower.pid} on "
+            with pytest.raises(DetachedError, match=message):
+                executor.attach("det2")
+            with pytest.raises(DetachedError, match=message):
+                executor.cancel_detached("det2")
+            assert executor.store.adopt_execution("det2", ["web1"]) == owner
+            row = executor.store.execution_row("det2")
+            assert row is not None and row["owner"] == owner  # not adopted
+    finally:
+        follower.kill()
+        follower.wait()
+    with Store(state) as store:  # that process is gone: its execution is detached, and adopted
+        assert store.execution_status("det2") == Status.DETACHED
+        assert store.adopt_execution("det2", ["web1"]) is None
+        row = store.execution_row("det2")
+        assert row is not None and row["owner"] == current_owner()

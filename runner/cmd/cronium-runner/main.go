@@ -381,7 +381,7 @@ func daemonCommand(argv0 string, args []string) int {
 // keeperCommand is a detached run's keeper, started by a session (see package detach): the
 // request and payload on stdin, the control FIFO as fd 3 and the spool as fd 4.
 func keeperCommand(args []string) int {
-	f, code := parse("keeper", args, []string{"--job", "--workroot", "--executable", "--spool-max-bytes", "--max-result-bytes"}, nil, 0)
+	f, code := parse("keeper", args, []string{"--job", "--workroot", "--executable", "--spool-max-bytes", "--max-result-bytes", "--mark"}, nil, 0)
 	if f == nil {
 		return code
 	}
@@ -398,5 +398,5 @@ func keeperCommand(args []string) int {
 		exe = executable()
 	}
 	return detach.Keep(detach.KeeperConfig{JobDir: f.values["--job"], Workroot: workroot(f), Executable: exe,
-		SpoolBytes: spool, MaxResultBytes: limit})
+		SpoolBytes: spool, MaxResultBytes: limit, Mark: f.values["--mark"]})
 }

@@ -5,13 +5,14 @@
 // Each detached run has a private job dir, <workroot>/jobs/<job> (0700, like every dir of the
 // work root), holding:
 //
-//	spool        the run's frames as the wire carries them (magic, then O/E/M frames), bounded:
-//	             past the limit output frames are counted, not written, and a spool_dropped
+//	spool        the run's frames as the wire carries them (magic, then O/E/M frames), bounded
+//	             (frame headers count): past the limit output is counted, not written, and a spool_dropped
 //	             message before the result says how many lines and bytes were dropped
 //	control      a FIFO (0600) that the keeper holds open: control lines written to it reach
 //	             the run ({"op": "stop", ...}); opening it for writing without blocking fails
 //	             with ENXIO once no keeper holds it, which is how a gone keeper is noticed
-//	info.json    job, execution id, server, keeper pid, host id, start time, spool limit
+//	info.json    job, execution id, server, keeper pid, host id, start time, spool limit, and the
+//	             run mark of the script's processes (a lost run's are found and killed by it)
 //	result.json  the result message, once the run has ended
 //
 // A session answers "detach" (start a keeper, then follow), "attach" (follow: the spool from
@@ -30,6 +31,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strings"
 	"syscall"
 	"time"
 
@@ -37,6 +39,7 @@ import (
 	"cronium/runner/internal/exitcode"
 	"cronium/runner/internal/hostid"
 	"cronium/runner/internal/payload"
+	"cronium/runner/internal/proctree"
 	"cronium/runner/internal/protocol"
 	"cronium/runner/internal/pyjson"
 )
@@ -128,6 +131,7 @@ type Info struct {
 	Host        string  `json:"host"`
 	StartedAt   float64 `json:"started_at"`
 	SpoolBytes  int64   `json:"spool_max_bytes"`
+	Mark        string  `json:"mark"` // proctree.MarkVariable's value in the script's processes
 }
 
 func spoolLimit(request *pyjson.Object) (int64, error) {
@@ -209,8 +213,9 @@ func launch(dir, job string, line, data []byte, limit int64, request *pyjson.Obj
 		return nil, err
 	}
 	defer stdin.Close()
+	mark := execute.NewMark() // not a secret: only this user can read a process's environment
 	args := []string{"--job", dir, "--workroot", c.Workroot, "--executable", c.Executable,
-		"--spool-max-bytes", fmt.Sprint(limit)}
+		"--spool-max-bytes", fmt.Sprint(limit), "--mark", mark}
 	if c.MaxResultBytes > 0 {
 		args = append(args, "--max-result-bytes", fmt.Sprint(c.MaxResultBytes))
 	}
@@ -228,18 +233,25 @@ func launch(dir, job string, line, data []byte, limit int64, request *pyjson.Obj
 	_, writeErr := feed.Write(append(append(append([]byte(nil), line...), '\n'), data...))
 	feed.Close()
 	if writeErr != nil {
-		cmd.Process.Kill()
+		abandon(cmd.Process)
 		return nil, writeErr
 	}
 	executionID, _ := request.Get("execution_id")
 	server, _ := request.Get("server")
 	info := &Info{Job: job, ExecutionID: pyjson.Str(executionID), Server: pyjson.Str(server), PID: cmd.Process.Pid,
-		Host: hostid.ID(), StartedAt: execute.Now(), SpoolBytes: limit}
-	if err := writeJSON(filepath.Join(dir, InfoFile), info); err != nil {
-		cmd.Process.Kill()
+		Host: hostid.ID(), StartedAt: execute.Now(), SpoolBytes: limit, Mark: mark}
+	if err := writeJSON(filepath.Join(dir, InfoFile), info); err != nil { // e.g. a full disk
+		abandon(cmd.Process)
 		return nil, err
 	}
 	return info, nil
+}
+
+// abandon stops a keeper whose start failed (its job dir is removed next, so nobody could
+// follow or stop it later). SIGTERM, not SIGKILL: a keeper already running the script stops
+// the script's whole tree, as on any stop; one that is not that far yet simply ends.
+func abandon(keeper *os.Process) {
+	keeper.Signal(syscall.SIGTERM)
 }
 
 // writeJSON replaces path atomically with v as JSON (mode 0600).
@@ -264,6 +276,23 @@ func Alive(dir string) bool {
 	}
 	syscall.Close(fd)
 	return true
+}
+
+// maxStopReason bounds a stop line's reason: the line must fit one FIFO write (PIPE_BUF).
+const maxStopReason = 256
+
+// stopLine is the control line of an orchestrator's stop request: its op and reason only,
+// short enough to reach the keeper in one piece (a line cut short would swallow the next).
+func stopLine(request *pyjson.Object) []byte {
+	line := pyjson.NewObject().Set("op", "stop")
+	if reason, ok := request.Get("reason"); ok {
+		text := pyjson.Str(reason)
+		if len(text) > maxStopReason {
+			text = strings.ToValidUTF8(text[:maxStopReason], "")
+		}
+		line.Set("reason", text)
+	}
+	return pyjson.Compact(line)
 }
 
 // sendControl writes one control line to the running job.
@@ -350,6 +379,9 @@ func follow(job string, in *execute.Input, out *execute.Framed, c Config) {
 			continue
 		}
 		if gone {
+			if info, err := readInfo(dir); err == nil {
+				stopLost(info)
+			}
 			out.Message(resultError(Lost, "the detached run's keeper process is gone and left no result "+
 				"(killed, or the server restarted); its output up to then was sent"))
 			return
@@ -362,7 +394,7 @@ func follow(job string, in *execute.Input, out *execute.Framed, c Config) {
 		for _, message := range messages {
 			if obj, ok := message.(*pyjson.Object); ok {
 				if op, _ := obj.Get("op"); op == "stop" {
-					sendControl(dir, pyjson.Compact(obj))
+					sendControl(dir, stopLine(obj))
 				}
 			}
 		}
@@ -487,11 +519,28 @@ func Jobs(out *execute.Framed, c Config) {
 	out.Message(pyjson.NewObject().Set("type", "jobs").Set("jobs", parsed))
 }
 
-// Sweep removes job dirs of this host whose run ended (or was lost) more than KeepFor ago and
-// that nobody released.
+// stopLost kills what is left of a lost run's processes (found by its run mark): a keeper
+// killed with SIGKILL could not stop them, and nothing else enforces their timeout.
+func stopLost(info *Info) {
+	if info.Mark == "" || !sameHost(info.Host, hostid.ID()) {
+		return
+	}
+	mark := []byte(proctree.MarkVariable + "=" + info.Mark)
+	for pid, state := range proctree.Processes(-1, mark) { // -1: by the mark alone
+		if state != 'Z' {
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
+	}
+}
+
+// Sweep stops what is left of lost runs of this host, and removes job dirs of this host whose
+// run ended (or was lost) more than KeepFor ago and that nobody released.
 func Sweep(workroot string) {
 	cutoff := time.Now().Add(-KeepFor)
 	for _, s := range List(workroot) {
+		if s.State == "lost" {
+			stopLost(&s.Info)
+		}
 		if s.State != "finished" && s.State != "lost" {
 			continue
 		}

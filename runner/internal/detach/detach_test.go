@@ -34,7 +34,7 @@ func TestMain(m *testing.M) {
 		}
 		spool, _ := strconv.ParseInt(values["--spool-max-bytes"], 10, 64)
 		os.Exit(Keep(KeeperConfig{JobDir: values["--job"], Workroot: values["--workroot"],
-			Executable: values["--executable"], SpoolBytes: spool}))
+			Executable: values["--executable"], SpoolBytes: spool, Mark: values["--mark"]}))
 	}
 	os.Exit(m.Run())
 }
@@ -437,5 +437,161 @@ func TestStreamRedactionAcrossChunks(t *testing.T) {
 	out = append(out, s.flush()...)
 	if bytes.Contains(out, []byte("hunter")) || len(out) != len(long)-4 {
 		t.Fatalf("long line: %d bytes, redacted: %v", len(out), !bytes.Contains(out, []byte("hunter")))
+	}
+}
+
+// newSpool is a keeper's spool in a fresh file (the magic written, as launch writes it).
+func newSpool(t *testing.T, limit int64) (*Spool, string) {
+	t.Helper()
+	dir := t.TempDir()
+	path := filepath.Join(dir, SpoolFile)
+	file, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL|os.O_APPEND, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { file.Close() })
+	file.WriteString(protocol.Magic)
+	return &Spool{File: file, Limit: limit, ResultPath: filepath.Join(dir, ResultFile)}, path
+}
+
+// decodeSpool decodes a spool file whole: its stdout, and its messages by type.
+func decodeSpool(t *testing.T, path string) (string, map[string]map[string]any) {
+	t.Helper()
+	data, _ := os.ReadFile(path)
+	var decoder protocol.Decoder
+	frames, err := decoder.Feed(data)
+	if err != nil {
+		t.Fatalf("the spool does not decode: %v", err)
+	}
+	var stdout strings.Builder
+	messages := map[string]map[string]any{}
+	for _, frame := range frames {
+		if frame.Kind == protocol.Stdout {
+			stdout.Write(frame.Payload)
+		} else if frame.Kind == protocol.Message {
+			var m map[string]any
+			json.Unmarshal(frame.Payload, &m)
+			messages[m["type"].(string)] = m
+		}
+	}
+	return stdout.String(), messages
+}
+
+// The limit bounds the spool file, not only the output bytes in it: a script that flushes
+// every short line makes one frame (13 bytes of header) per line.
+func TestSpoolLimitBoundsTheFileWithItsFrameHeaders(t *testing.T) {
+	const limit = 1000
+	spool, path := newSpool(t, limit)
+	for i := 0; i < 2000; i++ {
+		spool.Stream(protocol.Stdout, execute.Now(), []byte("x\n"))
+	}
+	spool.Message(pyjson.NewObject().Set("type", "result").Set("exit_code", 0))
+	st, _ := os.Stat(path)
+	// The magic, the marker and the result frame may come on top of the limit.
+	if overhead := st.Size() - limit; overhead > 200 {
+		t.Fatalf("a spool limited to %d bytes holds %d", limit, st.Size())
+	}
+	stdout, messages := decodeSpool(t, path)
+	dropped := messages["spool_dropped"]
+	if kept := int64(strings.Count(stdout, "x\n")); dropped == nil || kept+int64(dropped["lines"].(float64)) != 2000 {
+		t.Fatalf("%d lines kept, marker %v: not every line accounted for", kept, dropped)
+	}
+}
+
+// A full disk (here: the file size limit) cuts a frame write short; the spool must still
+// decode, so that a follower gets what was written and the result, not "corrupt".
+func TestSpoolStaysWholeWhenAWriteIsCutShort(t *testing.T) {
+	spool, path := newSpool(t, DefaultSpoolBytes)
+	spool.Stream(protocol.Stdout, execute.Now(), []byte("first line\n"))
+	var saved syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_FSIZE, &saved); err != nil {
+		t.Fatal(err)
+	}
+	st, _ := os.Stat(path)
+	full := syscall.Rlimit{Cur: uint64(st.Size()) + 20, Max: saved.Max} // room for part of a frame
+	if err := syscall.Setrlimit(syscall.RLIMIT_FSIZE, &full); err != nil {
+		t.Skipf("cannot limit the file size: %v", err)
+	}
+	spool.Stream(protocol.Stdout, execute.Now(), []byte(strings.Repeat("y", 100)+"\n"))
+	if err := syscall.Setrlimit(syscall.RLIMIT_FSIZE, &saved); err != nil {
+		t.Fatal(err)
+	}
+	spool.Stream(protocol.Stdout, execute.Now(), []byte("after the disk had room again\n"))
+	spool.Message(pyjson.NewObject().Set("type", "result").Set("exit_code", 0))
+	stdout, messages := decodeSpool(t, path)
+	if stdout != "first line\n" || messages["result"] == nil || messages["spool_dropped"]["lines"] != float64(2) {
+		t.Fatalf("stdout %q, messages %v", stdout, messages)
+	}
+}
+
+// A keeper killed with SIGKILL (the OOM killer, kill -9) cannot enforce the run's timeout: the
+// run's processes, a background child included, must not go on for ever. The first runner
+// request that finds the run lost (here: an attach) stops them.
+func TestLostKeeperLeavesNoProcessBehind(t *testing.T) {
+	c := testConfig(t)
+	f := detachJob(t, c, "job7", `sleep 300 & echo "child $!"; echo up; wait`, 600, "")
+	var scriptPID, childPID int
+	f.waitFor(t, "the child's pid", func(fr protocol.Frame) bool {
+		var m map[string]any
+		if fr.Kind == protocol.Message && json.Unmarshal(fr.Payload, &m) == nil && m["type"] == "started" {
+			scriptPID = int(m["pid"].(float64))
+		}
+		if fr.Kind == protocol.Stdout {
+			fmt.Sscanf(string(fr.Payload), "child %d", &childPID)
+		}
+		return childPID != 0
+	})
+	f.in.Close()
+	<-f.finished
+	syscall.Kill(stateOfJob(c, "job7").PID, syscall.SIGKILL)
+	waitState(t, c, "job7", "lost")
+	_, messages := attach(t, c, "job7").collect(t)
+	if messages["result"]["runner_error"].(map[string]any)["code"] != Lost {
+		t.Fatalf("messages %v", messages)
+	}
+	for _, pid := range []int{scriptPID, childPID} {
+		waitGone(t, pid)
+	}
+}
+
+// A keeper whose start failed after it was started (info.json not written: a full disk) is
+// abandoned with its job dir; the script it may have started must not go on unseen.
+func TestAbandonedKeeperStopsItsRun(t *testing.T) {
+	c := testConfig(t)
+	f := detachJob(t, c, "job8", `sleep 300 & echo "child $!"; wait`, 600, "")
+	var scriptPID, childPID int
+	f.waitFor(t, "the child's pid", func(fr protocol.Frame) bool {
+		var m map[string]any
+		if fr.Kind == protocol.Message && json.Unmarshal(fr.Payload, &m) == nil && m["type"] == "started" {
+			scriptPID = int(m["pid"].(float64))
+		}
+		if fr.Kind == protocol.Stdout {
+			fmt.Sscanf(string(fr.Payload), "child %d", &childPID)
+		}
+		return childPID != 0
+	})
+	f.in.Close() // start() does not follow a run it abandons
+	<-f.finished
+	keeper, err := os.FindProcess(stateOfJob(c, "job8").PID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	abandon(keeper)
+	os.RemoveAll(filepath.Join(c.Workroot, JobsDir, "job8")) // as start() does next
+	for _, pid := range []int{scriptPID, childPID} {
+		waitGone(t, pid)
+	}
+}
+
+// A stop line reaches the keeper whole, whatever else the orchestrator's line carried: the
+// FIFO takes one write whole only up to PIPE_BUF, and a line cut short swallows the next.
+func TestOversizedStopLineStillStops(t *testing.T) {
+	c := testConfig(t)
+	f := detachJob(t, c, "job9", "echo started; sleep 60", 120, "")
+	f.waitFor(t, "the script's first line", func(fr protocol.Frame) bool { return bytes.Contains(fr.Payload, []byte("started")) })
+	f.in.Write([]byte(`{"op": "stop", "reason": "cancel", "note": "` + strings.Repeat("x", 100000) + `"}` + "\n"))
+	_, messages := f.collect(t)
+	if messages["result"]["stop_reason"] != "cancel" {
+		t.Fatalf("result %v", messages["result"])
 	}
 }

@@ -23,6 +23,7 @@ type KeeperConfig struct {
 	Executable     string
 	SpoolBytes     int64
 	MaxResultBytes int64
+	Mark           string // the run mark of the script's processes (info.json has it too)
 }
 
 // Keep is the keeper: it reads the request line and the payload from stdin, then runs the
@@ -62,14 +63,16 @@ func Keep(c KeeperConfig) int {
 	shaText, _ := sha.(string)
 	return execute.RunPayload(data, ctx, spool, execute.NewInput(control), execute.Options{
 		SHA256: shaText, HasSHA256: hasSHA && sha != nil, Workroot: c.Workroot,
-		Executable: c.Executable, MaxResultBytes: c.MaxResultBytes,
+		Executable: c.Executable, MaxResultBytes: c.MaxResultBytes, Mark: c.Mark,
 	})
 }
 
 // Spool is the keeper's reporter: frames appended to the spool file, the run's secret values
 // redacted (output line by line as it comes, the result whole), output bounded by Limit bytes
-// (the first Limit bytes are kept; what comes after is counted, and a spool_dropped message
-// goes before the result). The result is also written to ResultPath.
+// of the file (output frames, their headers included: the first Limit bytes are kept; what
+// comes after is counted, and a spool_dropped message goes before the result). A write that a
+// full disk cuts short is undone, so the spool always decodes. The result is also written to
+// ResultPath.
 type Spool struct {
 	File       *os.File
 	Limit      int64
@@ -105,7 +108,7 @@ func (s *Spool) output(kind byte, ts float64, data []byte) {
 	if len(data) == 0 {
 		return
 	}
-	room := s.Limit - s.written
+	room := s.Limit - s.written - protocol.HeaderSize // each frame's header counts too
 	if s.droppedBytes > 0 || room <= 0 {
 		s.drop(data)
 		return // the run goes on: only the spool is full
@@ -114,14 +117,27 @@ func (s *Spool) output(kind byte, ts float64, data []byte) {
 	if int64(len(kept)) > room {
 		kept = data[:room] // the first Limit bytes are kept, whole or not
 	}
-	if _, err := s.File.Write(protocol.Encode(kind, ts, kept)); err != nil {
+	frame := protocol.Encode(kind, ts, kept)
+	if s.append(frame) != nil {
 		s.drop(data) // e.g. a full disk
 		return
 	}
-	s.written += int64(len(kept))
+	s.written += int64(len(frame))
 	if len(kept) < len(data) {
 		s.drop(data[len(kept):])
 	}
+}
+
+// append writes one frame to the spool, whole or not at all: the part of a frame that a full
+// disk cut short is truncated away, or every frame after it would be unreadable.
+func (s *Spool) append(frame []byte) error {
+	n, err := s.File.Write(frame)
+	if err != nil && n > 0 {
+		if st, statErr := s.File.Stat(); statErr == nil {
+			s.File.Truncate(st.Size() - int64(n)) // only the keeper writes the spool
+		}
+	}
+	return err
 }
 
 func (s *Spool) drop(data []byte) {
@@ -146,10 +162,10 @@ func (s *Spool) Message(message *pyjson.Object) error {
 	if kind == "result" && s.droppedBytes > 0 {
 		marker := pyjson.NewObject().Set("type", "spool_dropped").Set("lines", s.droppedLines).
 			Set("bytes", s.droppedBytes).Set("limit", s.Limit)
-		s.File.Write(protocol.Encode(protocol.Message, execute.Now(), pyjson.Compact(marker)))
+		s.append(protocol.Encode(protocol.Message, execute.Now(), pyjson.Compact(marker)))
 	}
 	text := pyjson.Compact(message)
-	if _, err := s.File.Write(protocol.Encode(protocol.Message, execute.Now(), text)); err != nil {
+	if err := s.append(protocol.Encode(protocol.Message, execute.Now(), text)); err != nil {
 		return fmt.Errorf("cannot write to the spool: %w", err)
 	}
 	if kind == "result" {

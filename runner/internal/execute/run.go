@@ -38,6 +38,7 @@ type Options struct {
 	HelperDir      string // helper programs already installed (a session's); "": into the work dir
 	Executable     string // the runner binary, which the shell helpers link to
 	MaxResultBytes int64  // 0: DefaultMaxResultBytes (a run context's max_result_bytes wins)
+	Mark           string // the run mark of its processes ("": a new one); a detached run's is in its info.json
 }
 
 // ErrorResult is the result message of a run that failed before it started.
@@ -124,7 +125,7 @@ func RunPayload(data []byte, ctx *Context, reporter Reporter, in *Input, o Optio
 		}
 		timings.Set("prepare_s", num(time.Since(clock).Seconds()-extractS))
 		supervisor := &Supervisor{Argv: argv, Dir: workdir, Env: env, Timeout: Seconds(m.Timeout),
-			Grace: Seconds(m.GracePeriod), Reporter: reporter, Input: in, Become: ctx.Become}
+			Grace: Seconds(m.GracePeriod), Reporter: reporter, Input: in, Become: ctx.Become, Mark: o.Mark}
 		if ctx.Become != nil {
 			if supervisor.Argv, err = ctx.Become.prepare(argv, workdir, helperDir, env, supervisor.Grace, o.Executable); err != nil {
 				return fail(result, err)

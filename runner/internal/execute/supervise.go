@@ -48,6 +48,7 @@ type Supervisor struct {
 	Reporter Reporter
 	Input    *Input  // nil: no control channel (local mode)
 	Become   *Become // run the script through sudo as another user (become.go)
+	Mark     string  // the run mark (proctree.MarkVariable); "": a new one
 
 	mark     []byte
 	pid      int
@@ -161,7 +162,10 @@ func forwardPipe(f *os.File, kind byte, first []byte, out chan<- chunk, done <-c
 // Run runs the script to its end and returns how it ended.
 func (s *Supervisor) Run() (Outcome, error) {
 	proctree.BecomeSubreaper()
-	mark := NewMark()
+	mark := s.Mark
+	if mark == "" {
+		mark = NewMark()
+	}
 	s.mark = []byte(proctree.MarkVariable + "=" + mark)
 	var env []string
 	for _, kv := range s.Env {
