@@ -29,6 +29,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"os/user"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -242,7 +243,7 @@ func BecomeExec() int {
 			}
 		}
 	}
-	supervisor := &Supervisor{Argv: spec.Argv, Dir: spec.Dir, Env: targetEnv(spec.Env),
+	supervisor := &Supervisor{Argv: spec.Argv, Dir: spec.Dir, Env: targetEnv(spec.Env, spec.HelperDir),
 		Timeout: Seconds(1e12), Grace: Seconds(spec.GraceS), Reporter: passThrough{}}
 	outcome, runErr := supervisor.Run()
 	if ownerOK && os.Geteuid() == 0 {
@@ -290,7 +291,11 @@ func ownedDir(path string, uid int) error {
 
 // giveBack makes every entry under dir (dir included) owned by owner again, through
 // directory file descriptors: nothing is followed, so a symlink (or a directory swapped for
-// one meanwhile) cannot send a chown outside the tree.
+// one meanwhile) cannot send a chown outside the tree. Two kinds of entry are left as they
+// are, because they are not the tree's own: anything on another filesystem (a mount the
+// script left in the work dir, a bind mount of / included) and a file with more than one hard
+// link (`ln /etc/passwd .` or `cp -al` as root: the link is the system file itself). The
+// login user can still remove them from the work dir (unlinking needs only the directory).
 func giveBack(dir string, owner ids) error {
 	fd, err := syscall.Open(dir, syscall.O_RDONLY|syscall.O_DIRECTORY|syscall.O_NOFOLLOW|syscall.O_CLOEXEC, 0)
 	if err != nil {
@@ -301,10 +306,10 @@ func giveBack(dir string, owner ids) error {
 		syscall.Close(fd)
 		return fmt.Errorf("no longer a directory of uid %d", owner.uid)
 	}
-	return giveBackAt(fd, owner, 0)
+	return giveBackAt(fd, owner, uint64(st.Dev), 0)
 }
 
-func giveBackAt(dirfd int, owner ids, depth int) error {
+func giveBackAt(dirfd int, owner ids, device uint64, depth int) error {
 	dir := os.NewFile(uintptr(dirfd), "")
 	defer dir.Close()
 	names, err := dir.Readdirnames(-1)
@@ -317,15 +322,19 @@ func giveBackAt(dirfd int, owner ids, depth int) error {
 		if err := lstatAt(dirfd, name, &st); err != nil {
 			continue
 		}
+		isDir := st.Mode&syscall.S_IFMT == syscall.S_IFDIR
+		if uint64(st.Dev) != device || (!isDir && st.Nlink > 1) {
+			continue // another filesystem, or a file that also lives outside the tree
+		}
 		if int(st.Uid) != owner.uid || int(st.Gid) != owner.gid {
 			if err := syscall.Fchownat(dirfd, name, owner.uid, owner.gid, atSymlinkNofollow); err != nil && firstErr == nil {
 				firstErr = err
 			}
 		}
-		if st.Mode&syscall.S_IFMT == syscall.S_IFDIR && depth < maxGiveBackDepth {
+		if isDir && depth < maxGiveBackDepth {
 			child, err := syscall.Openat(dirfd, name, syscall.O_RDONLY|syscall.O_DIRECTORY|syscall.O_NOFOLLOW|syscall.O_CLOEXEC, 0)
 			if err == nil {
-				if err := giveBackAt(child, owner, depth+1); err != nil && firstErr == nil {
+				if err := giveBackAt(child, owner, device, depth+1); err != nil && firstErr == nil {
 					firstErr = err
 				}
 			}
@@ -345,10 +354,34 @@ func lstatAt(dirfd int, name string, st *syscall.Stat_t) error {
 	return syscall.Fstat(fd, st)
 }
 
+// unsafeForTarget names what is not passed from the login side's environment to a script
+// that runs as another user: the variables that make a dynamic loader, a shell or an
+// interpreter run code or read files the login session chose (sudo's env_reset removes them,
+// and they must not come back through the spec). Names ending in "*" are prefixes.
+var unsafeForTarget = []string{
+	"LD_*", "_RLD*", "GCONV_PATH", "LOCPATH", "NLSPATH", "PATH_LOCALE", "HOSTALIASES", "LOCALDOMAIN",
+	"RES_OPTIONS", "IFS", "CDPATH", "ENV", "BASH_ENV", "BASH_FUNC_*", "SHELLOPTS", "BASHOPTS", "PS4",
+	"GLOBIGNORE", "FPATH", "ZDOTDIR", "NULLCMD", "READNULLCMD", "TMPPREFIX", "TERMINFO", "TERMINFO_DIRS",
+	"TERMPATH", "TERMCAP", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONINSPECT", "PYTHONUSERBASE",
+	"PERLLIB", "PERL5LIB", "PERL5OPT", "PERL5DB", "PERLIO_DEBUG", "RUBYLIB", "RUBYOPT", "NODE_OPTIONS",
+	"NODE_PATH", "JAVA_TOOL_OPTIONS", "_JAVA_OPTIONS", "GIT_EXEC_PATH",
+}
+
+func unsafeVariable(name string) bool {
+	for _, pattern := range unsafeForTarget {
+		if prefix, isPrefix := strings.CutSuffix(pattern, "*"); isPrefix && strings.HasPrefix(name, prefix) || name == pattern {
+			return true
+		}
+	}
+	return false
+}
+
 // targetEnv is the script's environment as the login side made it, with the target user's
 // own HOME, USER and LOGNAME (a root script must not write into the login user's home by
-// accident), and sudo's SUDO_* variables.
-func targetEnv(env []string) []string {
+// accident), and sudo's SUDO_* variables; without the unsafe variables above, and with PATH
+// the helpers' bin dir followed by the PATH sudo gave become-exec (its secure_path), not the
+// login user's (which may start with directories that user can write, ~/bin).
+func targetEnv(env []string, helperDir string) []string {
 	out := make([]string, 0, len(env)+6)
 	override := map[string]string{}
 	if u, err := user.Current(); err == nil {
@@ -359,9 +392,17 @@ func targetEnv(env []string) []string {
 			override[name] = value
 		}
 	}
+	path := os.Getenv("PATH")
+	if path == "" {
+		path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+	}
+	if helperDir != "" {
+		path = filepath.Join(helperDir, "bin") + ":" + path
+	}
+	override["PATH"] = path
 	for _, kv := range env {
 		name, _, _ := strings.Cut(kv, "=")
-		if _, replaced := override[name]; !replaced {
+		if _, replaced := override[name]; !replaced && !unsafeVariable(name) {
 			out = append(out, kv)
 		}
 	}

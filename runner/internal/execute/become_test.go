@@ -184,3 +184,93 @@ func TestGiveBackChownsTheTreeAndFollowsNoLink(t *testing.T) {
 		t.Error("gave back a directory that is not the user's")
 	}
 }
+
+// A root script that hard-links a system file into the work dir (`ln /etc/passwd .`, `cp -al`,
+// rsync --link-dest) must not have giveBack hand that file to the login user: the link is the
+// file itself.
+func TestGiveBackLeavesHardLinkedFilesAlone(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("chown to another user needs root")
+	}
+	outside := filepath.Join(t.TempDir(), "system-file")
+	if err := os.WriteFile(outside, []byte("root's"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	if err := os.Link(outside, filepath.Join(dir, "linked")); err != nil {
+		t.Skip("cannot hard-link here:", err)
+	}
+	os.WriteFile(filepath.Join(dir, "made-by-root"), []byte("1"), 0o644)
+	owner := ids{4242, 4343}
+	os.Chown(dir, owner.uid, owner.gid)
+	giveBack(dir, owner)
+	var st syscall.Stat_t
+	syscall.Stat(outside, &st)
+	if st.Uid != 0 || st.Gid != 0 {
+		t.Errorf("a file outside the work dir, hard-linked into it, was given to %d:%d", st.Uid, st.Gid)
+	}
+	syscall.Lstat(filepath.Join(dir, "made-by-root"), &st)
+	if int(st.Uid) != owner.uid {
+		t.Errorf("the script's own file was not given back (uid %d)", st.Uid)
+	}
+}
+
+// A root script that mounts something inside the work dir (a bind mount of /, a disk image)
+// and is stopped before it unmounts must not have giveBack chown that other filesystem.
+func TestGiveBackStaysOnTheWorkDirsFilesystem(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("mount and chown need root")
+	}
+	dir := t.TempDir()
+	mnt := filepath.Join(dir, "mnt")
+	os.Mkdir(mnt, 0o755)
+	if err := syscall.Mount("cronium-test", mnt, "tmpfs", 0, "size=1m"); err != nil {
+		t.Skip("cannot mount a tmpfs here:", err)
+	}
+	defer syscall.Unmount(mnt, syscall.MNT_DETACH)
+	os.MkdirAll(filepath.Join(mnt, "etc"), 0o755)
+	os.WriteFile(filepath.Join(mnt, "etc", "shadow"), []byte("root's"), 0o600)
+	os.WriteFile(filepath.Join(dir, "made-by-root"), []byte("1"), 0o644)
+	owner := ids{4242, 4343}
+	os.Chown(dir, owner.uid, owner.gid)
+	giveBack(dir, owner)
+	for _, path := range []string{mnt, filepath.Join(mnt, "etc"), filepath.Join(mnt, "etc", "shadow")} {
+		var st syscall.Stat_t
+		syscall.Lstat(path, &st)
+		if st.Uid != 0 {
+			t.Errorf("%s, on another filesystem mounted in the work dir, was given to uid %d", path, st.Uid)
+		}
+	}
+	var st syscall.Stat_t
+	syscall.Lstat(filepath.Join(dir, "made-by-root"), &st)
+	if int(st.Uid) != owner.uid {
+		t.Errorf("the script's own file was not given back (uid %d)", st.Uid)
+	}
+}
+
+// The script's environment as root: the login session's loader and shell start-up variables
+// are not passed (sudo's env_reset would have removed them), and PATH is sudo's own (its
+// secure_path) after the helpers, not the login user's (which may start with ~/bin).
+func TestTargetEnvDropsTheLoginSessionsDangerousVariables(t *testing.T) {
+	t.Setenv("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+	got := map[string]string{}
+	for _, kv := range targetEnv([]string{"LD_PRELOAD=/home/u/evil.so", "LD_LIBRARY_PATH=/home/u/lib",
+		"BASH_ENV=/home/u/.evil", "ENV=/home/u/.evil", "SHELLOPTS=xtrace", "PS4=$(id)", "IFS=x",
+		"PYTHONSTARTUP=/home/u/s.py", "PERL5OPT=-Mevil", "GCONV_PATH=/home/u", "DB_PASSWORD=s3cret",
+		"CRONIUM_DIR=/home/u/.cache/w", "PATH=/home/u/.cache/h/bin:/home/u/bin:/usr/bin"}, "/home/u/.cache/h") {
+		k, v, _ := strings.Cut(kv, "=")
+		got[k] = v
+	}
+	for _, name := range []string{"LD_PRELOAD", "LD_LIBRARY_PATH", "BASH_ENV", "ENV", "SHELLOPTS", "PS4",
+		"IFS", "PYTHONSTARTUP", "PERL5OPT", "GCONV_PATH"} {
+		if v, ok := got[name]; ok {
+			t.Errorf("%s=%s reaches the script as root", name, v)
+		}
+	}
+	if got["DB_PASSWORD"] != "s3cret" || got["CRONIUM_DIR"] != "/home/u/.cache/w" {
+		t.Errorf("the run's own variables were lost: %v", got)
+	}
+	if want := "/home/u/.cache/h/bin:/usr/sbin:/usr/bin:/sbin:/bin"; got["PATH"] != want {
+		t.Errorf("PATH as root is %q, want %q", got["PATH"], want)
+	}
+}
