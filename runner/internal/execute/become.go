@@ -223,7 +223,9 @@ func BecomeExec() int {
 		err = fmt.Errorf("no command or work dir")
 	}
 	if err != nil {
-		fmt.Fprintf(os.Stderr, "cronium-runner %s: bad spec on stdin: %v\n", BecomeCommand, err)
+		// Not the parser's words: they quote what was read, which should sudo have left the
+		// password on stdin would be part of it.
+		fmt.Fprintf(os.Stderr, "cronium-runner %s: no valid spec on stdin\n", BecomeCommand)
 		return int(exitcode.Usage)
 	}
 	owner, ownerOK := sudoOwner()
@@ -249,6 +251,9 @@ func BecomeExec() int {
 	if ownerOK && os.Geteuid() == 0 {
 		for _, dir := range []string{spec.Dir, spec.HelperDir} {
 			if dir != "" {
+				if err := unmountUnder(dir); err != nil {
+					fmt.Fprintf(os.Stderr, "cronium-runner %s: a mount left in %s: %v\n", BecomeCommand, dir, err)
+				}
 				if err := giveBack(dir, owner); err != nil {
 					fmt.Fprintf(os.Stderr, "cronium-runner %s: cannot give %s back: %v\n", BecomeCommand, dir, err)
 				}
@@ -291,7 +296,8 @@ func ownedDir(path string, uid int) error {
 
 // giveBack makes every entry under dir (dir included) owned by owner again, through
 // directory file descriptors: nothing is followed, so a symlink (or a directory swapped for
-// one meanwhile) cannot send a chown outside the tree. Two kinds of entry are left as they
+// one meanwhile) cannot send a chown outside the tree; no file keeps a setuid or setgid bit or
+// a file capability (chown clears them). Two kinds of entry are left as they
 // are, because they are not the tree's own: anything on another filesystem (a mount the
 // script left in the work dir, a bind mount of / included) and a file with more than one hard
 // link (`ln /etc/passwd .` or `cp -al` as root: the link is the system file itself). The
@@ -326,7 +332,9 @@ func giveBackAt(dirfd int, owner ids, device uint64, depth int) error {
 		if uint64(st.Dev) != device || (!isDir && st.Nlink > 1) {
 			continue // another filesystem, or a file that also lives outside the tree
 		}
-		if int(st.Uid) != owner.uid || int(st.Gid) != owner.gid {
+		// A file is chowned even when its owner is right: chown clears setuid, setgid and file
+		// capabilities, which a root script could have put on it.
+		if !isDir || int(st.Uid) != owner.uid || int(st.Gid) != owner.gid {
 			if err := syscall.Fchownat(dirfd, name, owner.uid, owner.gid, atSymlinkNofollow); err != nil && firstErr == nil {
 				firstErr = err
 			}
@@ -365,6 +373,50 @@ var unsafeForTarget = []string{
 	"TERMPATH", "TERMCAP", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONINSPECT", "PYTHONUSERBASE",
 	"PERLLIB", "PERL5LIB", "PERL5OPT", "PERL5DB", "PERLIO_DEBUG", "RUBYLIB", "RUBYOPT", "NODE_OPTIONS",
 	"NODE_PATH", "JAVA_TOOL_OPTIONS", "_JAVA_OPTIONS", "GIT_EXEC_PATH",
+}
+
+// unmountUnder detaches every mount below dir (deepest first): what a root script mounted in
+// its work dir and could not unmount because it was stopped. Mount points come from
+// /proc/self/mountinfo (field 5, with space, tab, newline and backslash octal-escaped).
+func unmountUnder(dir string) error {
+	data, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return err
+	}
+	prefix := strings.TrimSuffix(dir, "/") + "/"
+	var points []string
+	for _, line := range strings.Split(string(data), "\n") {
+		fields := strings.Fields(line)
+		if len(fields) < 5 {
+			continue
+		}
+		point := mountinfoUnescape(fields[4])
+		if strings.HasPrefix(point, prefix) {
+			points = append(points, point)
+		}
+	}
+	var firstErr error
+	for i := len(points) - 1; i >= 0; i-- { // mountinfo lists parents before their children
+		if err := syscall.Unmount(points[i], syscall.MNT_DETACH); err != nil && err != syscall.EINVAL && firstErr == nil {
+			firstErr = fmt.Errorf("cannot detach %s: %v", points[i], err)
+		}
+	}
+	return firstErr
+}
+
+func mountinfoUnescape(field string) string {
+	var out strings.Builder
+	for i := 0; i < len(field); i++ {
+		if field[i] == '\\' && i+3 < len(field) {
+			if n, err := strconv.ParseUint(field[i+1:i+4], 8, 8); err == nil {
+				out.WriteByte(byte(n))
+				i += 3
+				continue
+			}
+		}
+		out.WriteByte(field[i])
+	}
+	return out.String()
 }
 
 func unsafeVariable(name string) bool {

@@ -274,3 +274,67 @@ func TestTargetEnvDropsTheLoginSessionsDangerousVariables(t *testing.T) {
 		t.Errorf("PATH as root is %q, want %q", got["PATH"], want)
 	}
 }
+
+// A setuid/setgid bit (or a file capability) that a root script put on a file in the work dir
+// must not stay there for the login user: chowning clears them, even where the owner is right.
+func TestGiveBackClearsSetIDBits(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("chown to another user needs root")
+	}
+	dir := t.TempDir()
+	owner := ids{4242, 4343}
+	os.Chown(dir, owner.uid, owner.gid)
+	for name, uid := range map[string]int{"root-suid": 0, "user-suid": owner.uid} {
+		path := filepath.Join(dir, name)
+		os.WriteFile(path, []byte("#!/bin/sh\n"), 0o755)
+		os.Chown(path, uid, owner.gid)
+		if err := os.Chmod(path, 0o6755|os.ModeSetuid|os.ModeSetgid); err != nil {
+			t.Fatal(err)
+		}
+	}
+	giveBack(dir, owner)
+	for _, name := range []string{"root-suid", "user-suid"} {
+		var st syscall.Stat_t
+		syscall.Lstat(filepath.Join(dir, name), &st)
+		if st.Mode&(syscall.S_ISUID|syscall.S_ISGID) != 0 || int(st.Uid) != owner.uid {
+			t.Errorf("%s: mode %o, uid %d after giving back", name, st.Mode&0o7777, st.Uid)
+		}
+	}
+}
+
+// A mount the root script left in the work dir (stopped before its umount) is detached before
+// the work dir goes back: else the login side's clean-up would delete through it.
+func TestUnmountUnderDetachesLeftMounts(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("mount needs root")
+	}
+	dir := t.TempDir()
+	outside := t.TempDir()
+	mnt := filepath.Join(dir, "a dir", "mnt")
+	os.MkdirAll(filepath.Join(mnt), 0o755)
+	if err := syscall.Mount("cronium-test", mnt, "tmpfs", 0, "size=1m"); err != nil {
+		t.Skip("cannot mount a tmpfs here:", err)
+	}
+	defer syscall.Unmount(mnt, syscall.MNT_DETACH)
+	os.Mkdir(filepath.Join(mnt, "inner"), 0o755)
+	if err := syscall.Mount("cronium-test", filepath.Join(mnt, "inner"), "tmpfs", 0, "size=1m"); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Mount("cronium-test", outside, "tmpfs", 0, "size=1m"); err != nil {
+		t.Fatal(err)
+	}
+	defer syscall.Unmount(outside, syscall.MNT_DETACH)
+	if err := unmountUnder(dir); err != nil {
+		t.Fatal(err)
+	}
+	var top, st syscall.Stat_t
+	syscall.Stat(dir, &top)
+	syscall.Stat(mnt, &st)
+	if st.Dev != top.Dev {
+		t.Error("the mount in the work dir is still there")
+	}
+	syscall.Stat(outside, &st)
+	if st.Dev == top.Dev {
+		t.Error("a mount outside the work dir was detached")
+	}
+}
