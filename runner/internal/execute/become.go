@@ -112,18 +112,34 @@ func validUserName(name string) bool {
 }
 
 // prepare turns the interpreter's command line into sudo's, and keeps the spec for the
-// handshake. executable is this runner (become-exec is its command).
-func (b *Become) prepare(argv []string, dir, helperDir string, env []string, grace time.Duration, executable string) ([]string, error) {
+// handshake: sudo's argv and environment. executable is this runner (become-exec is its
+// command).
+func (b *Become) prepare(argv []string, dir, helperDir string, env []string, grace time.Duration, executable string) ([]string, []string, error) {
 	sudo, err := exec.LookPath("sudo")
 	if err != nil {
-		return nil, exitcode.New(exitcode.BecomeFailed, "become: sudo is not installed on this server (not found on PATH)")
+		return nil, nil, exitcode.New(exitcode.BecomeFailed, "become: sudo is not installed on this server (not found on PATH)")
 	}
 	spec, err := json.Marshal(becomeSpec{Argv: argv, Dir: dir, HelperDir: helperDir, Env: env, GraceS: grace.Seconds()})
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	b.spec = append(spec, '\n')
-	return []string{sudo, "-S", "-p", BecomePrompt, "-u", b.User, "--", executable, BecomeCommand}, nil
+	return []string{sudo, "-S", "-p", BecomePrompt, "-u", b.User, "--", executable, BecomeCommand}, sudoEnv(env), nil
+}
+
+// sudoEnv is sudo's own environment: the locale (for its messages) and a system PATH, and
+// nothing else of the run's, which goes in the spec instead. sudo would hold the event's
+// secrets in its environment otherwise, and it may log that environment (its JSON event log
+// and sudo_logsrvd record the submitting user's environment).
+func sudoEnv(env []string) []string {
+	out := []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+	for _, kv := range env {
+		name, _, _ := strings.Cut(kv, "=")
+		if name == "LANG" || name == "LANGUAGE" || strings.HasPrefix(name, "LC_") {
+			out = append(out, kv)
+		}
+	}
+	return out
 }
 
 // handshake reads sudo's stderr until become-exec says it is ready: it answers the password

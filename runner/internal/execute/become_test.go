@@ -338,3 +338,32 @@ func TestUnmountUnderDetachesLeftMounts(t *testing.T) {
 		t.Error("a mount outside the work dir was detached")
 	}
 }
+
+// sudo itself is started with a minimal environment: the run's environment (the event's
+// secrets, the login session's loader variables) travels in the spec on stdin. sudo would
+// otherwise hold the secrets in its environment and may log it (its JSON event log and log
+// server record the submitting user's environment).
+func TestSudoIsStartedWithoutTheRunsEnvironment(t *testing.T) {
+	dir := t.TempDir()
+	sudo := filepath.Join(dir, "sudo")
+	os.WriteFile(sudo, []byte("#!/bin/sh\n"), 0o755)
+	t.Setenv("PATH", dir)
+	b := &Become{User: "root"}
+	env := []string{"DB_PASSWORD=s3cret-value", "LD_PRELOAD=/home/u/x.so", "LANG=C.UTF-8",
+		"PATH=/home/u/.cache/h/bin:/usr/bin", "CRONIUM_DIR=/w"}
+	argv, sudoEnv, err := b.prepare([]string{"/bin/sh", "s.sh"}, "/w", "/w/h", env, time.Second, "/r/cronium-runner")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if argv[0] != sudo || argv[len(argv)-1] != BecomeCommand {
+		t.Errorf("sudo's argv: %v", argv)
+	}
+	for _, kv := range sudoEnv {
+		if strings.Contains(kv, "s3cret-value") || strings.HasPrefix(kv, "LD_") || strings.HasPrefix(kv, "CRONIUM_DIR=") {
+			t.Errorf("sudo's environment has %s", kv)
+		}
+	}
+	if !strings.Contains(string(b.spec), "DB_PASSWORD=s3cret-value") {
+		t.Error("the run's environment is not in the spec")
+	}
+}
