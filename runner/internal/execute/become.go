@@ -263,6 +263,12 @@ func BecomeExec() int {
 	}
 	supervisor := &Supervisor{Argv: spec.Argv, Dir: spec.Dir, Env: targetEnv(spec.Env, spec.HelperDir),
 		Timeout: Seconds(1e12), Grace: Seconds(spec.GraceS), Reporter: passThrough{}}
+	// Once the script's tree is gone, giving the work dir back is bounded work that must not be
+	// cut short (root's files would stay in the login user's cache): a late stop (sudo relaying
+	// the login side's SIGTERM, or this process's parent-death signal once sudo is SIGKILLed)
+	// is taken here, and dropped, until it is done. During the run the Supervisor acts on it.
+	held := make(chan os.Signal, 1)
+	signal.Notify(held, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
 	outcome, runErr := supervisor.Run()
 	if ownerOK && os.Geteuid() == 0 {
 		for _, dir := range []string{spec.Dir, spec.HelperDir} {
@@ -276,6 +282,7 @@ func BecomeExec() int {
 			}
 		}
 	}
+	signal.Stop(held)
 	if runErr != nil {
 		fmt.Fprintf(os.Stderr, "cronium-runner %s: %v\n", BecomeCommand, runErr)
 		return int(AsRunnerError(runErr).Code)
