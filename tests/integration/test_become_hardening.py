@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -60,6 +61,16 @@ def _sudo_pids(fleet: Fleet, name: str) -> list[int]:
     return [pid for pid, _user, args in _processes(fleet, name) if SUDO_COMMAND in args]
 
 
+def _sudo_environments(fleet: Fleet, name: str) -> list[str]:
+    """The environments of the run's sudo processes, one variable a line. sudo is not dumpable,
+    so reading one takes CAP_SYS_PTRACE, which ``docker exec`` lacks: it is read here, on the
+    machine that runs the containers (as root), under the process's host PID (``docker top``)."""
+    top = fleet.container(name).top(ps_args="-eo pid,args")
+    pid_at = top["Titles"].index("PID")
+    pids = [int(row[pid_at]) for row in top["Processes"] if SUDO_COMMAND in " ".join(row)]
+    return [Path(f"/proc/{pid}/environ").read_bytes().decode("utf-8", "replace").replace("\0", "\n") for pid in pids]
+
+
 @pytest.mark.parametrize("arch", ARCHES)
 def test_secrets_stay_out_of_sudos_environment_and_roots_environment_is_sudos(
     fleet: Fleet, executor_factory, arch: str
@@ -83,9 +94,7 @@ def test_secrets_stay_out_of_sudos_environment_and_roots_environment_is_sudos(
     job = executor.submit(event)
     try:
         _wait_until("sudo runs the script", lambda: bool(_sudo_pids(fleet, name)), job=job)
-        environments = [
-            fleet.exec(name, f"tr '\\0' '\\n' < /proc/{pid}/environ").output for pid in _sudo_pids(fleet, name)
-        ]
+        environments = _sudo_environments(fleet, name)
     finally:
         fleet.exec(name, f"touch {release}")
     result = job.result(timeout=POLL_LIMIT_S)
