@@ -7,8 +7,10 @@ cronium-runner become-exec``, answers sudo's prompt on sudo's stdin and hands th
 (see ``runner/PROTOCOL.md``, "Become"). Here, before a run, :class:`BecomeAuth` finds out per
 server whether its sudo wants a password (``sudo -n -u USER -- true``, remembered for the
 executor's life) and only then gets one: ``Executor(become_password=...)`` (the password, or a
-callable that returns it), else a prompt once per executor (``getpass`` in a terminal, the
-notebook frontend's password field in Jupyter: :func:`cronium_nb.ssh.keys.ask_hidden`).
+callable that returns it), else a prompt once per executor and login user (``getpass`` in a
+terminal, the notebook frontend's password field in Jupyter:
+:func:`cronium_nb.ssh.keys.ask_hidden`): the prompt names that user, and what is typed there is
+never sent to another account's sudo.
 
 The password goes to the runner inside the run context, on the SSH channel's stdin, and only to
 servers whose sudo asks for one; it is never put in a command line, the environment, a
@@ -53,13 +55,13 @@ def check_password(password: str) -> str:
 
 class BecomeAuth:
     """Per executor: which servers' sudo wants a password, and that password, asked for at most
-    once (a fan-out's servers wait for the one prompt)."""
+    once per login user (a fan-out's servers wait for the one prompt)."""
 
     def __init__(self, password: BecomePasswordSource = None) -> None:
         if password is not None and not callable(password):
             check_password(password)
         self._source = password
-        self._password: str | None = None
+        self._passwords: dict[str, str] = {}  # login user -> the password asked for (or given)
         self._asking = asyncio.Lock()
         self._needs_password: dict[tuple[Any, str], bool] = {}  # (connection key, user) -> sudo asks
 
@@ -89,19 +91,21 @@ class BecomeAuth:
         raise BecomeError(f"become: sudo refused to run as {user}: {said or f'exit {result.exit_status}'}")
 
     async def password(self, pooled: PooledConnection, user: str) -> str:
-        """The password: given, or asked for once (in a worker thread: a prompt blocks)."""
+        """The password: given, or asked for once per login user (in a worker thread: a prompt
+        blocks)."""
         async with self._asking:
-            if self._password is None:
-                target = pooled.target
+            target = pooled.target
+            if target.user not in self._passwords:
                 prompt = f"sudo password for {target.user}@{target.host} (to run as {user}): "
                 try:
-                    self._password = check_password(await asyncio.to_thread(self._obtain, prompt))
+                    answer = check_password(await asyncio.to_thread(self._obtain, prompt))
                 except PromptUnavailable as error:
                     raise BecomeError(
                         f"become: sudo on this server needs a password to run as {user}, and none could be had "
                         f"({error}); {PASSWORD_ADVICE}"
                     ) from None
-            return self._password
+                self._passwords[target.user] = answer
+            return self._passwords[target.user]
 
     def _obtain(self, prompt: str) -> str:
         if callable(self._source):

@@ -88,3 +88,25 @@ def test_no_password_and_nobody_to_ask_is_a_clear_become_error(monkeypatch: pyte
         asyncio.run(auth.password(_connection(), "root"))
     assert "needs a password to run as root, and none could be had" in str(refused.value)
     assert "Executor(become_password=...)" in str(refused.value)
+
+
+def test_a_password_asked_for_one_login_user_is_not_sent_for_another() -> None:
+    """The prompt names the login user (``sudo password for operator@web1``): what is typed there
+    is that user's password, and must not be handed to another account's sudo (on this or another
+    server). Servers logged into as the same user share the one answer."""
+    asked: list[int] = []
+    answers = iter(["operator-pw", "deploy-pw"])
+
+    def ask() -> str:
+        asked.append(1)
+        return next(answers)
+
+    auth = BecomeAuth(ask)
+
+    async def passwords() -> list[str]:
+        return [await auth.password(_connection(user), "root") for user in ("operator", "operator", "deploy")]
+
+    assert asyncio.run(passwords()) == ["operator-pw", "operator-pw", "deploy-pw"]
+    assert asked == [1, 1]
+    given = BecomeAuth("one-for-all")  # a password given to the executor is the user's choice for all
+    assert asyncio.run(given.password(_connection("deploy"), "root")) == "one-for-all"

@@ -29,6 +29,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"os/user"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -111,18 +112,34 @@ func validUserName(name string) bool {
 }
 
 // prepare turns the interpreter's command line into sudo's, and keeps the spec for the
-// handshake. executable is this runner (become-exec is its command).
-func (b *Become) prepare(argv []string, dir, helperDir string, env []string, grace time.Duration, executable string) ([]string, error) {
+// handshake: sudo's argv and environment. executable is this runner (become-exec is its
+// command).
+func (b *Become) prepare(argv []string, dir, helperDir string, env []string, grace time.Duration, executable string) ([]string, []string, error) {
 	sudo, err := exec.LookPath("sudo")
 	if err != nil {
-		return nil, exitcode.New(exitcode.BecomeFailed, "become: sudo is not installed on this server (not found on PATH)")
+		return nil, nil, exitcode.New(exitcode.BecomeFailed, "become: sudo is not installed on this server (not found on PATH)")
 	}
 	spec, err := json.Marshal(becomeSpec{Argv: argv, Dir: dir, HelperDir: helperDir, Env: env, GraceS: grace.Seconds()})
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	b.spec = append(spec, '\n')
-	return []string{sudo, "-S", "-p", BecomePrompt, "-u", b.User, "--", executable, BecomeCommand}, nil
+	return []string{sudo, "-S", "-p", BecomePrompt, "-u", b.User, "--", executable, BecomeCommand}, sudoEnv(env), nil
+}
+
+// sudoEnv is sudo's own environment: the locale (for its messages) and a system PATH, and
+// nothing else of the run's, which goes in the spec instead. sudo would hold the event's
+// secrets in its environment otherwise, and it may log that environment (its JSON event log
+// and sudo_logsrvd record the submitting user's environment).
+func sudoEnv(env []string) []string {
+	out := []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+	for _, kv := range env {
+		name, _, _ := strings.Cut(kv, "=")
+		if name == "LANG" || name == "LANGUAGE" || strings.HasPrefix(name, "LC_") {
+			out = append(out, kv)
+		}
+	}
+	return out
 }
 
 // handshake reads sudo's stderr until become-exec says it is ready: it answers the password
@@ -222,7 +239,9 @@ func BecomeExec() int {
 		err = fmt.Errorf("no command or work dir")
 	}
 	if err != nil {
-		fmt.Fprintf(os.Stderr, "cronium-runner %s: bad spec on stdin: %v\n", BecomeCommand, err)
+		// Not the parser's words: they quote what was read, which should sudo have left the
+		// password on stdin would be part of it.
+		fmt.Fprintf(os.Stderr, "cronium-runner %s: no valid spec on stdin\n", BecomeCommand)
 		return int(exitcode.Usage)
 	}
 	owner, ownerOK := sudoOwner()
@@ -242,18 +261,28 @@ func BecomeExec() int {
 			}
 		}
 	}
-	supervisor := &Supervisor{Argv: spec.Argv, Dir: spec.Dir, Env: targetEnv(spec.Env),
+	supervisor := &Supervisor{Argv: spec.Argv, Dir: spec.Dir, Env: targetEnv(spec.Env, spec.HelperDir),
 		Timeout: Seconds(1e12), Grace: Seconds(spec.GraceS), Reporter: passThrough{}}
+	// Once the script's tree is gone, giving the work dir back is bounded work that must not be
+	// cut short (root's files would stay in the login user's cache): a late stop (sudo relaying
+	// the login side's SIGTERM, or this process's parent-death signal once sudo is SIGKILLed)
+	// is taken here, and dropped, until it is done. During the run the Supervisor acts on it.
+	held := make(chan os.Signal, 1)
+	signal.Notify(held, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
 	outcome, runErr := supervisor.Run()
 	if ownerOK && os.Geteuid() == 0 {
 		for _, dir := range []string{spec.Dir, spec.HelperDir} {
 			if dir != "" {
+				if err := unmountUnder(dir); err != nil {
+					fmt.Fprintf(os.Stderr, "cronium-runner %s: a mount left in %s: %v\n", BecomeCommand, dir, err)
+				}
 				if err := giveBack(dir, owner); err != nil {
 					fmt.Fprintf(os.Stderr, "cronium-runner %s: cannot give %s back: %v\n", BecomeCommand, dir, err)
 				}
 			}
 		}
 	}
+	signal.Stop(held)
 	if runErr != nil {
 		fmt.Fprintf(os.Stderr, "cronium-runner %s: %v\n", BecomeCommand, runErr)
 		return int(AsRunnerError(runErr).Code)
@@ -290,7 +319,12 @@ func ownedDir(path string, uid int) error {
 
 // giveBack makes every entry under dir (dir included) owned by owner again, through
 // directory file descriptors: nothing is followed, so a symlink (or a directory swapped for
-// one meanwhile) cannot send a chown outside the tree.
+// one meanwhile) cannot send a chown outside the tree; no file keeps a setuid or setgid bit or
+// a file capability (chown clears them). Two kinds of entry are left as they
+// are, because they are not the tree's own: anything on another filesystem (a mount the
+// script left in the work dir, a bind mount of / included) and a file with more than one hard
+// link (`ln /etc/passwd .` or `cp -al` as root: the link is the system file itself). The
+// login user can still remove them from the work dir (unlinking needs only the directory).
 func giveBack(dir string, owner ids) error {
 	fd, err := syscall.Open(dir, syscall.O_RDONLY|syscall.O_DIRECTORY|syscall.O_NOFOLLOW|syscall.O_CLOEXEC, 0)
 	if err != nil {
@@ -301,10 +335,10 @@ func giveBack(dir string, owner ids) error {
 		syscall.Close(fd)
 		return fmt.Errorf("no longer a directory of uid %d", owner.uid)
 	}
-	return giveBackAt(fd, owner, 0)
+	return giveBackAt(fd, owner, uint64(st.Dev), 0)
 }
 
-func giveBackAt(dirfd int, owner ids, depth int) error {
+func giveBackAt(dirfd int, owner ids, device uint64, depth int) error {
 	dir := os.NewFile(uintptr(dirfd), "")
 	defer dir.Close()
 	names, err := dir.Readdirnames(-1)
@@ -317,15 +351,21 @@ func giveBackAt(dirfd int, owner ids, depth int) error {
 		if err := lstatAt(dirfd, name, &st); err != nil {
 			continue
 		}
-		if int(st.Uid) != owner.uid || int(st.Gid) != owner.gid {
+		isDir := st.Mode&syscall.S_IFMT == syscall.S_IFDIR
+		if uint64(st.Dev) != device || (!isDir && st.Nlink > 1) {
+			continue // another filesystem, or a file that also lives outside the tree
+		}
+		// A file is chowned even when its owner is right: chown clears setuid, setgid and file
+		// capabilities, which a root script could have put on it.
+		if !isDir || int(st.Uid) != owner.uid || int(st.Gid) != owner.gid {
 			if err := syscall.Fchownat(dirfd, name, owner.uid, owner.gid, atSymlinkNofollow); err != nil && firstErr == nil {
 				firstErr = err
 			}
 		}
-		if st.Mode&syscall.S_IFMT == syscall.S_IFDIR && depth < maxGiveBackDepth {
+		if isDir && depth < maxGiveBackDepth {
 			child, err := syscall.Openat(dirfd, name, syscall.O_RDONLY|syscall.O_DIRECTORY|syscall.O_NOFOLLOW|syscall.O_CLOEXEC, 0)
 			if err == nil {
-				if err := giveBackAt(child, owner, depth+1); err != nil && firstErr == nil {
+				if err := giveBackAt(child, owner, device, depth+1); err != nil && firstErr == nil {
 					firstErr = err
 				}
 			}
@@ -345,10 +385,78 @@ func lstatAt(dirfd int, name string, st *syscall.Stat_t) error {
 	return syscall.Fstat(fd, st)
 }
 
+// unsafeForTarget names what is not passed from the login side's environment to a script
+// that runs as another user: the variables that make a dynamic loader, a shell or an
+// interpreter run code or read files the login session chose (sudo's env_reset removes them,
+// and they must not come back through the spec). Names ending in "*" are prefixes.
+var unsafeForTarget = []string{
+	"LD_*", "_RLD*", "GCONV_PATH", "LOCPATH", "NLSPATH", "PATH_LOCALE", "HOSTALIASES", "LOCALDOMAIN",
+	"RES_OPTIONS", "IFS", "CDPATH", "ENV", "BASH_ENV", "BASH_FUNC_*", "SHELLOPTS", "BASHOPTS", "PS4",
+	"GLOBIGNORE", "FPATH", "ZDOTDIR", "NULLCMD", "READNULLCMD", "TMPPREFIX", "TERMINFO", "TERMINFO_DIRS",
+	"TERMPATH", "TERMCAP", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONINSPECT", "PYTHONUSERBASE",
+	"PERLLIB", "PERL5LIB", "PERL5OPT", "PERL5DB", "PERLIO_DEBUG", "RUBYLIB", "RUBYOPT", "NODE_OPTIONS",
+	"NODE_PATH", "JAVA_TOOL_OPTIONS", "_JAVA_OPTIONS", "GIT_EXEC_PATH",
+}
+
+// unmountUnder detaches every mount below dir (deepest first): what a root script mounted in
+// its work dir and could not unmount because it was stopped. Mount points come from
+// /proc/self/mountinfo (field 5, with space, tab, newline and backslash octal-escaped).
+func unmountUnder(dir string) error {
+	data, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return err
+	}
+	prefix := strings.TrimSuffix(dir, "/") + "/"
+	var points []string
+	for _, line := range strings.Split(string(data), "\n") {
+		fields := strings.Fields(line)
+		if len(fields) < 5 {
+			continue
+		}
+		point := mountinfoUnescape(fields[4])
+		if strings.HasPrefix(point, prefix) {
+			points = append(points, point)
+		}
+	}
+	var firstErr error
+	for i := len(points) - 1; i >= 0; i-- { // mountinfo lists parents before their children
+		if err := syscall.Unmount(points[i], syscall.MNT_DETACH); err != nil && err != syscall.EINVAL && firstErr == nil {
+			firstErr = fmt.Errorf("cannot detach %s: %v", points[i], err)
+		}
+	}
+	return firstErr
+}
+
+func mountinfoUnescape(field string) string {
+	var out strings.Builder
+	for i := 0; i < len(field); i++ {
+		if field[i] == '\\' && i+3 < len(field) {
+			if n, err := strconv.ParseUint(field[i+1:i+4], 8, 8); err == nil {
+				out.WriteByte(byte(n))
+				i += 3
+				continue
+			}
+		}
+		out.WriteByte(field[i])
+	}
+	return out.String()
+}
+
+func unsafeVariable(name string) bool {
+	for _, pattern := range unsafeForTarget {
+		if prefix, isPrefix := strings.CutSuffix(pattern, "*"); isPrefix && strings.HasPrefix(name, prefix) || name == pattern {
+			return true
+		}
+	}
+	return false
+}
+
 // targetEnv is the script's environment as the login side made it, with the target user's
 // own HOME, USER and LOGNAME (a root script must not write into the login user's home by
-// accident), and sudo's SUDO_* variables.
-func targetEnv(env []string) []string {
+// accident), and sudo's SUDO_* variables; without the unsafe variables above, and with PATH
+// the helpers' bin dir followed by the PATH sudo gave become-exec (its secure_path), not the
+// login user's (which may start with directories that user can write, ~/bin).
+func targetEnv(env []string, helperDir string) []string {
 	out := make([]string, 0, len(env)+6)
 	override := map[string]string{}
 	if u, err := user.Current(); err == nil {
@@ -359,9 +467,17 @@ func targetEnv(env []string) []string {
 			override[name] = value
 		}
 	}
+	path := os.Getenv("PATH")
+	if path == "" {
+		path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+	}
+	if helperDir != "" {
+		path = filepath.Join(helperDir, "bin") + ":" + path
+	}
+	override["PATH"] = path
 	for _, kv := range env {
 		name, _, _ := strings.Cut(kv, "=")
-		if _, replaced := override[name]; !replaced {
+		if _, replaced := override[name]; !replaced && !unsafeVariable(name) {
 			out = append(out, kv)
 		}
 	}

@@ -184,3 +184,186 @@ func TestGiveBackChownsTheTreeAndFollowsNoLink(t *testing.T) {
 		t.Error("gave back a directory that is not the user's")
 	}
 }
+
+// A root script that hard-links a system file into the work dir (`ln /etc/passwd .`, `cp -al`,
+// rsync --link-dest) must not have giveBack hand that file to the login user: the link is the
+// file itself.
+func TestGiveBackLeavesHardLinkedFilesAlone(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("chown to another user needs root")
+	}
+	outside := filepath.Join(t.TempDir(), "system-file")
+	if err := os.WriteFile(outside, []byte("root's"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	if err := os.Link(outside, filepath.Join(dir, "linked")); err != nil {
+		t.Skip("cannot hard-link here:", err)
+	}
+	os.WriteFile(filepath.Join(dir, "made-by-root"), []byte("1"), 0o644)
+	owner := ids{4242, 4343}
+	os.Chown(dir, owner.uid, owner.gid)
+	giveBack(dir, owner)
+	var st syscall.Stat_t
+	syscall.Stat(outside, &st)
+	if st.Uid != 0 || st.Gid != 0 {
+		t.Errorf("a file outside the work dir, hard-linked into it, was given to %d:%d", st.Uid, st.Gid)
+	}
+	syscall.Lstat(filepath.Join(dir, "made-by-root"), &st)
+	if int(st.Uid) != owner.uid {
+		t.Errorf("the script's own file was not given back (uid %d)", st.Uid)
+	}
+}
+
+// A root script that mounts something inside the work dir (a bind mount of /, a disk image)
+// and is stopped before it unmounts must not have giveBack chown that other filesystem.
+func TestGiveBackStaysOnTheWorkDirsFilesystem(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("mount and chown need root")
+	}
+	dir := t.TempDir()
+	mnt := filepath.Join(dir, "mnt")
+	os.Mkdir(mnt, 0o755)
+	if err := syscall.Mount("cronium-test", mnt, "tmpfs", 0, "size=1m"); err != nil {
+		t.Skip("cannot mount a tmpfs here:", err)
+	}
+	defer syscall.Unmount(mnt, syscall.MNT_DETACH)
+	os.MkdirAll(filepath.Join(mnt, "etc"), 0o755)
+	os.WriteFile(filepath.Join(mnt, "etc", "shadow"), []byte("root's"), 0o600)
+	os.WriteFile(filepath.Join(dir, "made-by-root"), []byte("1"), 0o644)
+	owner := ids{4242, 4343}
+	os.Chown(dir, owner.uid, owner.gid)
+	giveBack(dir, owner)
+	for _, path := range []string{mnt, filepath.Join(mnt, "etc"), filepath.Join(mnt, "etc", "shadow")} {
+		var st syscall.Stat_t
+		syscall.Lstat(path, &st)
+		if st.Uid != 0 {
+			t.Errorf("%s, on another filesystem mounted in the work dir, was given to uid %d", path, st.Uid)
+		}
+	}
+	var st syscall.Stat_t
+	syscall.Lstat(filepath.Join(dir, "made-by-root"), &st)
+	if int(st.Uid) != owner.uid {
+		t.Errorf("the script's own file was not given back (uid %d)", st.Uid)
+	}
+}
+
+// The script's environment as root: the login session's loader and shell start-up variables
+// are not passed (sudo's env_reset would have removed them), and PATH is sudo's own (its
+// secure_path) after the helpers, not the login user's (which may start with ~/bin).
+func TestTargetEnvDropsTheLoginSessionsDangerousVariables(t *testing.T) {
+	t.Setenv("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+	got := map[string]string{}
+	for _, kv := range targetEnv([]string{"LD_PRELOAD=/home/u/evil.so", "LD_LIBRARY_PATH=/home/u/lib",
+		"BASH_ENV=/home/u/.evil", "ENV=/home/u/.evil", "SHELLOPTS=xtrace", "PS4=$(id)", "IFS=x",
+		"PYTHONSTARTUP=/home/u/s.py", "PERL5OPT=-Mevil", "GCONV_PATH=/home/u", "DB_PASSWORD=s3cret",
+		"CRONIUM_DIR=/home/u/.cache/w", "PATH=/home/u/.cache/h/bin:/home/u/bin:/usr/bin"}, "/home/u/.cache/h") {
+		k, v, _ := strings.Cut(kv, "=")
+		got[k] = v
+	}
+	for _, name := range []string{"LD_PRELOAD", "LD_LIBRARY_PATH", "BASH_ENV", "ENV", "SHELLOPTS", "PS4",
+		"IFS", "PYTHONSTARTUP", "PERL5OPT", "GCONV_PATH"} {
+		if v, ok := got[name]; ok {
+			t.Errorf("%s=%s reaches the script as root", name, v)
+		}
+	}
+	if got["DB_PASSWORD"] != "s3cret" || got["CRONIUM_DIR"] != "/home/u/.cache/w" {
+		t.Errorf("the run's own variables were lost: %v", got)
+	}
+	if want := "/home/u/.cache/h/bin:/usr/sbin:/usr/bin:/sbin:/bin"; got["PATH"] != want {
+		t.Errorf("PATH as root is %q, want %q", got["PATH"], want)
+	}
+}
+
+// A setuid/setgid bit (or a file capability) that a root script put on a file in the work dir
+// must not stay there for the login user: chowning clears them, even where the owner is right.
+func TestGiveBackClearsSetIDBits(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("chown to another user needs root")
+	}
+	dir := t.TempDir()
+	owner := ids{4242, 4343}
+	os.Chown(dir, owner.uid, owner.gid)
+	for name, uid := range map[string]int{"root-suid": 0, "user-suid": owner.uid} {
+		path := filepath.Join(dir, name)
+		os.WriteFile(path, []byte("#!/bin/sh\n"), 0o755)
+		os.Chown(path, uid, owner.gid)
+		if err := os.Chmod(path, 0o6755|os.ModeSetuid|os.ModeSetgid); err != nil {
+			t.Fatal(err)
+		}
+	}
+	giveBack(dir, owner)
+	for _, name := range []string{"root-suid", "user-suid"} {
+		var st syscall.Stat_t
+		syscall.Lstat(filepath.Join(dir, name), &st)
+		if st.Mode&(syscall.S_ISUID|syscall.S_ISGID) != 0 || int(st.Uid) != owner.uid {
+			t.Errorf("%s: mode %o, uid %d after giving back", name, st.Mode&0o7777, st.Uid)
+		}
+	}
+}
+
+// A mount the root script left in the work dir (stopped before its umount) is detached before
+// the work dir goes back: else the login side's clean-up would delete through it.
+func TestUnmountUnderDetachesLeftMounts(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("mount needs root")
+	}
+	dir := t.TempDir()
+	outside := t.TempDir()
+	mnt := filepath.Join(dir, "a dir", "mnt")
+	os.MkdirAll(filepath.Join(mnt), 0o755)
+	if err := syscall.Mount("cronium-test", mnt, "tmpfs", 0, "size=1m"); err != nil {
+		t.Skip("cannot mount a tmpfs here:", err)
+	}
+	defer syscall.Unmount(mnt, syscall.MNT_DETACH)
+	os.Mkdir(filepath.Join(mnt, "inner"), 0o755)
+	if err := syscall.Mount("cronium-test", filepath.Join(mnt, "inner"), "tmpfs", 0, "size=1m"); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Mount("cronium-test", outside, "tmpfs", 0, "size=1m"); err != nil {
+		t.Fatal(err)
+	}
+	defer syscall.Unmount(outside, syscall.MNT_DETACH)
+	if err := unmountUnder(dir); err != nil {
+		t.Fatal(err)
+	}
+	var top, st syscall.Stat_t
+	syscall.Stat(dir, &top)
+	syscall.Stat(mnt, &st)
+	if st.Dev != top.Dev {
+		t.Error("the mount in the work dir is still there")
+	}
+	syscall.Stat(outside, &st)
+	if st.Dev == top.Dev {
+		t.Error("a mount outside the work dir was detached")
+	}
+}
+
+// sudo itself is started with a minimal environment: the run's environment (the event's
+// secrets, the login session's loader variables) travels in the spec on stdin. sudo would
+// otherwise hold the secrets in its environment and may log it (its JSON event log and log
+// server record the submitting user's environment).
+func TestSudoIsStartedWithoutTheRunsEnvironment(t *testing.T) {
+	dir := t.TempDir()
+	sudo := filepath.Join(dir, "sudo")
+	os.WriteFile(sudo, []byte("#!/bin/sh\n"), 0o755)
+	t.Setenv("PATH", dir)
+	b := &Become{User: "root"}
+	env := []string{"DB_PASSWORD=s3cret-value", "LD_PRELOAD=/home/u/x.so", "LANG=C.UTF-8",
+		"PATH=/home/u/.cache/h/bin:/usr/bin", "CRONIUM_DIR=/w"}
+	argv, sudoEnv, err := b.prepare([]string{"/bin/sh", "s.sh"}, "/w", "/w/h", env, time.Second, "/r/cronium-runner")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if argv[0] != sudo || argv[len(argv)-1] != BecomeCommand {
+		t.Errorf("sudo's argv: %v", argv)
+	}
+	for _, kv := range sudoEnv {
+		if strings.Contains(kv, "s3cret-value") || strings.HasPrefix(kv, "LD_") || strings.HasPrefix(kv, "CRONIUM_DIR=") {
+			t.Errorf("sudo's environment has %s", kv)
+		}
+	}
+	if !strings.Contains(string(b.spec), "DB_PASSWORD=s3cret-value") {
+		t.Error("the run's environment is not in the spec")
+	}
+}

@@ -127,7 +127,7 @@ func RunPayload(data []byte, ctx *Context, reporter Reporter, in *Input, o Optio
 		supervisor := &Supervisor{Argv: argv, Dir: workdir, Env: env, Timeout: Seconds(m.Timeout),
 			Grace: Seconds(m.GracePeriod), Reporter: reporter, Input: in, Become: ctx.Become, Mark: o.Mark}
 		if ctx.Become != nil {
-			if supervisor.Argv, err = ctx.Become.prepare(argv, workdir, helperDir, env, supervisor.Grace, o.Executable); err != nil {
+			if supervisor.Argv, supervisor.Env, err = ctx.Become.prepare(argv, workdir, helperDir, env, supervisor.Grace, o.Executable); err != nil {
 				return fail(result, err)
 			}
 		}
