@@ -38,7 +38,7 @@ from cronium_nb.become import BecomeAuth, BecomePasswordSource, become_user
 from cronium_nb.config import state_dir as resolve_state_dir
 from cronium_nb.execution import DEFAULT_MAX_LOG_BYTES, Callbacks, Execution
 from cronium_nb.inventory import Inventory
-from cronium_nb.jobs import Job, LoopThread
+from cronium_nb.jobs import Job, LoopThread, LoopWork
 from cronium_nb.metrics import Metrics
 from cronium_nb.model import Event, EventError, Server, check_input
 from cronium_nb.payload import PayloadService, PreparedPayload
@@ -533,7 +533,8 @@ class Executor:
         if self._closed:
             return
         self._closed = True
-        running = [job for job in [*self._jobs, *self._transfer_jobs] if not job.done()]
+        started: list[LoopWork[Any]] = [*self._jobs, *self._transfer_jobs]
+        running = [job for job in started if not job.done()]
         # Detached runs go on on their servers: this process only stops following them.
         self._leaving.update(job.execution_id for job in self._jobs if not job.done() and job.detached)
         for job in running:

@@ -1,4 +1,5 @@
-"""The executor's private event loop thread, and :class:`Job`, a running execution.
+"""The executor's private event loop thread, :class:`LoopWork` (work on it, as a future) and
+:class:`Job`, a running execution.
 
 All network work of an executor happens on one asyncio loop in a daemon thread (:class:`LoopThread`);
 callers in other threads (a notebook cell, a widget callback) start work there and get a
@@ -14,12 +15,14 @@ import asyncio
 import concurrent.futures
 import threading
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from cronium_nb.model import Status
 
 if TYPE_CHECKING:
     from cronium_nb.results import ExecutionResult
+
+ResultT = TypeVar("ResultT")
 
 
 class LoopThread:
@@ -48,29 +51,24 @@ class LoopThread:
             self.loop.close()
 
 
-class Job(concurrent.futures.Future):
-    """A running execution, a future of its :class:`~cronium_nb.results.ExecutionResult`.
+class LoopWork(concurrent.futures.Future, Generic[ResultT]):
+    """A coroutine running on an executor's loop, seen from other threads as a future of its
+    value. ``cancel()`` cancels the task once (its cleanup must not be cut short by a second) and
+    returns at once; the future then completes with what the cancelled coroutine returns."""
 
-    ``cancel()`` stops the remote work on every server and returns at once; ``result()`` then
-    gives the cancelled result once every server has stopped. ``wait(timeout)`` and ``status``
-    are conveniences for a notebook.
-    """
-
-    def __init__(self, execution_id: str, loop_thread: LoopThread, coroutine: Coroutine[Any, Any, ExecutionResult]):
+    def __init__(self, loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, Any, ResultT]) -> None:
         super().__init__()
-        self.execution_id = execution_id
-        self.detached = False  # a detached execution: closing the executor leaves it running
-        self._loop = loop_thread.loop
-        self._task: asyncio.Task[ExecutionResult] | None = None
-        self._cancel_sent = False  # a task is cancelled once: its cleanup must not be cut short
+        self._loop = loop
+        self._task: asyncio.Task[ResultT] | None = None
+        self._cancel_sent = False
         # Not waiting for the task to exist: a callback on the loop may submit, too.
-        self._loop.call_soon_threadsafe(self._start, coroutine)
+        loop.call_soon_threadsafe(self._start, coroutine)
 
-    def _start(self, coroutine: Coroutine[Any, Any, ExecutionResult]) -> None:
+    def _start(self, coroutine: Coroutine[Any, Any, ResultT]) -> None:
         self._task = self._loop.create_task(coroutine)
         self._task.add_done_callback(self._finished)
 
-    def _finished(self, task: asyncio.Task[ExecutionResult]) -> None:
+    def _finished(self, task: asyncio.Task[ResultT]) -> None:
         if task.cancelled():  # the executor's loop stopped under it
             self.set_exception(concurrent.futures.CancelledError())
         elif task.exception() is not None:
@@ -79,14 +77,14 @@ class Job(concurrent.futures.Future):
             self.set_result(task.result())
 
     def cancel(self) -> bool:
-        """Stop the remote work on every server (returns at once; ``result()`` waits for it).
-        False when the execution has already ended."""
+        """Stop the work (returns at once; ``result()`` waits for it). False when it has already
+        ended."""
         if self.done():
             return False
         if not self._cancel_sent:
             self._cancel_sent = True
             # Queued after _start (the loop runs its thread-safe calls in order), so the task
-            # exists; and cancelled only after its first step, so the execution is recorded.
+            # exists; and cancelled only after its first step, so the work is recorded.
             self._loop.call_soon_threadsafe(self._loop.call_soon, self._cancel_task)
         return True
 
@@ -95,9 +93,23 @@ class Job(concurrent.futures.Future):
             self._task.cancel()
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait until the execution ends; True when it has."""
+        """Wait until the work ends; True when it has."""
         concurrent.futures.wait([self], timeout=timeout)
         return self.done()
+
+
+class Job(LoopWork["ExecutionResult"]):
+    """A running execution, a future of its :class:`~cronium_nb.results.ExecutionResult`.
+
+    ``cancel()`` stops the remote work on every server and returns at once; ``result()`` then
+    gives the cancelled result once every server has stopped. ``wait(timeout)`` and ``status``
+    are conveniences for a notebook.
+    """
+
+    def __init__(self, execution_id: str, loop_thread: LoopThread, coroutine: Coroutine[Any, Any, ExecutionResult]):
+        self.execution_id = execution_id
+        self.detached = False  # a detached execution: closing the executor leaves it running
+        super().__init__(loop_thread.loop, coroutine)
 
     @property
     def status(self) -> Status:

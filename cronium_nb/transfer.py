@@ -54,7 +54,6 @@ start there); a leading ``~/`` means the home directory too.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import hashlib
 import logging
@@ -68,7 +67,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar, cast
@@ -77,6 +76,7 @@ import asyncssh
 import pandas as pd
 
 from cronium_nb.errors import CroniumError
+from cronium_nb.jobs import LoopWork
 from cronium_nb.model import Server, Status
 from cronium_nb.ssh.pool import ConnectionPool
 from cronium_nb.ssh.remote_run import uncancel, uninterrupted
@@ -167,45 +167,10 @@ def fetched_name(remote: str) -> str:
 # -- the running transfer
 
 
-class TransferJob(concurrent.futures.Future):
+class TransferJob(LoopWork[pd.DataFrame]):
     """A running ``put`` or ``fetch``: a future of its DataFrame. ``cancel()`` stops every
     server's transfer (their temporary files are removed) and returns at once; ``result()``
     then gives the table, the stopped servers' rows ``cancelled``."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, Any, pd.DataFrame]) -> None:
-        super().__init__()
-        self._loop = loop
-        self._task: asyncio.Task[pd.DataFrame] | None = None
-        self._cancel_sent = False
-        loop.call_soon_threadsafe(self._start, coroutine)
-
-    def _start(self, coroutine: Coroutine[Any, Any, pd.DataFrame]) -> None:
-        self._task = self._loop.create_task(coroutine)
-        self._task.add_done_callback(self._finished)
-
-    def _finished(self, task: asyncio.Task[pd.DataFrame]) -> None:
-        if task.cancelled():  # the executor's loop stopped under it
-            self.set_exception(concurrent.futures.CancelledError())
-        elif task.exception() is not None:
-            self.set_exception(task.exception())
-        else:
-            self.set_result(task.result())
-
-    def cancel(self) -> bool:
-        if self.done():
-            return False
-        if not self._cancel_sent:
-            self._cancel_sent = True  # once: the servers' cleanup must not be cut short
-            self._loop.call_soon_threadsafe(self._loop.call_soon, self._cancel_task)
-        return True
-
-    def _cancel_task(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        concurrent.futures.wait([self], timeout=timeout)
-        return self.done()
 
 
 # -- the transfers
