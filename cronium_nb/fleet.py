@@ -33,7 +33,7 @@ import tarfile
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -507,47 +507,47 @@ class Fleet:
         A server behind the bastion is polled from the bastion, over the internal network."""
         member = self.member(name)
         if member.behind_bastion:
-            self._wait_ready_behind(name, timeout)
-            return
-        server = member.server
+            self._poll_banner(name, timeout, self._banner_behind, f"behind {self.bastion}")
+        else:
+            self._poll_banner(name, timeout, self._banner_published, f"on port {member.server.port}")
+
+    def _poll_banner(self, name: str, timeout: float, banner: Callable[[str, float], str], where: str) -> None:
+        """Call ``banner(name, seconds left)`` (the first bytes sshd sent, or why there were none)
+        until it gives ``SSH-``; a container that exited meanwhile fails at once, with its logs."""
         deadline = time.monotonic() + timeout
         last_error = "no answer"
         while time.monotonic() < deadline:
-            try:
-                with socket.create_connection((server.host, server.port or 22), timeout=2) as sock:
-                    sock.settimeout(max(0.5, min(10.0, deadline - time.monotonic())))
-                    if sock.recv(4).startswith(b"SSH-"):
-                        return
-                    last_error = "no SSH banner"
-            except OSError as error:
-                last_error = str(error)
+            answer = banner(name, deadline - time.monotonic())
+            if answer.startswith("SSH-"):
+                return
+            last_error = answer
             container = self.container(name)
             if container.status == "exited":
                 logs = container.logs(tail=20).decode(errors="replace")
                 raise FleetError(f"{name}: container exited before sshd was ready:\n{logs}")
             time.sleep(0.1)
-        raise FleetError(f"{name}: sshd on port {server.port} not ready after {timeout:.0f} s ({last_error})")
+        raise FleetError(f"{name}: sshd {where} not ready after {timeout:.0f} s ({last_error})")
 
-    def _wait_ready_behind(self, name: str, timeout: float) -> None:
-        """Poll from the bastion (``docker exec``: bash's /dev/tcp, on the internal network, by
-        the server's name) until the server's sshd sends its banner."""
+    def _banner_published(self, name: str, left: float) -> str:
+        server = self.member(name).server
+        try:
+            with socket.create_connection((server.host, server.port or 22), timeout=2) as sock:
+                sock.settimeout(max(0.5, min(10.0, left)))
+                return "SSH-" if sock.recv(4).startswith(b"SSH-") else "no SSH banner"
+        except OSError as error:
+            return str(error)
+
+    def _banner_behind(self, name: str, left: float) -> str:
+        """From the bastion (``docker exec``: bash's /dev/tcp, on the internal network, by the
+        server's name)."""
         import docker.errors
 
         assert self.bastion is not None
         probe = 'exec 3<>"/dev/tcp/$1/22" && head -c 4 <&3'
-        deadline = time.monotonic() + timeout
-        last_error = "no answer"
-        while time.monotonic() < deadline:
-            try:
-                result = self.exec(self.bastion, ["timeout", "5", "bash", "-c", probe, "probe", name])
-                if result.output.startswith("SSH-"):
-                    return
-                last_error = result.output.strip() or f"exit {result.exit_code}"
-            except docker.errors.APIError as error:  # the bastion not running (yet)
-                last_error = str(error)
-            container = self.container(name)
-            if container.status == "exited":
-                logs = container.logs(tail=20).decode(errors="replace")
-                raise FleetError(f"{name}: container exited before sshd was ready:\n{logs}")
-            time.sleep(0.1)
-        raise FleetError(f"{name}: sshd not ready behind {self.bastion} after {timeout:.0f} s ({last_error})")
+        try:
+            result = self.exec(self.bastion, ["timeout", "5", "bash", "-c", probe, "probe", name])
+        except docker.errors.APIError as error:  # the bastion not running (yet)
+            return str(error)
+        return (
+            result.output if result.output.startswith("SSH-") else result.output.strip() or f"exit {result.exit_code}"
+        )
