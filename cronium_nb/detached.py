@@ -211,29 +211,26 @@ class DetachServerRun(ServerRun):
         timeout: float,
         context: dict[str, Any],
     ) -> RunOutcome:
-        execution, sessions = self.execution, self.parts.sessions
-        clock = time.monotonic()
-        session = await deadline.bound(sessions.take(pooled, build), "start")
-        starting = time.monotonic() - clock
-        run = DetachedRun(
-            session,
-            request,
-            payload,
-            leaving=self.settings.leaving,
-            timeout=timeout + FOLLOW_MARGIN_S,
-            grace=execution.event.grace_period,
-            on_lines=lambda stream, text, count, ts: execution.lines(self.server.name, stream, text, count, ts),
-            redactor=execution.redactor,
-            room=execution.room_for_output,
-        )
-        try:
-            outcome = await run.run()
+        execution = self.execution
+
+        def detached_run(session: RunnerSession) -> DetachedRun:
+            return DetachedRun(
+                session,
+                request,
+                payload,
+                leaving=self.settings.leaving,
+                timeout=timeout + FOLLOW_MARGIN_S,
+                grace=execution.event.grace_period,
+                on_lines=lambda stream, text, count, ts: execution.lines(self.server.name, stream, text, count, ts),
+                redactor=execution.redactor,
+                room=execution.room_for_output,
+            )
+
+        async def store_and_release(session: RunnerSession, outcome: RunOutcome) -> None:
             if outcome.result is not None:
                 await self._store_and_release(session, outcome, context.get("variables") or {})
-        finally:
-            await sessions.give_back(pooled, session, run.reusable)
-        outcome.phases["upload"] += starting
-        return outcome
+
+        return await self._on_session(pooled, build, deadline, detached_run, store_and_release)
 
     async def _store_and_release(self, session: RunnerSession, outcome: RunOutcome, seeded: dict[str, Any]) -> None:
         """The result into the store (waited for, after this server's lines), then the job dir on

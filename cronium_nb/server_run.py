@@ -15,7 +15,7 @@ import functools
 import json
 import sys
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +33,7 @@ from cronium_nb.ssh.api_forward import ApiForwards, ForwardRefused
 from cronium_nb.ssh.deploy import Deployer, DeployOutcome, HostInfo, RunnerBuild
 from cronium_nb.ssh.pool import ConnectionPool, PooledConnection
 from cronium_nb.ssh.remote_run import RemoteRun, RunOutcome, uncancel
-from cronium_nb.ssh.sessions import RunnerSessions
+from cronium_nb.ssh.sessions import RunnerSession, RunnerSessions
 from cronium_nb.store import SERVER_RESULT_FIELDS
 from cronium_nb.store_worker import StoreWorker
 
@@ -203,23 +203,43 @@ class ServerRun:
         self, pooled: PooledConnection, build: RunnerBuild, context: dict[str, Any], deadline: SetupDeadline
     ) -> RunOutcome:
         """Run on the connection's idle runner session, or on a new one; keep it for the next run."""
-        execution, sessions = self.execution, self.parts.sessions
+        execution = self.execution
+
+        def remote_run(session: RunnerSession) -> RemoteRun:
+            return RemoteRun(
+                session,
+                context,
+                execution.payload.data,
+                execution.payload.sha256,
+                timeout=execution.event.timeout,
+                grace=execution.event.grace_period,
+                on_lines=functools.partial(execution.lines, self.server.name),
+                redactor=execution.redactor,
+                room=execution.room_for_output,
+            )
+
+        return await self._on_session(pooled, build, deadline, remote_run)
+
+    async def _on_session(
+        self,
+        pooled: PooledConnection,
+        build: RunnerBuild,
+        deadline: SetupDeadline,
+        make_run: Callable[[RunnerSession], RemoteRun],
+        then: Callable[[RunnerSession, RunOutcome], Awaitable[None]] | None = None,
+    ) -> RunOutcome:
+        """``make_run(session)`` run on the connection's idle runner session, or on a new one,
+        then ``then(session, outcome)`` while the session is still held; the session is kept for
+        the next run when the run left it usable."""
+        sessions = self.parts.sessions
         clock = time.monotonic()
         session = await deadline.bound(sessions.take(pooled, build), "start")
         starting = time.monotonic() - clock
-        run = RemoteRun(
-            session,
-            context,
-            execution.payload.data,
-            execution.payload.sha256,
-            timeout=execution.event.timeout,
-            grace=execution.event.grace_period,
-            on_lines=functools.partial(execution.lines, self.server.name),
-            redactor=execution.redactor,
-            room=execution.room_for_output,
-        )
+        run = make_run(session)
         try:
             outcome = await run.run()
+            if then is not None:
+                await then(session, outcome)
         finally:
             await sessions.give_back(pooled, session, run.reusable)
         outcome.phases["upload"] += starting  # opening a session, when none was idle
