@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import asyncssh
 
 from cronium_nb.errors import RunnerUnavailable
-from cronium_nb.protocol import MESSAGE, STREAM_NAMES, Frame, FrameDecoder, LineSplitter, ProtocolError
+from cronium_nb.protocol import MESSAGE, STREAM_NAMES, Frame, FrameDecoder, LineSplitter, ProtocolError, coalesced
 from cronium_nb.redaction import Redactor
 
 READ_SIZE = 65536
@@ -145,7 +145,7 @@ class RunnerSession:
     async def _read(self) -> None:
         try:
             while data := await self._reader_stream.read(READ_SIZE):
-                for frame in self._decoder.feed(data):
+                for frame in coalesced(self._decoder.feed(data)):
                     self._dispatch(frame)
                 if self._run is not None and self._run.room is not None:
                     await self._run.room()  # the runner waits meanwhile (SSH flow control)

@@ -1,12 +1,25 @@
-"""The orchestrator's line splitting: line by line and block by block give the same lines."""
+"""The orchestrator's frame handling and line splitting: frames of one stream joined in order,
+line by line and block by block give the same lines."""
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
 
-from cronium_nb.protocol import LineSplitter
+from cronium_nb.protocol import (
+    MAGIC,
+    MESSAGE,
+    STDERR,
+    STDOUT,
+    Frame,
+    FrameDecoder,
+    LineSplitter,
+    coalesced,
+    encode,
+    encode_message,
+)
 
 
 def pieces_of(rng: random.Random) -> list[bytes]:
@@ -37,3 +50,40 @@ def test_a_long_line_is_cut_into_bounded_pieces() -> None:
     splitter = LineSplitter(max_line=4)
     assert splitter.feed_block(b"abcdefghij\nxy") == (b"abcd\nefgh\nij", 3)
     assert splitter.flush() == [b"xy"]
+
+
+def test_consecutive_output_frames_of_one_stream_are_joined_in_order() -> None:
+    frames = [
+        Frame(STDOUT, 1.0, b"a\n"),
+        Frame(STDOUT, 1.1, b"b"),
+        Frame(STDOUT, 1.2, b"c\n"),
+        Frame(STDERR, 1.3, b"oops\n"),
+        Frame(STDOUT, 1.4, b"d\n"),
+        Frame(MESSAGE, 1.5, b'{"type": "started"}'),
+        Frame(MESSAGE, 1.6, b'{"type": "result"}'),
+        Frame(STDOUT, 1.7, b"e\n"),
+    ]
+    assert coalesced(frames) == [
+        Frame(STDOUT, 1.0, b"a\nbc\n"),
+        Frame(STDERR, 1.3, b"oops\n"),
+        Frame(STDOUT, 1.4, b"d\n"),
+        Frame(MESSAGE, 1.5, b'{"type": "started"}'),
+        Frame(MESSAGE, 1.6, b'{"type": "result"}'),
+        Frame(STDOUT, 1.7, b"e\n"),
+    ]
+
+
+def test_joined_frames_give_the_same_lines_as_the_frames_one_by_one() -> None:
+    rng = random.Random(7)
+    for _ in range(200):
+        pieces = pieces_of(rng)
+        stream = b"".join(encode(rng.choice([STDOUT, STDERR]), 2.0, piece) for piece in pieces)
+        stream += encode_message(3.0, {"type": "result"})
+        decoded = FrameDecoder().feed(MAGIC + stream)
+        joined = coalesced(decoded)
+        for kind in (STDOUT, STDERR):
+            assert b"".join(f.payload for f in joined if f.kind == kind) == b"".join(
+                f.payload for f in decoded if f.kind == kind
+            )
+        assert [f.kind for f in joined].count(MESSAGE) == 1
+        assert all(a.kind != b.kind or a.kind == MESSAGE for a, b in itertools.pairwise(joined))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
 import subprocess
 import sys
@@ -202,6 +203,33 @@ def test_reads_that_continue_a_stream_within_moments_are_stored_as_one_chunk(tmp
     assert frame["line"].tolist() == ["one", "two", "three", "err", "five", "six"]
     assert frame["seq"].tolist() == [1, 2, 3, 4, 5, 6]
     assert [round(ts.timestamp(), 2) for ts in frame["ts"]] == [10.0, 10.0, 10.0, 10.03, 10.04, 10.5]
+
+
+def test_a_joined_chunk_stops_growing_at_its_byte_limit(tmp_path: Path) -> None:
+    written: list[LogChunk] = []
+    line = "x" * 99
+    with Store(tmp_path) as store:
+        store.start_execution("capped", "e", ["a"])
+        buffer = LogBuffer(store, write=lambda chunks: (written.extend(chunks), store.append_log_chunks(chunks)))
+        per_read = 100
+        for read in range(40):  # 40 reads of 100 lines, all within moments: 396 KB in all
+            text = "\n".join([line] * per_read)
+            buffer.add_chunk(LogChunk("capped", "a", read * per_read + 1, per_read, 10.0, "stdout", text))
+        buffer.flush()
+        frame = store.logs("capped")
+    assert len(written) > 1
+    assert all(len(chunk.lines) <= LogBuffer.COALESCE_MAX_BYTES for chunk in written)
+    assert all(after.first_seq == before.first_seq + before.line_count for before, after in itertools.pairwise(written))
+    assert len(frame) == 4000 and frame["seq"].tolist() == list(range(1, 4001))
+
+
+def test_a_new_store_has_large_pages_and_checkpoints_every_64_mib(tmp_path: Path) -> None:
+    with Store(tmp_path) as store:
+        page_size = store._query("PRAGMA page_size")[0][0]
+        checkpoint_pages = store._query("PRAGMA wal_autocheckpoint")[0][0]
+        journal = store._query("PRAGMA journal_mode")[0][0]
+    assert (page_size, journal) == (16384, "wal")
+    assert page_size * checkpoint_pages == 64 * 1024 * 1024
 
 
 def test_host_facts_are_remembered_per_address(tmp_path: Path) -> None:

@@ -33,6 +33,9 @@ const Flavour = "static"
 const defaultWorkroot = "~/" + protocol.CacheDir + "/runs"
 
 func main() {
+	// One P: the runner waits on pipes, sockets and children; with more, the scheduler's
+	// handoffs between threads cost a run more CPU than its work (benchmarks/analysis.md).
+	runtime.GOMAXPROCS(1)
 	os.Exit(run(os.Args))
 }
 

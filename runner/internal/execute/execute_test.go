@@ -180,3 +180,51 @@ func TestContext(t *testing.T) {
 		}
 	}
 }
+
+func TestPipeOutputIsForwardedWholeInOrderAndATrickleIsNotHeldBack(t *testing.T) {
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	out, done := make(chan chunk, 1024), make(chan struct{})
+	defer close(done)
+	go readPipe(r, 'O', out, done)
+	next := func() chunk {
+		t.Helper()
+		select {
+		case c := <-out:
+			return c
+		case <-time.After(10 * time.Second):
+			t.Fatal("no chunk: output was held back")
+		}
+		return chunk{}
+	}
+	// A lone write arrives while the writer waits: nothing waits for a fuller buffer.
+	w.Write([]byte("first\n"))
+	if c := next(); string(c.data) != "first\n" {
+		t.Fatalf("got %q", c.data)
+	}
+	// Many small writes: every byte, in order, in chunks of at most readSize.
+	var want strings.Builder
+	for i := 0; i < 2000; i++ {
+		line := strconv.Itoa(i) + strings.Repeat("x", 100) + "\n"
+		want.WriteString(line)
+		w.Write([]byte(line))
+	}
+	w.Close()
+	var got []byte
+	for {
+		c := next()
+		if c.data == nil {
+			break
+		}
+		if len(c.data) > readSize {
+			t.Fatalf("a chunk of %d bytes", len(c.data))
+		}
+		got = append(got, c.data...)
+	}
+	if string(got) != want.String() {
+		t.Fatalf("got %d bytes, want %d, or out of order", len(got), want.Len())
+	}
+}

@@ -3,6 +3,7 @@ package execute
 import (
 	"encoding/binary"
 	"encoding/hex"
+	"errors"
 	"io"
 	"math/rand/v2"
 	"os"
@@ -19,10 +20,11 @@ import (
 
 // Timing of the process-tree stop.
 const (
-	readSize   = 65536
-	pipeDrain  = 2 * time.Second        // how long to read pipes that outlive every process of the run
-	killRepeat = 200 * time.Millisecond // SIGKILL again, should anything have been born since
-	checkEvery = time.Second
+	readSize     = 65536
+	coalesceWait = time.Millisecond       // see fillWhileFlowing
+	pipeDrain    = 2 * time.Second        // how long to read pipes that outlive every process of the run
+	killRepeat   = 200 * time.Millisecond // SIGKILL again, should anything have been born since
+	checkEvery   = time.Second
 )
 
 var signalNames = map[syscall.Signal]string{syscall.SIGTERM: "SIGTERM", syscall.SIGINT: "SIGINT", syscall.SIGHUP: "SIGHUP"}
@@ -142,6 +144,9 @@ func forwardPipe(f *os.File, kind byte, first []byte, out chan<- chunk, done <-c
 	for {
 		buf := make([]byte, readSize)
 		n, err := f.Read(buf)
+		if err == nil && n < readSize {
+			n, err = fillWhileFlowing(f, buf, n)
+		}
 		if n > 0 {
 			select {
 			case out <- chunk{kind, buf[:n]}:
@@ -157,6 +162,30 @@ func forwardPipe(f *os.File, kind byte, first []byte, out chan<- chunk, done <-c
 			return
 		}
 	}
+}
+
+// fillWhileFlowing reads more into buf[n:] while the pipe keeps delivering within
+// coalesceWait of the last read, up to a full buffer. A script writing fast hands the pipe
+// 4 or 8 KiB per write; sending each write as its own frame cost the server (runner and sshd)
+// and the orchestrator a frame's work per write (benchmarks/analysis.md, B4). Output that
+// trickles is sent at most coalesceWait late. A deadline that passes is not an error.
+func fillWhileFlowing(f *os.File, buf []byte, n int) (int, error) {
+	if f.SetReadDeadline(time.Now().Add(coalesceWait)) != nil {
+		return n, nil // not a pollable pipe: send what there is
+	}
+	defer f.SetReadDeadline(time.Time{})
+	for n < len(buf) {
+		m, err := f.Read(buf[n:])
+		n += m
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			return n, nil
+		}
+		if err != nil {
+			return n, err
+		}
+		f.SetReadDeadline(time.Now().Add(coalesceWait))
+	}
+	return n, nil
 }
 
 // Run runs the script to its end and returns how it ended.
