@@ -63,7 +63,10 @@ class ParallelSsh:
             self._client = self._make()
         output = self._client.run_command(command, stop_on_errors=True)
         self._client.join(output)
-        answers = {f"{o.host}#{i}": (o.exit_code, "\n".join(o.stdout)) for i, o in enumerate(output)}
+        answers = {}
+        for i, o in enumerate(output):
+            text = "\n".join(o.stdout)  # first: libssh2 has the exit code only once the output is read
+            answers[f"{o.host}#{i}"] = (o.exit_code, text)
         if new_client:
             self.close()
         _check(self.name, answers, expect)

@@ -77,6 +77,20 @@ class Execution:
         self._in_flight: deque[tuple[concurrent.futures.Future[None], int]] = deque()
         self._bytes_in_flight = 0
         self.log = LogBuffer(self.store.store, write=self._write_logs)
+        self._variables_read: asyncio.Future[dict[str, Any]] | None = None
+
+    async def starting_variables(self) -> dict[str, Any]:
+        """The scope's variables as stored now, for a server's run to start with. Servers that
+        ask while a read is under way share it (a read per server, queued on the store's thread,
+        delayed a large fan-out); once a variable is stored (:meth:`variable_stored`), or the read
+        is done, the next server reads again."""
+        if self._variables_read is None or self._variables_read.done():
+            self._variables_read = self.store.queued(self.store.store.get_variables, self.variable_scope)
+        return dict(await asyncio.shield(self._variables_read))
+
+    def variable_stored(self) -> None:
+        """A variable was queued for the store: a read under way may not have it."""
+        self._variables_read = None
 
     def _write_logs(self, chunks: Sequence[LogChunk]) -> None:
         size = sum(len(chunk.lines) for chunk in chunks)

@@ -83,6 +83,9 @@ class RunParts:
     store: StoreWorker
     metrics: Metrics
     become: BecomeAuth = field(default_factory=BecomeAuth)  # sudo: who needs a password, and it
+    # (route, runner build) recorded in the store by this executor: a warm run's "cached" is
+    # not written again (the plan shows when the runner was last found or put in place)
+    recorded_runners: set[tuple[str, str]] = field(default_factory=set)
 
 
 class ServerRun:
@@ -139,7 +142,7 @@ class ServerRun:
             result.arch = info.machine
             outcome = await deadline.bound(self._deploy(pooled, force=False), "deploy")
             result.phases["deploy"] = time.monotonic() - clock
-            variables = await parts.store.call(parts.store.store.get_variables, execution.variable_scope)
+            variables = await execution.starting_variables()
             context = {
                 "execution_id": execution.execution_id,
                 "server": self.server.name,
@@ -193,8 +196,11 @@ class ServerRun:
             self.parts.metrics.record_deploy("failed")
             raise
         self.parts.metrics.record_deploy(outcome.state, outcome.bytes_sent)
-        store = self.parts.store  # remembered for the dry-run plan, which contacts no server
-        store.submit(store.store.record_runner, pooled.target.route, outcome.build.remote_name, outcome.state)
+        store, recorded = self.parts.store, (pooled.target.route, outcome.build.remote_name)
+        if outcome.state != "cached" or recorded not in self.parts.recorded_runners:
+            # remembered for the dry-run plan, which contacts no server
+            store.submit(store.store.record_runner, *recorded, outcome.state)
+            self.parts.recorded_runners.add(recorded)
         self.result.deploy = outcome.state
         self.result.attempts += outcome.attempts
         return outcome
@@ -308,6 +314,7 @@ class ServerRun:
         worker, execution = self.parts.store, self.execution
         updated_by = f"{execution.execution_id}/{self.server.name}"
         worker.submit(worker.store.set_variable, execution.variable_scope, name, value, updated_by=updated_by)
+        execution.variable_stored()
 
     def _apply(self, run: RunOutcome, seeded: dict[str, Any]) -> None:
         """The run's outcome into the result: status, error and its kind, exit code, outputs, and

@@ -37,7 +37,12 @@ class StoreWorker:
 
     async def call(self, function: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """Queue a call and wait for its result without blocking the loop."""
-        return await asyncio.wrap_future(self._thread.submit(function, *args, **kwargs))
+        return await self.queued(function, *args, **kwargs)
+
+    def queued(self, function: Callable[..., T], /, *args: Any, **kwargs: Any) -> asyncio.Future[T]:
+        """Queue a call now (in order with the calls before and after it); its result as a
+        future of the running loop."""
+        return asyncio.wrap_future(self._thread.submit(function, *args, **kwargs))
 
     async def drain(self) -> None:
         """Wait until every call queued so far has run."""
