@@ -399,33 +399,48 @@ def bench_cluster(report: Report, fleet: Fleet, state: Path, plan: Plan) -> None
 # --- profile ----------------------------------------------------------------------------------
 
 
-def profile_child(servers_json: str, state: str, runs: str) -> None:
-    """Cold fan-outs in a loop, for py-spy to sample (see profile_cold_fanout)."""
+PROFILES = {
+    "cold": "cold fan-out to {n} servers, {runs} times (a new executor each)",
+    "warm": "warm fan-out to {n} servers, {runs} times (one executor)",
+    "stream": "B4 streaming, 200 MB of lines from one server, {runs} times",
+}
+
+
+def profile_child(kind: str, servers_json: str, state: str, runs: str) -> None:
+    """The work of one profile (``PROFILES``) in a loop, for py-spy to sample (see profile)."""
     servers = [Server(**data) for data in json.loads(servers_json)]
-    event = Event(name="bench-fanout", script=FANOUT_COMMAND, type="sh")
-    for _ in range(int(runs)):
-        with Executor(state_dir=state) as executor:
-            check(executor.run(event, servers), servers)
+    fanout = Event(name="bench-fanout", script=FANOUT_COMMAND, type="sh")
+    stream = Event(name="bench-stream", script=STREAM_COMMAND, type="sh", timeout=600)
+    if kind == "cold":
+        for _ in range(int(runs)):
+            with Executor(state_dir=state) as executor:
+                check(executor.run(fanout, servers), servers)
+        return
+    with Executor(state_dir=state) as executor:
+        check(executor.run(fanout, servers), servers)  # connected, warm
+        for _ in range(int(runs)):
+            check(executor.run(stream if kind == "stream" else fanout, servers), servers)
 
 
-def profile_cold_fanout(report: Report, fleet: Fleet, state: Path, n: int, runs: int) -> None:
-    """Where the orchestrator's CPU goes in a cold fan-out: py-spy samples every thread."""
+def profile(report: Report, fleet: Fleet, state: Path, kind: str, n: int, runs: int) -> None:
+    """Where the orchestrator's CPU goes (py-spy samples every thread of a child process)."""
     py_spy = Path(sys.executable).parent / "py-spy"
     servers = fleet.servers[:n]
+    label = PROFILES[kind].format(n=n, runs=runs) + " (py-spy, all threads)"
     with Executor(fleet.inventory, state_dir=state) as executor:  # deploy first where B3 did not
         check(executor.run(Event(name="bench-fanout", script=FANOUT_COMMAND, type="sh"), servers), servers)
     with tempfile.TemporaryDirectory() as out:
         stacks = Path(out) / "stacks.txt"
-        child = [sys.executable, __file__, "--profile-child", json.dumps([s.__dict__ for s in servers]), str(state),
-                 str(runs)]  # fmt: skip
+        child = [sys.executable, __file__, "--profile-child", kind, json.dumps([s.__dict__ for s in servers]),
+                 str(state), str(runs)]  # fmt: skip
         completed = subprocess.run(
             [str(py_spy), "record", "--format", "raw", "--rate", "250", "--subprocesses", "-o", str(stacks),
-             "--", *child], capture_output=True, text=True, timeout=600,
+             "--", *child], capture_output=True, text=True, timeout=900,
         )  # fmt: skip
         if completed.returncode != 0 or not stacks.exists():
-            report.profile_error = (completed.stderr or completed.stdout)[-1000:]
+            report.profile_errors.append((label, (completed.stderr or completed.stdout)[-1000:]))
             return
-        report.add_profile(f"cold fan-out to {n} servers, {runs} times (py-spy, all threads)", stacks.read_text())
+        report.add_profile(label, stacks.read_text())
 
 
 # --- main -------------------------------------------------------------------------------------
@@ -437,7 +452,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--only", help="comma-separated subset of B1,B2,B3,B4,B5,B6,B7")
     parser.add_argument("--out", type=Path, default=HERE, help="where RESULTS.md and results/ go")
     parser.add_argument("--stream-child", nargs=3, help=argparse.SUPPRESS)
-    parser.add_argument("--profile-child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--profile-child", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--scale-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.stream_child:
@@ -466,8 +481,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                 print(f"bench: {name}", flush=True)
                 bench(report, fleet, Path(state), plan)
         if "B5" in plan.only:
-            print("bench: B5 profile", flush=True)
-            profile_cold_fanout(report, fleet, Path(state), min(10, servers_needed), plan.profile_runs)
+            print("bench: B5 profiles", flush=True)
+            profile(report, fleet, Path(state), "cold", min(10, servers_needed), plan.profile_runs)
+            if "B6" in plan.only:
+                profile(report, fleet, Path(state), "warm", max(plan.scale_sizes), 3 * plan.profile_runs)
+            if "B4" in plan.only:
+                profile(report, fleet, Path(state), "stream", 1, plan.stream_runs)
     report.duration_s = time.monotonic() - started
     report.write(args.out)
     print(f"bench: done in {report.duration_s:.0f} s; wrote {args.out / 'RESULTS.md'}")

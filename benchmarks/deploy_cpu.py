@@ -1,6 +1,9 @@
 """Where a cold deployment's CPU goes: the servers' (their containers' cgroup CPU time) and the
 orchestrator's, per server, for a cold deployment (B3's case), a run on new connections with the
-runner cached, and an SSH connection alone; then, on one server, each deploy step on its own.
+runner cached, and an SSH connection alone; then the fan-out of B2 and B6 (`hostname; uptime`)
+on new connections and on warm ones, ours against parallel-ssh's and Fabric's (what the servers
+pay for each tool: on this machine they share the orchestrator's 2 cores); then, on one server,
+each deploy step on its own.
 
 Usage: python benchmarks/deploy_cpu.py [SERVERS]   (needs `make fixtures runner`; cgroup v1)
 """
@@ -22,7 +25,11 @@ from cronium_nb import Event, Executor, Fleet
 from cronium_nb.resources import runner_dist
 from cronium_nb.ssh.deploy import INSTALL_SCRIPT, HostInfo, RunnerBuilds, remote_script
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peers import FabricGroup, ParallelSsh
+
 EVENT = Event(name="deploy-cpu", script="true", type="sh")
+FANOUT = Event(name="bench-fanout", script="hostname; uptime", type="sh")
 REMOVE_RUNNER = "pkill -f 'cronium-runner [d]aemon'; rm -rf ~/.cache/cronium"
 
 
@@ -46,7 +53,7 @@ def measure(label: str, fleet: Fleet, names: list[str], action: Callable[[], obj
     wall = time.perf_counter() - wall
     servers, mine = server_cpu_s(fleet, names) - servers, own_cpu_s() - mine
     n = len(names)
-    print(f"{label:34s} wall {wall * 1000:6.0f} ms   per server: servers {servers * 1000 / n:5.1f} ms CPU, "
+    print(f"{label:42s} wall {wall * 1000:6.0f} ms   per server: servers {servers * 1000 / n:5.1f} ms CPU, "
           f"orchestrator {mine * 1000 / n:5.1f} ms CPU", flush=True)  # fmt: skip
 
 
@@ -95,6 +102,31 @@ async def steps(fleet: Fleet, name: str) -> None:
     connection.close()
 
 
+def fanout_cpu(fleet: Fleet, names: list[str], state: str) -> None:
+    """B2's fan-out, each tool on new connections and then on warm ones, 3 times each."""
+    servers = [fleet.inventory[name] for name in names]
+
+    def ours_cold() -> None:
+        with Executor(fleet.inventory, state_dir=state) as executor:
+            assert executor.run(FANOUT, names).ok
+
+    for _ in range(3):
+        measure("fan-out, cronium_nb, new connections", fleet, names, ours_cold)
+    with Executor(fleet.inventory, state_dir=state) as executor:
+        assert executor.run(FANOUT, names).ok
+        for _ in range(3):
+            measure("fan-out, cronium_nb, warm", fleet, names, lambda: executor.run(FANOUT, names))
+    for tool in (ParallelSsh(servers), FabricGroup(servers)):
+        try:
+            for new_client, label in ((True, "new client"), (False, "reused")):
+                tool.run(FANOUT.script, "load average", new_client=new_client)
+                for _ in range(3):
+                    measure(f"fan-out, {tool.name}, {label}", fleet, names,
+                            lambda: tool.run(FANOUT.script, "load average", new_client=new_client))  # fmt: skip
+        finally:
+            tool.close()
+
+
 def main(count: int = 20) -> None:
     with Fleet.up(amd64=count, arm64=0) as fleet, tempfile.TemporaryDirectory() as state:
         names = fleet.names[:count]
@@ -111,6 +143,7 @@ def main(count: int = 20) -> None:
         for _ in range(2):
             measure("new connections, runner cached", fleet, names, run_new_executor)
         measure("SSH connection alone", fleet, names, lambda: asyncio.run(connect_and_close(fleet, names)))
+        fanout_cpu(fleet, names, state)
         print(f"deploy steps on {names[0]}:")
         asyncio.run(steps(fleet, names[0]))
 

@@ -82,8 +82,8 @@ class Report:
         self.series: list[Series] = []
         self.phase_tables: dict[str, dict[str, float]] = {}
         self.duration_s = 0.0
-        self.profile: tuple[str, list[tuple[str, float, float]]] | None = None
-        self.profile_error: str | None = None
+        self.profiles: list[tuple[str, list[tuple[str, float, float]]]] = []
+        self.profile_errors: list[tuple[str, str]] = []
 
     def add(self, benchmark: str, tool: str, n: int, samples: list[float], extra: dict | None = None) -> None:
         series = Series(benchmark, tool, n, samples, dict(extra or {}))
@@ -118,7 +118,7 @@ class Report:
                 inclusive[name] += int(count)
             own[_frame_name(frames[-1])] += int(count)
         ranked = sorted(inclusive, key=inclusive.get, reverse=True)[:top]
-        self.profile = (label, [(name, inclusive[name] / total, own.get(name, 0) / total) for name in ranked])
+        self.profiles.append((label, [(name, inclusive[name] / total, own.get(name, 0) / total) for name in ranked]))
 
     def find(self, benchmark: str, tool: str, n: int = 1) -> Series | None:
         return next((s for s in self.series if (s.benchmark, s.tool, s.n) == (benchmark, tool, n)), None)
@@ -386,19 +386,19 @@ class Report:
         )
 
     def _profile(self) -> list[str]:
-        if self.profile_error:
-            return ["## Profile", "", f"py-spy failed: `{self.profile_error.strip()}`", ""]
-        if not self.profile:
-            return []
-        label, rows = self.profile
-        return _section(
-            "Profile: " + label,
-            "Share of the busy samples (waiting in select/locks and start-up imports left out) in "
-            "which a function was on the stack (inclusive; frames common to every stack left out) "
-            "or on top (self).",
-            ["function", "inclusive", "self"],
-            [[f"`{name}`", f"{inclusive:.0%}", f"{own:.0%}"] for name, inclusive, own in rows],
-        )
+        lines = []
+        for label, error in self.profile_errors:
+            lines += [f"## Profile: {label}", "", f"py-spy failed: `{error.strip()}`", ""]
+        for label, rows in self.profiles:
+            lines += _section(
+                "Profile: " + label,
+                "Share of the busy samples (waiting in select/locks and start-up imports left out) in "
+                "which a function was on the stack (inclusive; frames common to every stack left out) "
+                "or on top (self).",
+                ["function", "inclusive", "self"],
+                [[f"`{name}`", f"{inclusive:.0%}", f"{own:.0%}"] for name, inclusive, own in rows],
+            )
+        return lines
 
 
 def _target_row(key: str, result: str, met: bool) -> str:

@@ -6,6 +6,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -227,4 +228,39 @@ func TestPipeOutputIsForwardedWholeInOrderAndATrickleIsNotHeldBack(t *testing.T)
 	if string(got) != want.String() {
 		t.Fatalf("got %d bytes, want %d, or out of order", len(got), want.Len())
 	}
+}
+
+func TestASteadyTrickleIsSentWhileItFlows(t *testing.T) {
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	out, done := make(chan chunk, 1024), make(chan struct{})
+	defer close(done)
+	go readPipe(r, 'O', out, done)
+	// 8 bytes every 100 µs for half a second: 40 KB, under a full buffer. Reads must not keep
+	// gathering for as long as the pipe keeps delivering.
+	var writing sync.WaitGroup
+	var finished atomic.Bool
+	writing.Add(1)
+	go func() {
+		defer writing.Done()
+		defer w.Close()
+		for start := time.Now(); time.Since(start) < 500*time.Millisecond; {
+			w.Write([]byte("0123456\n"))
+			for wrote := time.Now(); time.Since(wrote) < 100*time.Microsecond; { // faster than a sleep can
+			}
+		}
+		finished.Store(true)
+	}()
+	select {
+	case c := <-out:
+		if finished.Load() {
+			t.Fatalf("the first %d bytes came only after the writer had finished", len(c.data))
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("no output at all")
+	}
+	writing.Wait()
 }

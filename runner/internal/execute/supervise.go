@@ -164,11 +164,12 @@ func forwardPipe(f *os.File, kind byte, first []byte, out chan<- chunk, done <-c
 	}
 }
 
-// fillWhileFlowing reads more into buf[n:] while the pipe keeps delivering within
-// coalesceWait of the last read, up to a full buffer. A script writing fast hands the pipe
-// 4 or 8 KiB per write; sending each write as its own frame cost the server (runner and sshd)
-// and the orchestrator a frame's work per write (benchmarks/analysis.md, B4). Output that
-// trickles is sent at most coalesceWait late. A deadline that passes is not an error.
+// fillWhileFlowing reads more into buf[n:] for at most coalesceWait after the first read, up
+// to a full buffer. A script writing fast hands the pipe 4 or 8 KiB per write; sending each
+// write as its own frame cost the server (runner and sshd) and the orchestrator a frame's work
+// per write (benchmarks/analysis.md, B4). Output is sent at most coalesceWait late (the
+// deadline is not pushed back by reads: a steady trickle must not wait for a full buffer). A
+// deadline that passes is not an error.
 func fillWhileFlowing(f *os.File, buf []byte, n int) (int, error) {
 	if f.SetReadDeadline(time.Now().Add(coalesceWait)) != nil {
 		return n, nil // not a pollable pipe: send what there is
@@ -183,7 +184,6 @@ func fillWhileFlowing(f *os.File, buf []byte, n int) (int, error) {
 		if err != nil {
 			return n, err
 		}
-		f.SetReadDeadline(time.Now().Add(coalesceWait))
 	}
 	return n, nil
 }
@@ -274,11 +274,10 @@ func (s *Supervisor) Run() (Outcome, error) {
 	}
 	defer outR.Close()
 	defer errR.Close()
-	exited := make(chan *os.ProcessState, 1)
-	go func() {
-		state, _ := process.Wait()
-		exited <- state
-	}()
+	// The script is waited for on SIGCHLD (and on each check), not by a goroutine blocked in
+	// wait: a thread parked in a system call made the scheduler hand work between threads on
+	// every run, which cost the server more CPU than the run's own work (benchmarks/analysis.md).
+	defer process.Release()
 
 	var control <-chan []byte
 	if s.Input != nil {
@@ -291,15 +290,16 @@ func (s *Supervisor) Run() (Outcome, error) {
 	}
 	deadline := started.Add(s.Timeout)
 	open := 2
-	var state *os.ProcessState
+	var status syscall.WaitStatus
+	exited := false
 	orphansSignalled := false
 	var drainSince time.Time
 	var pending []syscall.Signal
 	for {
 		now := time.Now()
 		next := now.Add(checkEvery)
-		if deadline.Before(next) {
-			next = deadline
+		if !exited && !s.outcome.TimedOut && deadline.Before(next) {
+			next = deadline // once it has passed, waking at it again would spin
 		}
 		if s.killing && s.killAt.Before(next) {
 			next = s.killAt
@@ -316,9 +316,6 @@ func (s *Supervisor) Run() (Outcome, error) {
 			if sig != syscall.SIGCHLD {
 				pending = append(pending, sig.(syscall.Signal))
 			}
-		case st := <-exited:
-			state = st
-			s.outcome.ScriptS = time.Since(started).Seconds()
 		case data := <-control:
 			if data == nil {
 				s.Input.ended = true
@@ -331,12 +328,18 @@ func (s *Supervisor) Run() (Outcome, error) {
 		case <-timer.C:
 		}
 		timer.Stop()
+		if !exited {
+			if pid, _ := syscall.Wait4(s.pid, &status, syscall.WNOHANG, nil); pid == s.pid {
+				exited = true
+				s.outcome.ScriptS = time.Since(started).Seconds()
+			}
+		}
 		for _, sig := range pending {
 			s.stop(sig, "runner received "+signalNames[sig])
 		}
 		pending = pending[:0]
 		now = time.Now()
-		if state == nil && !now.Before(deadline) {
+		if !exited && !s.outcome.TimedOut && !now.Before(deadline) {
 			s.outcome.TimedOut = true
 			s.stop(syscall.SIGTERM, "timeout")
 		}
@@ -344,7 +347,7 @@ func (s *Supervisor) Run() (Outcome, error) {
 			s.signalTree(syscall.SIGKILL)
 			s.killAt = now.Add(killRepeat)
 		}
-		if state == nil {
+		if !exited {
 			continue
 		}
 		if s.reapOrphans() {
@@ -369,11 +372,10 @@ func (s *Supervisor) Run() (Outcome, error) {
 			break
 		}
 	}
-	ws := state.Sys().(syscall.WaitStatus)
-	if ws.Signaled() {
-		s.outcome.ExitCode, s.outcome.Signal = 128+int(ws.Signal()), int(ws.Signal())
+	if status.Signaled() {
+		s.outcome.ExitCode, s.outcome.Signal = 128+int(status.Signal()), int(status.Signal())
 	} else {
-		s.outcome.ExitCode = ws.ExitStatus()
+		s.outcome.ExitCode = status.ExitStatus()
 	}
 	return s.outcome, nil
 }
