@@ -188,19 +188,27 @@ class Execution:
 
     def lines(self, server: str, stream: str, text: str, count: int, ts: float) -> None:
         """``count`` lines of one stream, joined by newlines (secrets already redacted, as they
-        streamed: see RemoteRun). From the first chunk that would pass the execution's
+        streamed: see RemoteRun). From the first line that would pass the execution's
         ``max_log_bytes`` on, they are counted, not stored (see :meth:`truncation_marker`), so
         what is stored is a prefix of the output; they are still shown live."""
         first_seq = self.seq[server] + 1
         self.seq[server] += count
-        size = len(text)
-        if not self.dropped and self.stored_bytes + size <= self.max_log_bytes:
-            self.stored_bytes += size
-            self.log.add_chunk(LogChunk(self.execution_id, server, first_seq, count, ts, stream, text))
+        room = self.max_log_bytes - self.stored_bytes
+        if not self.dropped and len(text) <= room:
+            stored, stored_count = text, count
+        elif not self.dropped and (end := text.rfind("\n", 0, room + 1)) >= 0:
+            # the lines that still fit (one chunk can hold a whole burst of output), then no more
+            stored = text[:end]
+            stored_count = stored.count("\n") + 1
         else:
+            stored, stored_count = "", 0
+        if stored_count:
+            self.stored_bytes += len(stored)
+            self.log.add_chunk(LogChunk(self.execution_id, server, first_seq, stored_count, ts, stream, stored))
+        if stored_count < count:
             dropped = self.dropped.setdefault(server, [0, 0])
-            dropped[0] += count
-            dropped[1] += size
+            dropped[0] += count - stored_count
+            dropped[1] += len(text) - len(stored) - (1 if stored_count else 0)  # and the newline between
         if self.callbacks.on_line is not None:
             for line in text.split("\n"):
                 self.callbacks.on_line(server, stream, line, ts)
