@@ -228,7 +228,12 @@ func launch(dir, job string, line, data []byte, limit int64, request *pyjson.Obj
 		feed.Close()
 		return nil, err
 	}
-	go cmd.Wait() // reaped if it ends while this session lives
+	// Not part of this session's next run: its stop must not reach the keeper (nor reap it).
+	proctree.KeepApart(cmd.Process.Pid)
+	go func() { // reaped if it ends while this session lives
+		cmd.Wait()
+		proctree.Rejoin(cmd.Process.Pid)
+	}()
 	// The request (with the run's secret env) and the payload go on the keeper's stdin only.
 	_, writeErr := feed.Write(append(append(append([]byte(nil), line...), '\n'), data...))
 	feed.Close()

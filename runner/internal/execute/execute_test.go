@@ -2,6 +2,7 @@ package execute
 
 import (
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -11,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"cronium/runner/internal/proctree"
 	"cronium/runner/internal/pyjson"
 )
 
@@ -263,4 +265,30 @@ func TestASteadyTrickleIsSentWhileItFlows(t *testing.T) {
 		t.Fatal("no output at all")
 	}
 	writing.Wait()
+}
+
+// A child of the session kept apart (a detached run's keeper) survives the stop of the
+// session's next run, which stops every other process of the run.
+func TestAProcessKeptApartOutlivesTheNextRun(t *testing.T) {
+	keeper := exec.Command("sleep", "4005")
+	if err := keeper.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { keeper.Process.Kill(); keeper.Wait() }()
+	proctree.KeepApart(keeper.Process.Pid)
+	defer proctree.Rejoin(keeper.Process.Pid)
+	r := &recorder{}
+	s := &Supervisor{Argv: []string{"/bin/sh", "-c", `sleep 4006 & echo "pid $!"; exit 0`},
+		Dir: t.TempDir(), Env: os.Environ(), Timeout: time.Minute, Grace: time.Second, Reporter: r}
+	if _, err := s.Run(); err != nil {
+		t.Fatal(err)
+	}
+	for _, pid := range pids(r.stdout) {
+		if alive(pid) {
+			t.Errorf("the run's own pid %d outlived it", pid)
+		}
+	}
+	if !alive(keeper.Process.Pid) {
+		t.Fatal("the process kept apart was stopped with the run")
+	}
 }

@@ -8,8 +8,20 @@ import (
 	"bytes"
 	"os"
 	"strconv"
+	"sync"
 	"syscall"
 )
+
+// apart holds the pids set apart from the runs of the process that started them (KeepApart).
+var apart sync.Map
+
+// KeepApart leaves pid and its descendants out of every Processes walk from here on: a detached
+// run's keeper is a child of the session that started it, but no part of the session's next
+// run, whose stop must not reach it. Rejoin undoes it once the keeper is gone.
+func KeepApart(pid int) { apart.Store(pid, struct{}{}) }
+
+// Rejoin ends KeepApart for pid (its number may be reused).
+func Rejoin(pid int) { apart.Delete(pid) }
 
 // MarkVariable is the environment variable that carries a run's mark.
 const MarkVariable = "CRONIUM_RUN_MARK"
@@ -97,7 +109,7 @@ func hasMark(pid int, mark []byte) bool {
 
 // Processes returns the processes of a run, pid -> state ('Z' for a zombie): every descendant
 // of root, and every process whose environment carries mark ("CRONIUM_RUN_MARK=<hex>") with
-// its descendants.
+// its descendants; processes kept apart (KeepApart) and theirs are left out.
 func Processes(root int, mark []byte) map[int]byte {
 	t := table()
 	children := map[int][]int{}
@@ -115,6 +127,9 @@ func Processes(root int, mark []byte) map[int]byte {
 		pid := pending[len(pending)-1]
 		pending = pending[:len(pending)-1]
 		if _, seen := found[pid]; seen {
+			continue
+		}
+		if _, kept := apart.Load(pid); kept {
 			continue
 		}
 		e, ok := t[pid]
