@@ -117,9 +117,10 @@ class FrameDecoder:
 
 def coalesced(frames: list[Frame]) -> list[Frame]:
     """``frames`` with each run of consecutive output frames of one stream joined into one (the
-    first one's ``ts``). A script writing fast reaches us in a frame per pipe read, often 4 or
-    8 KiB; handling a read's worth of them at once keeps the per-frame work (line splitting,
-    decoding, storing) from bounding the throughput (benchmarks/analysis.md, B4)."""
+    first one's ``ts``). A script's output can reach us in many frames of a few KiB (the runner
+    sends what it gathered within 1 ms of a read); handling a read's worth of them at once keeps
+    the per-frame work (line splitting, decoding, storing) from bounding the throughput
+    (benchmarks/analysis.md, B4)."""
     joined: list[Frame] = []
     for kind, group in itertools.groupby(frames, key=lambda frame: frame.kind):
         run = list(group)
