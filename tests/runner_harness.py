@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncssh
+import pytest
 
 import cronium_nb
 from cronium_nb.manifest import SCRIPT_TYPES, Manifest
@@ -204,6 +205,22 @@ def wait_for(condition, timeout: float = 30.0, interval: float = 0.1) -> bool:
             return True
         time.sleep(interval)
     return condition()
+
+
+# How long a fleet test polls for a condition: emulated arm64 under a shared machine's load; a
+# bound for a hang, not a timing.
+POLL_LIMIT_S = 120.0
+
+
+def wait_until(what: str, condition: Callable[[], bool], limit: float = POLL_LIMIT_S, job: Any = None) -> None:
+    """Poll ``condition`` (bounded: a hang is the failure, saying ``what`` did not happen); a
+    ``job`` (a :class:`cronium_nb.Job`) that ends meanwhile fails it with its summary."""
+    deadline = time.monotonic() + limit
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {limit:g} s: {what}"
+        if job is not None and job.done():
+            pytest.fail(f"the run ended before {what}: {job.result().summary.to_dict('records')}")
+        time.sleep(0.2)
 
 
 def submit_and_wait_for_output(executor: Any, event: Any) -> Any:

@@ -8,23 +8,21 @@ timeout or a cancel leaves no process, the root-owned ones included."""
 from __future__ import annotations
 
 import logging
-import time
 import uuid
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import yaml
 
-from cronium_nb import Event, Fleet, Inventory, Job, Status
+from cronium_nb import Event, Fleet, Inventory, Status
 from cronium_nb.fleet import FIXTURE_SUDO_PASSWORD
 from tests.kernel_harness import kernel, run_cell_answering
+from tests.runner_harness import POLL_LIMIT_S, wait_until
 
 pytestmark = pytest.mark.fleet
 ARCHES = ["amd64", "arm64"]
 PASSWORD = FIXTURE_SUDO_PASSWORD
-POLL_LIMIT_S = 120.0  # emulated arm64 under a shared machine's load: a bound for a hang, not a timing
 
 
 @pytest.fixture(scope="module")
@@ -36,16 +34,6 @@ def fleet(cronium_fleet_factory) -> Fleet:
 def _as(fleet: Fleet, users: dict[str, str]) -> Inventory:
     """The fleet's servers (by arch) logged into as the given users."""
     return Inventory([replace(fleet.member(f"become-{arch}-1").server, user=user) for arch, user in users.items()])
-
-
-def _wait_until(what: str, condition: Callable[[], bool], limit: float = POLL_LIMIT_S, job: Job | None = None) -> None:
-    """Poll ``condition`` (bounded: a hang is the failure); a ``job`` that ends meanwhile fails it."""
-    deadline = time.monotonic() + limit
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {limit:g} s: {what}"
-        if job is not None and job.done():
-            pytest.fail(f"the run ended before {what}: {job.result().summary.to_dict('records')}")
-        time.sleep(0.2)
 
 
 def _processes(fleet: Fleet, name: str) -> list[tuple[str, str]]:
@@ -132,7 +120,7 @@ def test_sudo_with_a_password_works_and_the_password_is_found_nowhere(
         return any(user == "root" and args.endswith(f"done {release}") for user, args in samples[-1])
 
     try:
-        _wait_until("the script runs as root", script_running, job=job)
+        wait_until("the script runs as root", script_running, job=job)
         for _ in range(3):  # and a few more looks while it runs
             samples.append(_processes(fleet, name))
     finally:
@@ -220,12 +208,12 @@ def test_a_stopped_become_run_leaves_no_process(fleet: Fleet, executor_factory, 
     def three_sleeping() -> bool:
         return sum(user == "root" and args.endswith(f"sleep {marker}") for user, args in run_processes()) == 3
 
-    _wait_until("the script's processes run as root", three_sleeping, job=job)
+    wait_until("the script's processes run as root", three_sleeping, job=job)
     if how == "cancel":
         job.cancel()
     result = job.result(timeout=POLL_LIMIT_S)
     assert result.status == (Status.TIMEOUT if how == "timeout" else Status.CANCELLED)
-    _wait_until("no process of the run is left", lambda: run_processes() == [], limit=30)
+    wait_until("no process of the run is left", lambda: run_processes() == [], limit=30)
     assert _left_to_root(fleet, name, "cronium") == ""
 
 

@@ -12,19 +12,17 @@ and setuid bits, which need privileges the containers do not have).
 
 from __future__ import annotations
 
-import time
 import uuid
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from cronium_nb import Event, Fleet, Inventory, Job, Status
+from cronium_nb import Event, Fleet, Inventory, Status
+from tests.runner_harness import POLL_LIMIT_S, wait_until
 
 pytestmark = pytest.mark.fleet
 ARCHES = ["amd64", "arm64"]
-POLL_LIMIT_S = 120.0  # emulated arm64 under a shared machine's load: a bound for a hang, not a timing
 SUDO_COMMAND = "sudo -S -p [cronium-sudo-password]"  # how the runner's sudo shows in ps (become.go)
 
 
@@ -45,16 +43,6 @@ def _processes(fleet: Fleet, name: str) -> list[tuple[int, str, str]]:
         pid, user, *args = line.split(None, 2)
         rows.append((int(pid), user, args[0] if args else ""))
     return rows
-
-
-def _wait_until(what: str, condition: Callable[[], bool], job: Job | None = None) -> None:
-    """Poll ``condition`` (bounded: a hang is the failure); a ``job`` that ends meanwhile fails it."""
-    deadline = time.monotonic() + POLL_LIMIT_S
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {POLL_LIMIT_S:g} s: {what}"
-        if job is not None and job.done():
-            pytest.fail(f"the run ended before {what}: {job.result().summary.to_dict('records')}")
-        time.sleep(0.2)
 
 
 def _sudo_pids(fleet: Fleet, name: str) -> list[int]:
@@ -93,7 +81,7 @@ def test_secrets_stay_out_of_sudos_environment_and_roots_environment_is_sudos(
     executor = executor_factory(_inventory(fleet, arch))
     job = executor.submit(event)
     try:
-        _wait_until("sudo runs the script", lambda: bool(_sudo_pids(fleet, name)), job=job)
+        wait_until("sudo runs the script", lambda: bool(_sudo_pids(fleet, name)), job=job)
         environments = _sudo_environments(fleet, name)
     finally:
         fleet.exec(name, f"touch {release}")
@@ -128,7 +116,7 @@ def test_sudo_killed_mid_run_leaves_no_root_process(fleet: Fleet, executor_facto
     def run_processes() -> list[tuple[int, str, str]]:
         return [row for row in _processes(fleet, name) if marker in row[2] or "become-exec" in row[2]]
 
-    _wait_until(
+    wait_until(
         "the script's processes run as root",
         lambda: sum(user == "root" and args.endswith(f"sleep {marker}") for _pid, user, args in run_processes()) == 2,
         job=job,
@@ -138,5 +126,5 @@ def test_sudo_killed_mid_run_leaves_no_root_process(fleet: Fleet, executor_facto
     fleet.exec(name, f"kill -KILL {sudo[0]}")
     result = job.result(timeout=POLL_LIMIT_S)
     assert result.status != Status.SUCCESS  # its sudo was killed: the run did not succeed
-    _wait_until("no process of the run is left", lambda: run_processes() == [])
+    wait_until("no process of the run is left", lambda: run_processes() == [])
     assert fleet.exec(name, "find /home/cronium -user root").output.strip() == ""
