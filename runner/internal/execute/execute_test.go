@@ -184,15 +184,21 @@ func TestContext(t *testing.T) {
 	}
 }
 
-func TestPipeOutputIsForwardedWholeInOrderAndATrickleIsNotHeldBack(t *testing.T) {
+// forwardedPipe is a pipe whose read end readPipe forwards to out (until the test ends).
+func forwardedPipe(t *testing.T) (*os.File, <-chan chunk) {
+	t.Helper()
 	r, w, err := os.Pipe()
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer r.Close()
 	out, done := make(chan chunk, 1024), make(chan struct{})
-	defer close(done)
+	t.Cleanup(func() { close(done); r.Close() })
 	go readPipe(r, 'O', out, done)
+	return w, out
+}
+
+func TestPipeOutputIsForwardedWholeInOrderAndATrickleIsNotHeldBack(t *testing.T) {
+	w, out := forwardedPipe(t)
 	next := func() chunk {
 		t.Helper()
 		select {
@@ -233,14 +239,7 @@ func TestPipeOutputIsForwardedWholeInOrderAndATrickleIsNotHeldBack(t *testing.T)
 }
 
 func TestASteadyTrickleIsSentWhileItFlows(t *testing.T) {
-	r, w, err := os.Pipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer r.Close()
-	out, done := make(chan chunk, 1024), make(chan struct{})
-	defer close(done)
-	go readPipe(r, 'O', out, done)
+	w, out := forwardedPipe(t)
 	// 8 bytes every 100 µs for half a second: 40 KB, under a full buffer. Reads must not keep
 	// gathering for as long as the pipe keeps delivering.
 	var writing sync.WaitGroup
