@@ -238,6 +238,59 @@ func TestPipeOutputIsForwardedWholeInOrderAndATrickleIsNotHeldBack(t *testing.T)
 	}
 }
 
+// A chunk's buffer is read into again once it is handed back (recycle), and never before: a
+// chunk kept without handing it back keeps its bytes.
+func TestReadBuffersAreReusedOnlyOnceHandedBack(t *testing.T) {
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, done := make(chan chunk), make(chan struct{}) // as the supervisor: the reader waits for us
+	t.Cleanup(func() { close(done); r.Close() })
+	go readPipe(r, 'O', out, done)
+	var want strings.Builder
+	for i := 0; i < 20000; i++ {
+		want.WriteString(strconv.Itoa(i) + strings.Repeat("y", 90) + "\n")
+	}
+	go func() {
+		w.Write([]byte(want.String()))
+		w.Close()
+	}()
+	var got []byte
+	var kept []chunk
+	var keptCopies []string
+	buffers := map[*byte]bool{}
+	for {
+		var c chunk
+		select {
+		case c = <-out:
+		case <-time.After(10 * time.Second):
+			t.Fatal("no chunk")
+		}
+		if c.data == nil {
+			break
+		}
+		got = append(got, c.data...)
+		buffers[&c.data[:1][0]] = true
+		if len(kept) < 3 {
+			kept, keptCopies = append(kept, c), append(keptCopies, string(c.data))
+		} else {
+			c.recycle()
+		}
+	}
+	if string(got) != want.String() {
+		t.Fatalf("got %d bytes, want %d, or out of order", len(got), want.Len())
+	}
+	for i, c := range kept {
+		if string(c.data) != keptCopies[i] {
+			t.Fatalf("chunk %d was written over before it was handed back", i)
+		}
+	}
+	if chunks := len(got) / readSize; len(buffers) > spareBuffers+len(kept)+2 {
+		t.Fatalf("%d buffers for about %d chunks: handed-back buffers are not read into again", len(buffers), chunks)
+	}
+}
+
 func TestASteadyTrickleIsSentWhileItFlows(t *testing.T) {
 	w, out := forwardedPipe(t)
 	// 8 bytes every 100 µs for half a second: 40 KB, under a full buffer. Reads must not keep

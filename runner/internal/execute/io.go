@@ -123,7 +123,8 @@ func (in *Input) controlMessages() []any {
 	}
 }
 
-// Reporter is where script output and runner messages go.
+// Reporter is where script output and runner messages go. Stream's data is the caller's again
+// once Stream returns (its buffer is read into again): a reporter that keeps it copies it.
 type Reporter interface {
 	Stream(kind byte, ts float64, data []byte) error
 	Message(message *pyjson.Object) error
@@ -141,7 +142,12 @@ type Framed struct {
 	out     *os.File
 	gone    bool
 	pending []byte
+	frame   []byte // the last frame's buffer, written into again (see keptFrameBytes)
 }
+
+// keptFrameBytes: a frame buffer up to this size is kept for the next frame (a stream's frames
+// are all about this size); a larger one (a big result message) is left to the collector.
+const keptFrameBytes = protocol.HeaderSize + 2*readSize
 
 // NewFramed returns a framed reporter on out; the magic line goes with the first frame (one
 // write, not two small ones: sshd may still have Nagle's algorithm on).
@@ -155,8 +161,11 @@ func (f *Framed) send(kind byte, ts float64, data []byte) error {
 	if f.gone {
 		return nil
 	}
-	frame := protocol.AppendFrame(f.pending, kind, ts, data)
+	frame := protocol.AppendFrame(append(f.frame[:0], f.pending...), kind, ts, data)
 	f.pending = nil
+	if cap(frame) <= keptFrameBytes {
+		f.frame = frame
+	}
 	if _, err := f.out.Write(frame); err != nil {
 		f.gone = true
 		return errGone

@@ -21,6 +21,7 @@ import (
 // Timing of the process-tree stop.
 const (
 	readSize     = 65536
+	spareBuffers = 4                      // per pipe: the chunks channel's capacity, so a reader seldom allocates
 	coalesceWait = time.Millisecond       // see fillWhileFlowing
 	pipeDrain    = 2 * time.Second        // how long to read pipes that outlive every process of the run
 	killRepeat   = 200 * time.Millisecond // SIGKILL again, should anything have been born since
@@ -124,39 +125,56 @@ func (s *Supervisor) killGrace() time.Duration {
 }
 
 type chunk struct {
-	kind byte
-	data []byte // nil: end of the stream
+	kind  byte
+	data  []byte        // nil: end of the stream
+	spare chan<- []byte // where data's buffer goes back once sent (nil: nowhere)
+}
+
+// recycle hands c's buffer back to its reader, once its data has been sent.
+func (c chunk) recycle() {
+	select {
+	case c.spare <- c.data[:cap(c.data)]:
+	default:
+	}
 }
 
 func readPipe(f *os.File, kind byte, out chan<- chunk, done <-chan struct{}) {
 	forwardPipe(f, kind, nil, out, done)
 }
 
-// forwardPipe sends first (if any), then what f gives, then the end of the stream.
+// forwardPipe sends first (if any), then what f gives, then the end of the stream. Its read
+// buffers come back once sent and are read into again: a fresh 64 KiB buffer per read made a
+// long stream's relay mostly the allocator's and the collector's work (benchmarks/analysis.md).
 func forwardPipe(f *os.File, kind byte, first []byte, out chan<- chunk, done <-chan struct{}) {
 	if len(first) > 0 {
 		select {
-		case out <- chunk{kind, first}:
+		case out <- chunk{kind: kind, data: first}:
 		case <-done:
 			return
 		}
 	}
+	spare := make(chan []byte, spareBuffers)
 	for {
-		buf := make([]byte, readSize)
+		var buf []byte
+		select {
+		case buf = <-spare:
+		default:
+			buf = make([]byte, readSize)
+		}
 		n, err := f.Read(buf)
 		if err == nil && n < readSize {
 			n, err = fillWhileFlowing(f, buf, n)
 		}
 		if n > 0 {
 			select {
-			case out <- chunk{kind, buf[:n]}:
+			case out <- chunk{kind: kind, data: buf[:n], spare: spare}:
 			case <-done:
 				return
 			}
 		}
 		if err != nil {
 			select {
-			case out <- chunk{kind, nil}:
+			case out <- chunk{kind: kind}:
 			case <-done:
 			}
 			return
@@ -262,7 +280,7 @@ func (s *Supervisor) Run() (Outcome, error) {
 			if !ready {
 				io.Copy(io.Discard, errR)
 				select {
-				case chunks <- chunk{protocol.Stderr, nil}:
+				case chunks <- chunk{kind: protocol.Stderr}:
 				case <-done:
 				}
 				return
@@ -309,8 +327,11 @@ func (s *Supervisor) Run() (Outcome, error) {
 		case c := <-chunks:
 			if c.data == nil {
 				open--
-			} else if s.Reporter.Stream(c.kind, Now(), c.data) != nil {
-				s.stop(syscall.SIGTERM, "orchestrator connection lost")
+			} else {
+				if s.Reporter.Stream(c.kind, Now(), c.data) != nil {
+					s.stop(syscall.SIGTERM, "orchestrator connection lost")
+				}
+				c.recycle()
 			}
 		case sig := <-signals:
 			if sig != syscall.SIGCHLD {
