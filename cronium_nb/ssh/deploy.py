@@ -30,6 +30,7 @@ import gzip
 import hashlib
 import json
 import re
+import secrets
 import shlex
 import time
 import weakref
@@ -177,9 +178,10 @@ class RunnerBuilds:
 
 
 # Fixed scripts: the only values put in are builds' remote names and SHA-256 digests, checked
-# when the builds were read. The runner dir's ``listing`` holds the binary's name, size, mtime,
-# ctime and inode as `find` printed them when its hash last passed: re-verifying compares a fresh
-# listing with it (one `find`, no hashing), and hashes again only when something changed. Each
+# when the builds were read, and a random hex token. The runner dir's ``listing`` holds the
+# binary's name, size, mtime, ctime and inode as `find` printed them when its hash last passed:
+# re-verifying compares a fresh listing with it (one `find`, no hashing), and hashes again only
+# when something changed. Each
 # process a script starts costs the server about 2 ms of CPU, so they use shell builtins where
 # one will do (a cold server's deployment is bound by the servers' CPU: benchmarks/analysis.md).
 _ROOT = f'root="$HOME/{CACHE_DIR}"\nrunner_root="$root/runner"\n'
@@ -206,7 +208,9 @@ verify() {
 # One round trip per new connection: the machine, home and host name, and whether each
 # candidate build is in place (a code per build: 0 good, 3 unsafe, 4 missing, 5 damaged).
 PROBE_SCRIPT = (
-    "set -u\n" + _ROOT + _FUNCTIONS + 'echo "machine $(uname -m)"\necho "home $HOME"\necho "host $(uname -n)"\n'
+    "set -u\n" + _ROOT + _FUNCTIONS + 'echo "machine $(uname -m)"\necho "home $HOME"\n'
+    # the node name `uname -n` gives, read without a process
+    '{ read -r host < /proc/sys/kernel/hostname; } 2>/dev/null || host=$(uname -n)\necho "host $host"\n'
     'if [ -e "$runner_root" ] || [ -L "$runner_root" ]; then\n'
     '  for d in "$root" "$runner_root"; do check_private "$d" || { echo "unsafe"; exit 0; }; done\n'
     "fi\n"
@@ -218,18 +222,22 @@ VERIFY_SCRIPT = (
     'verify "@NAME@" "@SHA256@"\n'
 )
 INSTALL_SCRIPT = (
-    "set -u\numask 077\n" + _ROOT + _FUNCTIONS + 'dir="$runner_root/@NAME@"\n'
-    '[ -d "${root%/*}" ] || mkdir -p "${root%/*}" || exit 6\n'
-    'for d in "$root" "$runner_root"; do\n'
-    '  if [ -e "$d" ] || [ -L "$d" ]; then check_private "$d" || exit 3\n'
-    '  else mkdir -m 700 "$d" || exit 6; fi\n'  # made just now, by us, 0700 (or it fails)
-    "done\n"
-    'for p in "$runner_root"/.partial-*; do\n'
-    '  [ -e "$p" ] && find "$runner_root" -maxdepth 1 -name ".partial-*" -mmin +10 -exec rm -rf {} + 2>/dev/null\n'
-    "  break\n"
-    "done\n"
-    'tmp=$(mktemp -d "$runner_root/.partial-XXXXXX") || exit 6\n'
+    "set -u\numask 077\n" + _ROOT + _FUNCTIONS + 'dir="$runner_root/@NAME@"\ntmp="$runner_root/.partial-@TOKEN@"\n'
     "trap 'rm -rf \"$tmp\"' EXIT\n"
+    '[ -d "${root%/*}" ] || mkdir -p "${root%/*}" || exit 6\n'
+    # What is missing is made by one mkdir, just now, by us, 0700 (or it fails); the upload's
+    # directory is named by a random token (runner_root is private: no one else makes names there).
+    'if [ -e "$root" ] || [ -L "$root" ]; then\n'
+    '  check_private "$root" || exit 3\n'
+    '  if [ -e "$runner_root" ] || [ -L "$runner_root" ]; then\n'
+    '    check_private "$runner_root" || exit 3\n'
+    '    for p in "$runner_root"/.partial-*; do\n'
+    '      [ -e "$p" ] && find "$runner_root" -maxdepth 1 -name ".partial-*" -mmin +10 -exec rm -rf {} + 2>/dev/null\n'
+    "      break\n"
+    "    done\n"
+    '    mkdir -m 700 "$tmp" || exit 6\n'
+    '  else mkdir -m 700 "$runner_root" "$tmp" || exit 6; fi\n'
+    'else mkdir -m 700 "$root" "$runner_root" "$tmp" || exit 6; fi\n'
     # gzip checks the CRC-32 and length of what it wrote: the binary is the one that was sent
     # (whose SHA-256 the orchestrator checked when it compressed it), without a second read.
     'if ! out=$(gzip -dc 2>&1 > "$tmp/cronium-runner"); then\n'
@@ -257,6 +265,7 @@ def remote_script(template: str, build: RunnerBuild, *, then: str = "") -> str:
     if not SAFE_NAME.match(build.remote_name) or not SHA256.match(build.sha256):
         raise DeployError(f"unexpected runner build {build.remote_name!r}", retryable=False)
     script = template.replace("@NAME@", build.remote_name).replace("@SHA256@", build.sha256)
+    script = script.replace("@TOKEN@", secrets.token_hex(8))
     return "sh -c " + shlex.quote(script.replace("@THEN@", then))
 
 
@@ -382,8 +391,8 @@ class Deployer:
                 raise DeployError(f"cannot read the runner build {build.path}: {error}", retryable=False) from None
             args = daemon_args(build) if daemon_args is not None else None
             start_daemon = f"{build.invocation(args)} >/dev/null 2>&1 || true\n" if args else ""
-            install = remote_script(INSTALL_SCRIPT, build, then=start_daemon)
             for attempt in range(1, self.attempts + 1):
+                install = remote_script(INSTALL_SCRIPT, build, then=start_daemon)  # a new token each time
                 code, message = await self._run_script(pooled, install, data)
                 if code == 0:
                     self._verified[cache_key] = (time.monotonic(), pooled.serial)
