@@ -2,6 +2,12 @@
 // script's double-forked and setsid descendants in the runner's process tree where the kernel
 // gives one, and the per-run mark in every process's environment (CRONIUM_RUN_MARK) that finds
 // them where it does not (qemu-user emulation), both read from /proc.
+//
+// With the subreaper confirmed, a run's processes are the runner's descendants, found by walking
+// down from it (/proc/<pid>/task/<tid>/children): the cost follows the run's own tree. Without
+// it, every process on the server is read (its stat, and its environment for the mark), which
+// on a server with a few hundred processes cost a run more CPU than everything else it did
+// (benchmarks/analysis.md).
 package proctree
 
 import (
@@ -9,7 +15,9 @@ import (
 	"os"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"syscall"
+	"unsafe"
 )
 
 // apart holds the pids set apart from the runs of the process that started them (KeepApart).
@@ -26,13 +34,24 @@ func Rejoin(pid int) { apart.Delete(pid) }
 // MarkVariable is the environment variable that carries a run's mark.
 const MarkVariable = "CRONIUM_RUN_MARK"
 
-const prSetChildSubreaper = 36
+const (
+	prSetChildSubreaper = 36
+	prGetChildSubreaper = 37
+)
+
+// subreaper: this process is a child subreaper, as the kernel confirmed.
+var subreaper atomic.Bool
 
 // BecomeSubreaper makes this process a child subreaper: orphaned descendants are reparented
-// to it instead of init. Errors (an old kernel, emulation) are ignored: the mark still finds
-// the escaped processes.
+// to it instead of init. Where the kernel (or an emulator) does not confirm it, the mark still
+// finds the escaped processes.
 func BecomeSubreaper() {
-	syscall.RawSyscall6(syscall.SYS_PRCTL, prSetChildSubreaper, 1, 0, 0, 0, 0)
+	if _, _, errno := syscall.RawSyscall6(syscall.SYS_PRCTL, prSetChildSubreaper, 1, 0, 0, 0, 0); errno != 0 {
+		return
+	}
+	var on int32
+	_, _, errno := syscall.RawSyscall6(syscall.SYS_PRCTL, prGetChildSubreaper, uintptr(unsafe.Pointer(&on)), 0, 0, 0, 0)
+	subreaper.Store(errno == 0 && on == 1)
 }
 
 type entry struct {
@@ -58,23 +77,30 @@ func table() map[int]entry {
 		if err != nil {
 			continue
 		}
-		n, err := readFile("/proc/"+name+"/stat", buf)
-		if err != nil {
-			continue
+		if e, ok := statOf(pid, buf); ok {
+			t[pid] = e
 		}
-		stat := buf[:n]
-		end := bytes.LastIndexByte(stat, ')')
-		if end < 0 || end+2 >= len(stat) {
-			continue
-		}
-		fields := bytes.Fields(stat[end+2:])
-		if len(fields) < 2 {
-			continue
-		}
-		ppid, _ := strconv.Atoi(string(fields[1]))
-		t[pid] = entry{ppid, fields[0][0]}
 	}
 	return t
+}
+
+// statOf is pid's parent and state from /proc/<pid>/stat; ok false when it is gone.
+func statOf(pid int, buf []byte) (entry, bool) {
+	n, err := readFile("/proc/"+strconv.Itoa(pid)+"/stat", buf)
+	if err != nil {
+		return entry{}, false
+	}
+	stat := buf[:n]
+	end := bytes.LastIndexByte(stat, ')')
+	if end < 0 || end+2 >= len(stat) {
+		return entry{}, false
+	}
+	fields := bytes.Fields(stat[end+2:])
+	if len(fields) < 2 {
+		return entry{}, false
+	}
+	ppid, _ := strconv.Atoi(string(fields[1]))
+	return entry{ppid, fields[0][0]}, true
 }
 
 func readFile(path string, buf []byte) (int, error) {
@@ -111,6 +137,17 @@ func hasMark(pid int, mark []byte) bool {
 // of root, and every process whose environment carries mark ("CRONIUM_RUN_MARK=<hex>") with
 // its descendants; processes kept apart (KeepApart) and theirs are left out.
 func Processes(root int, mark []byte) map[int]byte {
+	if root == os.Getpid() && subreaper.Load() {
+		if found, ok := descendants(root); ok {
+			return found // none can have left the tree: the mark would find nothing more
+		}
+	}
+	return scan(root, mark)
+}
+
+// scan is Processes from every process on the server: their parents, and their environments
+// for the mark.
+func scan(root int, mark []byte) map[int]byte {
 	t := table()
 	children := map[int][]int{}
 	for pid, e := range t {
@@ -140,4 +177,56 @@ func Processes(root int, mark []byte) map[int]byte {
 		pending = append(pending, children[pid]...)
 	}
 	return found
+}
+
+// descendants returns root's descendants, pid -> state, walking down through each process's
+// tasks' children lists (a child is listed under the thread that made it, an adopted orphan
+// under one of the adopter's); those kept apart and theirs are left out. ok is false where the
+// kernel keeps no children lists (CONFIG_PROC_CHILDREN).
+func descendants(root int) (found map[int]byte, ok bool) {
+	found = map[int]byte{}
+	buf := make([]byte, 1024)
+	pending := []int{root}
+	for len(pending) > 0 {
+		pid := pending[len(pending)-1]
+		pending = pending[:len(pending)-1]
+		taskDir := "/proc/" + strconv.Itoa(pid) + "/task/"
+		dir, err := os.Open(taskDir)
+		if err != nil {
+			if pid == root {
+				return nil, false
+			}
+			continue // gone meanwhile
+		}
+		tids, _ := dir.Readdirnames(-1)
+		dir.Close()
+		for _, tid := range tids {
+			list, err := os.ReadFile(taskDir + tid + "/children")
+			if err != nil {
+				if pid == root && os.IsNotExist(err) {
+					return nil, false
+				}
+				continue
+			}
+			for _, field := range bytes.Fields(list) {
+				child, err := strconv.Atoi(string(field))
+				if err != nil {
+					continue
+				}
+				if _, seen := found[child]; seen {
+					continue
+				}
+				if _, kept := apart.Load(child); kept {
+					continue
+				}
+				e, alive := statOf(child, buf)
+				if !alive {
+					continue
+				}
+				found[child] = e.state
+				pending = append(pending, child)
+			}
+		}
+	}
+	return found, true
 }
