@@ -6,13 +6,22 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from cronium_nb.resources import runner_dist
-from cronium_nb.ssh.deploy import INSTALL_SCRIPT, MISMATCH, HostInfo, RunnerBuild, RunnerBuilds, remote_script
+from cronium_nb.ssh.deploy import (
+    DAEMON_SEEN,
+    INSTALL_SCRIPT,
+    MISMATCH,
+    HostInfo,
+    RunnerBuild,
+    RunnerBuilds,
+    remote_script,
+)
 
 
 def install(home: Path, upload: bytes) -> subprocess.CompletedProcess[bytes]:
@@ -65,3 +74,35 @@ def test_a_build_that_changed_since_its_checksum_is_not_sent(tmp_path: Path) -> 
         gzip.decompress(RunnerBuild("amd64", binary, hashlib.sha256(binary.read_bytes()).hexdigest(), "1").upload())
         == b"the build as it was"
     )
+
+
+@pytest.mark.parametrize("present", ["nothing", "the cache dir", "the runner dir, with an old partial upload"])
+def test_the_install_makes_what_is_missing_private(tmp_path: Path, upload: bytes, present: str) -> None:
+    root = tmp_path / ".cache" / "cronium"
+    if present != "nothing":
+        root.mkdir(parents=True, mode=0o700)
+        root.chmod(0o700)
+    if present.startswith("the runner dir"):
+        (root / "runner" / ".partial-old").mkdir(parents=True, mode=0o700)
+        (root / "runner").chmod(0o700)
+        os.utime(root / "runner" / ".partial-old", (0, 0))  # older than the sweep's 10 minutes
+    result = install(tmp_path, upload)
+    assert result.returncode == 0, result.stderr
+    (installed,) = runner_entries(tmp_path)  # the stale partial swept, the upload's dir renamed
+    assert not installed.startswith(".partial-")
+    for directory in (root, root / "runner", root / "runner" / installed):
+        assert directory.stat().st_mode & 0o777 == 0o700, directory
+
+
+def test_the_probe_told_a_daemon_socket_answers_from_it_alone(tmp_path: Path) -> None:
+    builds = RunnerBuilds(runner_dist())
+    environment = {"HOME": str(tmp_path), "PATH": os.environ["PATH"]}
+    socket_path = tmp_path / "it's a dir" / "daemon-h.sock"
+    socket_path.parent.mkdir()
+    command = builds.probe_command(unless_socket=str(socket_path))
+    probed = subprocess.run(command, shell=True, capture_output=True, text=True, env=environment)
+    assert probed.stdout.splitlines()[0] == f"machine {os.uname().machine}", probed  # no socket: the whole probe
+    with socket.socket(socket.AF_UNIX) as listening:
+        listening.bind(str(socket_path))
+        answered = subprocess.run(command, shell=True, capture_output=True, text=True, env=environment)
+    assert (answered.returncode, answered.stdout) == (0, f"{DAEMON_SEEN}\n"), answered

@@ -20,6 +20,9 @@ func TestDescendantsAreWhatTheFullScanFinds(t *testing.T) {
 	if _, ok := descendants(self); !ok {
 		t.Skip("the kernel keeps no children lists here")
 	}
+	if hasChildren() {
+		t.Fatal("children before any was started")
+	}
 	mark := []byte(MarkVariable + "=proctree-test")
 	script := exec.Command("sh", "-c", "sleep 60 & setsid sh -c 'sleep 60 &'; sleep 60; wait")
 	script.Env = append(os.Environ(), string(mark))
@@ -55,6 +58,9 @@ func TestDescendantsAreWhatTheFullScanFinds(t *testing.T) {
 			t.Fatalf("the orphan was not adopted within 10 s: %v", walked)
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+	if !hasChildren() {
+		t.Fatal("no children seen while the script runs")
 	}
 	scanned := scan(self, mark)
 	if len(scanned) != len(walked) {
