@@ -161,15 +161,11 @@ class RunnerBuilds:
     def arches(self) -> list[str]:
         return sorted(self._builds)
 
-    def probe_command(self, unless_socket: str | None = None) -> str:
+    def probe_command(self) -> str:
         """The probe script, with every build's remote name and digest (checked by SAFE_NAME and
-        SHA256 when the builds were read). With ``unless_socket``, a runner daemon's socket: it
-        says only ``daemon`` when that socket is there (shell builtins: no process started)."""
+        SHA256 when the builds were read)."""
         pairs = " ".join(f"{b.remote_name}:{b.sha256}" for b in self._builds.values())
-        script = PROBE_SCRIPT.replace("@BUILDS@", pairs)
-        if unless_socket is not None:
-            script = f"if [ -S {shlex.quote(unless_socket)} ]; then echo {DAEMON_SEEN}; exit 0; fi\n" + script
-        return "sh -c " + shlex.quote(script)
+        return "sh -c " + shlex.quote(PROBE_SCRIPT.replace("@BUILDS@", pairs))
 
     def choose(self, info: HostInfo) -> RunnerBuild:
         """The binary for the host's architecture, or a clear error naming it."""
@@ -261,7 +257,6 @@ INSTALL_SCRIPT = (
     "@THEN@"
 )
 VERIFY_MISSING, UNSAFE, MISMATCH, WRITE_FAILED, CANNOT_RUN = 4, 3, 5, 6, 7
-DAEMON_SEEN = "daemon"  # the probe's whole answer when it was told a daemon socket that is there
 
 
 def remote_script(template: str, build: RunnerBuild, *, then: str = "") -> str:

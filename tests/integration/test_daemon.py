@@ -71,10 +71,9 @@ def test_no_daemon_when_switched_off(cronium_fleet_factory, tmp_path: Path) -> N
 
 
 def test_round_trips_of_a_new_connection(cronium_fleet_factory, tmp_path: Path, monkeypatch) -> None:
-    """The commands a new connection runs: with the daemon up, only the probe, which finds the
-    daemon's socket with shell builtins (and wakes the connection for the daemon's channel);
-    with the runner gone from a server probed before, the probe, which then runs in full, and
-    the install, which starts the daemon too (no verify, no daemon start)."""
+    """The commands a new connection runs: with the daemon up, only a shell builtin (which wakes
+    the connection for the daemon's channel); with the runner gone from a server probed before,
+    that, the probe and the install, which starts the daemon too (no verify, no daemon start)."""
     fleet = cronium_fleet_factory(amd64=1, arm64=0, name_prefix="daemon-")
     name = fleet.names[0]
     commands: list[str] = []
@@ -92,12 +91,12 @@ def test_round_trips_of_a_new_connection(cronium_fleet_factory, tmp_path: Path, 
     with Executor(fleet.inventory, state_dir=tmp_path / "state") as executor:
         result = executor.run(event)
     assert result.ok and result[name].deploy == "verified", result.summary.to_string()
-    assert len(commands) == 1 and "echo daemon" in commands[0], commands
+    assert commands == [":"], commands
     fleet.exec(name, "pkill -f 'cronium-runner [d]aemon'; rm -rf ~/.cache/cronium")
     commands.clear()
     with Executor(fleet.inventory, state_dir=tmp_path / "state") as executor:
         result = executor.run(event)
     assert result.ok and result[name].deploy == "deployed", result.summary.to_string()
-    assert len(commands) == 2 and "echo daemon" in commands[0] and "machine $(uname -m)" in commands[0], commands
-    assert "gzip -dc" in commands[1] and " daemon --socket " in commands[1], commands
+    assert len(commands) == 3 and commands[0] == ":" and "machine $(uname -m)" in commands[1], commands
+    assert "gzip -dc" in commands[2] and " daemon --socket " in commands[2], commands
     assert len(runner_daemons(fleet, name)) == 1

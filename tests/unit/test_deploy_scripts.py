@@ -6,7 +6,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
-import socket
 import subprocess
 from pathlib import Path
 
@@ -14,7 +13,6 @@ import pytest
 
 from cronium_nb.resources import runner_dist
 from cronium_nb.ssh.deploy import (
-    DAEMON_SEEN,
     INSTALL_SCRIPT,
     MISMATCH,
     HostInfo,
@@ -92,17 +90,3 @@ def test_the_install_makes_what_is_missing_private(tmp_path: Path, upload: bytes
     assert not installed.startswith(".partial-")
     for directory in (root, root / "runner", root / "runner" / installed):
         assert directory.stat().st_mode & 0o777 == 0o700, directory
-
-
-def test_the_probe_told_a_daemon_socket_answers_from_it_alone(tmp_path: Path) -> None:
-    builds = RunnerBuilds(runner_dist())
-    environment = {"HOME": str(tmp_path), "PATH": os.environ["PATH"]}
-    socket_path = tmp_path / "it's a dir" / "daemon-h.sock"
-    socket_path.parent.mkdir()
-    command = builds.probe_command(unless_socket=str(socket_path))
-    probed = subprocess.run(command, shell=True, capture_output=True, text=True, env=environment)
-    assert probed.stdout.splitlines()[0] == f"machine {os.uname().machine}", probed  # no socket: the whole probe
-    with socket.socket(socket.AF_UNIX) as listening:
-        listening.bind(str(socket_path))
-        answered = subprocess.run(command, shell=True, capture_output=True, text=True, env=environment)
-    assert (answered.returncode, answered.stdout) == (0, f"{DAEMON_SEEN}\n"), answered
