@@ -33,12 +33,16 @@ FANOUT = Event(name="bench-fanout", script="hostname; uptime", type="sh")
 REMOVE_RUNNER = "pkill -f 'cronium-runner [d]aemon'; rm -rf ~/.cache/cronium"
 
 
+def container_cgroup(container: str) -> Path:
+    """A fleet container's cgroup (v1, cpuacct): its CPU use and its processes."""
+    return Path(f"/sys/fs/cgroup/cpuacct/docker/{container}")
+
+
 def server_cpu_s(fleet: Fleet, names: list[str]) -> float:
     """CPU seconds the servers' containers have used so far."""
     total = 0
     for name in names:
-        container = fleet.member(name).container_id
-        total += int(Path(f"/sys/fs/cgroup/cpuacct/docker/{container}/cpuacct.usage").read_text())
+        total += int((container_cgroup(fleet.member(name).container_id) / "cpuacct.usage").read_text())
     return total / 1e9
 
 

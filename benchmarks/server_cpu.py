@@ -33,7 +33,8 @@ def session_times(fleet: Fleet, name: str) -> dict[str, tuple[int, int]]:
     return times
 
 
-def measure(fleet: Fleet, executor: Executor, name: str, event: Event, runs: int, label: str) -> None:
+def measure(fleet: Fleet, executor: Executor, name: str, event: Event, runs: int) -> None:
+    processes = len(fleet.exec(name, "ls -d /proc/[0-9]*").output.split())
     before = session_times(fleet, name)
     for _ in range(runs):
         assert executor.run(event).ok
@@ -41,7 +42,7 @@ def measure(fleet: Fleet, executor: Executor, name: str, event: Event, runs: int
     shared = set(before) & set(after)
     own = sum(after[pid][0] - before[pid][0] for pid in shared)
     children = sum(after[pid][1] - before[pid][1] for pid in shared)
-    print(f"{runs} warm runs of `true` on {len(shared)} runner session(s), {label}:")
+    print(f"{runs} warm runs of `true` on {len(shared)} runner session(s), {processes} processes on the server:")
     print(f"  runner session: {own / TICKS_PER_S / runs * 1000:.2f} ms of CPU per run")
     print(f"  the script (sh -c true) it started: {children / TICKS_PER_S / runs * 1000:.2f} ms per run")
 
@@ -53,12 +54,10 @@ def main(runs: int, processes: int) -> None:
         with Executor(fleet.inventory, state_dir=state) as executor:
             for _ in range(5):  # warm: deployed, connected, a session open
                 assert executor.run(event).ok
-            count = len(fleet.exec(name, "ls -d /proc/[0-9]*").output.split())
-            measure(fleet, executor, name, event, runs, f"{count} processes on the server")
+            measure(fleet, executor, name, event, runs)
             if processes:
                 fleet.exec(name, f"for i in $(seq {processes}); do sleep 3600 & done >/dev/null 2>&1")
-                count = len(fleet.exec(name, "ls -d /proc/[0-9]*").output.split())
-                measure(fleet, executor, name, event, runs, f"{count} processes on the server")
+                measure(fleet, executor, name, event, runs)
 
 
 if __name__ == "__main__":
