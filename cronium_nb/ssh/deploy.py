@@ -10,7 +10,7 @@ symlink)::
 
 A deployment is verified on the server against the binary's SHA-256, which is written into the
 probe and verify scripts themselves (nothing shipped with the binary vouches for it), and then
-cheaply: a listing of the binary's name, size, mtime, ctime and inode must match the one taken
+cheaply: a listing of the binary's size, mtime, ctime, inode and mode must match the one taken
 when the hash last passed (else it is hashed again). It is remembered here, per server, runner
 version and checksum, for 24 hours and for as long as the connection that verified it lasts; a
 new connection (after a reconnect, a restarted server) verifies again, in the same round trip
@@ -179,11 +179,12 @@ class RunnerBuilds:
 
 # Fixed scripts: the only values put in are builds' remote names and SHA-256 digests, checked
 # when the builds were read, and a random hex token. The runner dir's ``listing`` holds the
-# binary's name, size, mtime, ctime and inode as `find` printed them when its hash last passed:
-# re-verifying compares a fresh listing with it (one `find`, no hashing), and hashes again only
-# when something changed. Each
-# process a script starts costs the server about 2 ms of CPU, so they use shell builtins where
-# one will do (a cold server's deployment is bound by the servers' CPU: benchmarks/analysis.md).
+# binary's size, mtime, ctime, inode and mode as `find` printed them when its hash last passed:
+# re-verifying compares a fresh listing with it and hashes again only when something changed.
+# Each process a script starts costs the server about 1.5 ms of CPU, so they use shell builtins
+# where one will do: a new connection to a server with the runner in place runs `uname` and one
+# `find`, which checks the three directories' modes and lists the binary (a cold deployment is
+# bound by the servers' CPU: benchmarks/analysis.md).
 _ROOT = f'root="$HOME/{CACHE_DIR}"\nrunner_root="$root/runner"\n'
 _FUNCTIONS = """
 check_private() {
@@ -192,15 +193,25 @@ check_private() {
     return 3
   fi
 }
-listing() { find "$1" -maxdepth 1 -name cronium-runner -printf '%f %s %T@ %C@ %i\\n'; }
+listing_format='%s %T@ %C@ %i %m\\n'
+listing() { find "$1/cronium-runner" -maxdepth 0 -printf "$listing_format"; }
 hash_ok() { set -- "$(sha256sum < "$1/cronium-runner")" "$2"; [ "${1%% *}" = "$2" ]; }
 verify() {
   dir="$runner_root/$1"
   [ -e "$dir" ] || [ -L "$dir" ] || return 4
-  check_private "$dir" || return 3
+  for d in "$root" "$runner_root" "$dir"; do
+    [ ! -L "$d" ] && [ -d "$d" ] && [ -O "$d" ] || { check_private "$d"; return 3; }
+  done
+  # One find: "unsafe" for a directory whose mode is not 700, and the binary's listing.
+  seen=$(find "$root" "$runner_root" "$dir" "$dir/cronium-runner" -maxdepth 0 \\( -type d ! -perm 700 \\
+    -printf 'unsafe\\n' \\) -o \\( -type f -printf "$listing_format" \\) 2>/dev/null)
+  case "$seen" in *unsafe*)
+    for d in "$root" "$runner_root" "$dir"; do check_private "$d" || return 3; done
+    return 3 ;;
+  esac
   saved=""
   [ -f "$dir/listing" ] && read -r saved < "$dir/listing"
-  [ -n "$saved" ] && [ "$(listing "$dir")" = "$saved" ] && return 0
+  [ -n "$saved" ] && [ "$seen" = "$saved" ] && return 0
   hash_ok "$dir" "$2" || return 5
   listing "$dir" > "$dir/listing"
 }
@@ -211,16 +222,9 @@ PROBE_SCRIPT = (
     "set -u\n" + _ROOT + _FUNCTIONS + 'echo "machine $(uname -m)"\necho "home $HOME"\n'
     # the node name `uname -n` gives, read without a process
     '{ read -r host < /proc/sys/kernel/hostname; } 2>/dev/null || host=$(uname -n)\necho "host $host"\n'
-    'if [ -e "$runner_root" ] || [ -L "$runner_root" ]; then\n'
-    '  for d in "$root" "$runner_root"; do check_private "$d" || { echo "unsafe"; exit 0; }; done\n'
-    "fi\n"
     'for build in @BUILDS@; do verify "${build%%:*}" "${build#*:}"; echo "build ${build%%:*} $?"; done\n'
 )
-VERIFY_SCRIPT = (
-    "set -u\n" + _ROOT + _FUNCTIONS + '[ -e "$runner_root/@NAME@" ] || [ -L "$runner_root/@NAME@" ] || exit 4\n'
-    'for d in "$root" "$runner_root"; do check_private "$d" || exit 3; done\n'
-    'verify "@NAME@" "@SHA256@"\n'
-)
+VERIFY_SCRIPT = "set -u\n" + _ROOT + _FUNCTIONS + 'verify "@NAME@" "@SHA256@"\n'
 INSTALL_SCRIPT = (
     "set -u\numask 077\n" + _ROOT + _FUNCTIONS + 'dir="$runner_root/@NAME@"\ntmp="$runner_root/.partial-@TOKEN@"\n'
     "trap 'rm -rf \"$tmp\"' EXIT\n"
@@ -335,8 +339,6 @@ class Deployer:
         values = {words[0]: words[1:] for words in fields if words[0] in ("machine", "host")}
         if result.exit_status != 0 or not values.get("machine"):
             raise DeployError(f"cannot probe the host: {str(result.stderr).strip() or result.exit_status}")
-        if ["unsafe"] in fields:
-            raise DeployError(str(result.stderr).strip(), retryable=False)
         host = values["host"][0] if values.get("host") else None
         # The builds' states are good until used once: the first ensure() on this connection needs
         # no round trip.

@@ -1,5 +1,7 @@
-"""The deploy's install script, run by a local ``sh`` in a home of its own: a damaged upload is
-refused with the reason and leaves nothing behind; an intact one installs a runner that runs."""
+"""The deploy's scripts, run by a local ``sh`` in a home of its own: a damaged upload is refused
+with the reason and leaves nothing behind; an intact one installs a runner that runs; the probe
+and the verify script find it in place, and find every directory that is not private and every
+change to the binary."""
 
 from __future__ import annotations
 
@@ -15,6 +17,9 @@ from cronium_nb.resources import runner_dist
 from cronium_nb.ssh.deploy import (
     INSTALL_SCRIPT,
     MISMATCH,
+    UNSAFE,
+    VERIFY_MISSING,
+    VERIFY_SCRIPT,
     HostInfo,
     RunnerBuild,
     RunnerBuilds,
@@ -22,12 +27,27 @@ from cronium_nb.ssh.deploy import (
 )
 
 
+def host_build() -> RunnerBuild:
+    return RunnerBuilds(runner_dist()).choose(HostInfo(os.uname().machine))
+
+
+def run_script(home: Path, command: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    environment = {"HOME": str(home), "PATH": os.environ["PATH"]}
+    return subprocess.run(command, shell=True, input=stdin, capture_output=True, env=environment)
+
+
 def install(home: Path, upload: bytes) -> subprocess.CompletedProcess[bytes]:
-    build = RunnerBuilds(runner_dist()).choose(HostInfo(os.uname().machine))
-    command = remote_script(INSTALL_SCRIPT, build)
-    return subprocess.run(
-        command, shell=True, input=upload, capture_output=True, env={"HOME": str(home), "PATH": os.environ["PATH"]}
-    )
+    return run_script(home, remote_script(INSTALL_SCRIPT, host_build()), upload)
+
+
+def probed_state(home: Path) -> int:
+    """The code the probe gives the host's build: 0 good, 3 unsafe, 4 missing, 5 damaged."""
+    result = run_script(home, RunnerBuilds(runner_dist()).probe_command())
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.decode().splitlines()
+    assert f"home {home}" in lines
+    (code,) = [int(line.split()[2]) for line in lines if line.startswith(f"build {host_build().remote_name} ")]
+    return code
 
 
 def runner_entries(home: Path) -> list[str]:
@@ -90,3 +110,51 @@ def test_the_install_makes_what_is_missing_private(tmp_path: Path, upload: bytes
     assert not installed.startswith(".partial-")
     for directory in (root, root / "runner", root / "runner" / installed):
         assert directory.stat().st_mode & 0o777 == 0o700, directory
+
+
+@pytest.fixture
+def installed(tmp_path: Path, upload: bytes) -> Path:
+    """The host's build installed in tmp_path's home; its directory."""
+    assert install(tmp_path, upload).returncode == 0
+    return tmp_path / ".cache" / "cronium" / "runner" / host_build().remote_name
+
+
+def test_the_probe_finds_an_installed_runner_and_a_missing_one(tmp_path: Path, installed: Path) -> None:
+    assert probed_state(tmp_path) == 0
+    assert probed_state(tmp_path / "elsewhere") == VERIFY_MISSING
+    assert run_script(tmp_path, remote_script(VERIFY_SCRIPT, host_build())).returncode == 0
+
+
+@pytest.mark.parametrize("level", ["the cache dir", "the runner dir", "the build's dir"])
+@pytest.mark.parametrize("damage", ["mode 755", "a symlink"])
+def test_a_directory_that_is_not_private_is_unsafe(tmp_path: Path, installed: Path, level: str, damage: str) -> None:
+    directory = {"the cache dir": installed.parent.parent, "the runner dir": installed.parent}.get(level, installed)
+    if damage == "mode 755":
+        directory.chmod(0o755)
+    else:
+        directory.rename(tmp_path / "moved")
+        directory.symlink_to(tmp_path / "moved")
+    assert probed_state(tmp_path) == UNSAFE
+    verified = run_script(tmp_path, remote_script(VERIFY_SCRIPT, host_build()))
+    assert verified.returncode == UNSAFE
+    assert f"unsafe directory {directory}: it must be a real directory" in verified.stderr.decode()
+
+
+def test_a_binary_changed_in_place_is_hashed_again_and_refused(tmp_path: Path, installed: Path) -> None:
+    binary = installed / "cronium-runner"
+    before = binary.stat()
+    with binary.open("r+b") as file:  # same size, same inode, mtime put back: only ctime tells
+        file.seek(before.st_size // 2)
+        file.write(b"\0" * 8)
+    os.utime(binary, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert probed_state(tmp_path) == MISMATCH
+
+
+def test_a_listing_that_changed_is_hashed_again_and_kept_when_the_hash_passes(tmp_path: Path, installed: Path) -> None:
+    listing = installed / "listing"
+    listing.write_text("an older listing\n")
+    assert probed_state(tmp_path) == 0
+    binary = (installed / "cronium-runner").stat()
+    size, mtime, ctime, inode, mode = listing.read_text().split()  # rewritten after the hash passed
+    assert (int(size), int(inode), mode) == (binary.st_size, binary.st_ino, "700")
+    assert abs(float(mtime) - binary.st_mtime) < 1e-3 and abs(float(ctime) - binary.st_ctime) < 1e-3
