@@ -182,9 +182,9 @@ class RunnerBuilds:
 # binary's size, mtime, ctime, inode and mode as `find` printed them when its hash last passed:
 # re-verifying compares a fresh listing with it and hashes again only when something changed.
 # Each process a script starts costs the server about 1.5 ms of CPU, so they use shell builtins
-# where one will do: a new connection to a server with the runner in place runs `uname` and one
-# `find`, which checks the three directories' modes and lists the binary (a cold deployment is
-# bound by the servers' CPU: benchmarks/analysis.md).
+# where one will do: the probe of a server with the runner in place runs `uname` and one `find`,
+# which checks the three directories' modes and lists the binary (a cold deployment is bound by
+# the servers' CPU: benchmarks/analysis.md).
 _ROOT = f'root="$HOME/{CACHE_DIR}"\nrunner_root="$root/runner"\n'
 _FUNCTIONS = """
 check_private() {
@@ -213,7 +213,7 @@ verify() {
   [ -f "$dir/listing" ] && read -r saved < "$dir/listing"
   [ -n "$saved" ] && [ "$seen" = "$saved" ] && return 0
   hash_ok "$dir" "$2" || return 5
-  listing "$dir" > "$dir/listing"
+  printf '%s\\n' "$seen" > "$dir/listing"
 }
 """
 # One round trip per new connection: the machine, home and host name, and whether each
