@@ -2,10 +2,13 @@
 
 Five images: {amd64, arm64} x {full, bare} from Debian bookworm, and riscv64 bare from Debian
 trixie (riscv64 became an official architecture there; only its main suite is used, as the
-updates and security indexes for riscv64 have been seen mid-sync). Each is tagged with a hash of its recipe (this
-file, the entrypoint, the sshd settings, the architecture and the variant), plus a moving tag
-``cronium-sshd:<arch>-<variant>`` that :class:`cronium_nb.Fleet` starts. An image whose recipe
-hash already exists is not rebuilt.
+updates and security indexes for riscv64 have been seen mid-sync). One mmdebstrap run per
+architecture makes all of its images: the bare image's tree is saved first, then the full
+image's packages are added to it, so the emulated package set-up that both share runs once.
+Each image is tagged with a hash of its recipe (the architecture's mmdebstrap command, the
+entrypoint, the sshd settings and the variant), plus a moving tag ``cronium-sshd:<arch>-<variant>``
+that :class:`cronium_nb.Fleet` starts. An architecture whose images all exist under their recipe
+hashes is not rebuilt.
 
 Usage: python sshd-fixtures/build_images.py [--arch amd64,arm64] [--variant full,bare] [--check]
 ``--check`` exits 1 when some image would be built, and builds nothing.
@@ -42,7 +45,18 @@ HERE = Path(__file__).resolve().parent
 RECIPE_FILES = ("entrypoint.sh", "sshd_config.conf")
 SUITES = {"amd64": "bookworm", "arm64": "bookworm", "riscv64": "trixie"}
 BASE_PACKAGES = ["openssh-server", "procps", "tini", "bash", "coreutils", "tar", "gzip"]
-PACKAGES = {"bare": BASE_PACKAGES, "full": [*BASE_PACKAGES, "python3", "nodejs", "sudo"]}
+FULL_PACKAGES = ["python3", "nodejs", "sudo"]  # added to the bare tree to make the full image
+# The bare tree is saved from inside mmdebstrap's run, before its clean-up: these options leave
+# out what that clean-up would remove, and put back the start-stop-daemon it set aside.
+BARE_TAR_OPTIONS = [
+    *(f"--exclude='{pattern}'" for pattern in [
+        "./var/lib/apt/lists/*_*", "./var/cache/apt/*", "./etc/apt/apt.conf.d/00mmdebstrap", "./var/log/dpkg.log",
+        "./var/log/apt/*", "./var/log/alternatives.log", "./var/cache/ldconfig/aux-cache", "./tmp/*",
+        "./run/adduser", "./run/runit", "./usr/sbin/policy-rc.d", "./usr/sbin/start-stop-daemon",
+    ]),
+    r"--transform='s,^\./usr/sbin/start-stop-daemon\.REAL$,./usr/sbin/start-stop-daemon,'",
+]  # fmt: skip
+BARE_TAR = "@BARE_TAR@"  # in a recipe, where the bare tree's tar goes
 # Debian ships a system group named "operator" (gid 37), so useradd cannot make that user a
 # group of its own name: it gets the users group instead.
 USERADD_OPTIONS = {"operator": "--no-user-group --gid users"}
@@ -70,15 +84,24 @@ def check_build_host(arches: set[str]) -> None:
         )
 
 
+def arch_variants(arch: str) -> list[str]:
+    """The variants built for an architecture, bare first (the full image grows from it)."""
+    return sorted((v for a, v in IMAGES if a == arch), key=lambda variant: variant != "bare")
+
+
 def recipe_hash(arch: str, variant: str) -> str:
-    """A hash of what defines an image: the mmdebstrap command (suite, packages, users, hooks),
-    the image settings and the files installed, not this script's other code (editing it
-    rebuilds nothing) nor where the checkout is."""
-    command = [part.replace(str(HERE), "@FIXTURES@") for part in mmdebstrap_command(arch, variant, Path("rootfs"))]
-    digest = hashlib.sha256(json.dumps([command, IMAGE_SETTINGS]).encode())
+    """A hash of what defines an image: its architecture's mmdebstrap command (suite, packages,
+    users, hooks), the variant, the image settings and the files installed, not this script's
+    other code (editing it rebuilds nothing) nor where the checkout is."""
+    command = [part.replace(str(HERE), "@FIXTURES@") for part in mmdebstrap_command(arch, Path("rootfs"), BARE_TAR)]
+    digest = hashlib.sha256(json.dumps([command, variant, IMAGE_SETTINGS]).encode())
     for name in RECIPE_FILES:
         digest.update((HERE / name).read_bytes())
     return digest.hexdigest()[:16]
+
+
+def hashed_tag(arch: str, variant: str) -> str:
+    return f"{image_tag(arch, variant)}-{recipe_hash(arch, variant)}"
 
 
 def image_exists(ref: str) -> bool:
@@ -86,7 +109,10 @@ def image_exists(ref: str) -> bool:
     return probe.returncode == 0
 
 
-def mmdebstrap_command(arch: str, variant: str, output: Path) -> list[str]:
+def mmdebstrap_command(arch: str, output: Path, bare_tar: str) -> list[str]:
+    """The one mmdebstrap run of an architecture. With a full variant, ``output`` is the full
+    image's tree and the bare tree is saved to ``bare_tar`` on the way; without, ``output`` is
+    the bare tree."""
     hooks = [
         'rm -f "$1"/etc/ssh/ssh_host_*',
         f'install -m 0755 {HERE / "entrypoint.sh"} "$1"{ENTRYPOINT}',
@@ -94,15 +120,22 @@ def mmdebstrap_command(arch: str, variant: str, output: Path) -> list[str]:
         'chroot "$1" usermod -p "*" root',
         *(useradd_hook(user, uid) for user, uid in FIXTURE_USERS.items()),
         *(f'echo "{user}:{FIXTURE_SUDO_PASSWORD}" | chroot "$1" chpasswd' for user in FIXTURE_PASSWORD_USERS),
-        *(sudoers_hooks() if "sudo" in PACKAGES[variant] else []),
-        'rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*',
     ]
+    if "full" in arch_variants(arch):
+        options = " ".join(BARE_TAR_OPTIONS)
+        hooks += [
+            f'tar --create --one-file-system --numeric-owner {options} --file "{bare_tar}" --directory "$1" .',
+            # The tree's own apt, inside it: apt run from outside would install on this machine.
+            f'chroot "$1" apt-get install --yes --quiet --no-install-recommends {" ".join(FULL_PACKAGES)}',
+            *sudoers_hooks(),
+        ]
+    hooks.append('rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*')
     return [
         "mmdebstrap",
         "--quiet",
         "--variant=apt",
         f"--architectures={arch}",
-        f"--include={','.join(PACKAGES[variant])}",
+        f"--include={','.join(BASE_PACKAGES)}",
         "--dpkgopt=path-exclude=/usr/share/doc/*",
         "--dpkgopt=path-exclude=/usr/share/man/*",
         "--dpkgopt=path-exclude=/usr/share/locale/*",
@@ -145,27 +178,35 @@ def debian_mirror() -> str:
     raise SystemExit("cannot find a Debian mirror in /etc/apt: needed to build the riscv64 (trixie) image")
 
 
-def build(arch: str, variant: str) -> str:
-    tag = image_tag(arch, variant)
-    hashed = f"{tag}-{recipe_hash(arch, variant)}"
-    if image_exists(hashed):
-        subprocess.run(["docker", "tag", hashed, tag], check=True)
-        return f"{hashed}: up to date"
+def build(arch: str) -> list[str]:
+    """Build the images of one architecture unless all exist; one line per image."""
+    variants = arch_variants(arch)
+    if all(image_exists(hashed_tag(arch, variant)) for variant in variants):
+        for variant in variants:
+            subprocess.run(["docker", "tag", hashed_tag(arch, variant), image_tag(arch, variant)], check=True)
+        return [f"{hashed_tag(arch, variant)}: up to date" for variant in variants]
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="cronium-rootfs-") as tmp:
-        rootfs = Path(tmp) / "rootfs.tar"
-        result = subprocess.run(mmdebstrap_command(arch, variant, rootfs), capture_output=True, text=True)
+        trees = {"bare": Path(tmp) / "bare.tar"}
+        if "full" in variants:
+            trees["full"] = Path(tmp) / "full.tar"
+        output = trees["full"] if "full" in variants else trees["bare"]
+        result = subprocess.run(mmdebstrap_command(arch, output, str(trees["bare"])), capture_output=True, text=True)
         if result.returncode != 0:
-            raise RuntimeError(f"mmdebstrap failed for {arch}/{variant}:\n{result.stderr[-4000:]}")
-        changes = [
-            *IMAGE_SETTINGS,
-            f"LABEL cronium.sshd.arch={arch} cronium.sshd.variant={variant}"
-            f" cronium.sshd.recipe={recipe_hash(arch, variant)}",
-        ]
-        change_args = [arg for change in changes for arg in ("--change", change)]
-        subprocess.run(["docker", "import", *change_args, str(rootfs), hashed], check=True, capture_output=True)
-    subprocess.run(["docker", "tag", hashed, tag], check=True)
-    return f"{hashed}: built in {time.monotonic() - started:.0f} s"
+            raise RuntimeError(f"mmdebstrap failed for {arch}:\n{result.stderr[-4000:]}")
+        for variant in variants:
+            changes = [
+                *IMAGE_SETTINGS,
+                f"LABEL cronium.sshd.arch={arch} cronium.sshd.variant={variant}"
+                f" cronium.sshd.recipe={recipe_hash(arch, variant)}",
+            ]
+            change_args = [arg for change in changes for arg in ("--change", change)]
+            hashed = hashed_tag(arch, variant)
+            tree = str(trees[variant])
+            subprocess.run(["docker", "import", *change_args, tree, hashed], check=True, capture_output=True)
+            subprocess.run(["docker", "tag", hashed, image_tag(arch, variant)], check=True)
+    seconds = time.monotonic() - started
+    return [f"{hashed_tag(arch, variant)}: built in {seconds:.0f} s" for variant in variants]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,18 +222,19 @@ def main(argv: list[str] | None = None) -> int:
     for variant in args.variant.split(","):
         if variant not in VARIANTS:
             parser.error(f"unknown variant {variant}; known: {', '.join(VARIANTS)}")
-    stale = [(a, v) for a, v in wanted if not image_exists(f"{image_tag(a, v)}-{recipe_hash(a, v)}")]
+    stale = [(a, v) for a, v in wanted if not image_exists(hashed_tag(a, v))]
     if args.check:
         print("to build: " + ", ".join(f"{a}/{v}" for a, v in stale) if stale else "all images up to date")
         return 1 if stale else 0
     if stale:
         check_build_host({arch for arch, _ in stale})
-    # Two builds at a time (two cores), the longest first: emulated arm64 full (~5 min), arm64
-    # bare, riscv64, then the native ones (~1 min each), so that no long build starts last.
-    longest_first = sorted(wanted, key=lambda av: (av[0] == HOST_ARCH, av[0] == "riscv64", av[1] == "bare"))
+    # Two architectures at a time (two cores), the longest first: emulated arm64 (~4 min),
+    # riscv64 (~3.5 min), then the native one (~1.5 min), so that no long build starts last.
+    arches = sorted({arch for arch, _ in wanted}, key=lambda arch: (arch == HOST_ARCH, arch == "riscv64"))
     with ThreadPoolExecutor(max_workers=2) as pool:
-        for line in pool.map(lambda av: build(*av), longest_first):
-            print(f"{IMAGE_REPOSITORY} {line}", flush=True)
+        for lines in pool.map(build, arches):
+            for line in lines:
+                print(f"{IMAGE_REPOSITORY} {line}", flush=True)
     return 0
 
 
