@@ -40,7 +40,9 @@ runner: install
 runner-test: install
 	$(BIN)/python runner/build/build_go.py --test
 
-test: fixtures runner-test
+# The images and the runner do not depend on each other: they are built side by side.
+test:
+	$(MAKE) --no-print-directory -j2 fixtures runner-test
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Tests that need no Docker.
