@@ -41,3 +41,25 @@ def test_images_carry_their_recipe_label() -> None:
         assert labels["cronium.sshd.variant"] == variant
         tags = client.images.get(image_tag(arch, variant)).tags
         assert any(tag.endswith(labels["cronium.sshd.recipe"]) for tag in tags)
+
+
+@pytest.mark.parametrize(("arch", "variant"), IMAGES)
+def test_images_hold_what_their_variant_says_and_nothing_of_the_build(arch: str, variant: str) -> None:
+    """The bare tree is saved in the middle of the build: mmdebstrap's stand-ins must not be in
+    it (its policy-rc.d, its start-stop-daemon that only warns), and the full image's packages
+    are added after it."""
+    client = docker.from_env()
+    script = (
+        "test ! -e /usr/sbin/policy-rc.d && test ! -e /usr/sbin/start-stop-daemon.REAL && echo clean; "
+        "head -c 4 /usr/sbin/start-stop-daemon | od -An -c | tr -d ' '; "
+        "for p in python3 node sudo sshd; do command -v $p >/dev/null && echo has-$p; done; "
+        "ls /var/lib/apt/lists"
+    )
+    output = client.containers.run(
+        image_tag(arch, variant), ["-c", script], entrypoint="/bin/sh", remove=True, network_disabled=True
+    ).decode()
+    lines = output.split()
+    assert "clean" in lines and "177ELF" in lines, output
+    expected = {"has-sshd"} | ({"has-python3", "has-node", "has-sudo"} if variant == "full" else set())
+    assert {line for line in lines if line.startswith("has-")} == expected, output
+    assert "lock" in lines and "partial" in lines and not [line for line in lines if "_dists_" in line], output

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -62,15 +64,35 @@ def test_bad_timeouts_are_refused(timeout: float) -> None:
         ToolRegistry().register("ok", print, timeout=timeout)
 
 
-def test_the_image_build_names_missing_host_packages(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def build_images():
+    """sshd-fixtures/build_images.py as a module."""
     sys.path.insert(0, str(REPO_ROOT / "sshd-fixtures"))
     try:
         import build_images
     finally:
         sys.path.pop(0)
+    return build_images
+
+
+def test_the_image_build_names_missing_host_packages(build_images, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", "/nonexistent")
     foreign = "arm64" if build_images.HOST_ARCH == "amd64" else "amd64"
     with pytest.raises(SystemExit, match=r"missing host packages arch-test, docker\.io, mmdebstrap"):
         build_images.check_build_host({build_images.HOST_ARCH, foreign})
     with pytest.raises(SystemExit, match=r"missing host packages docker\.io, mmdebstrap \("):
         build_images.check_build_host({build_images.HOST_ARCH})
+
+
+def test_the_image_build_installs_packages_only_inside_the_tree(build_images) -> None:
+    """mmdebstrap runs its hooks as root on this machine: apt or dpkg called from a hook without
+    ``chroot "$1"`` installs on this machine (it happened once, with apt's config pointed at the
+    tree: apt resolved against the tree, dpkg installed here)."""
+    package_tools = re.compile(r"(?:^|[\s;&|(])(?:apt|apt-get|dpkg|aptitude)(?:\s|$)")  # as a command
+    for arch in build_images.SUITES:
+        command = build_images.mmdebstrap_command(arch, Path("rootfs"), "bare.tar")
+        hooks = [part.split("=", 1)[1] for part in command if part.startswith("--customize-hook=")]
+        installs = [hook for hook in hooks if package_tools.search(hook)]
+        assert all(hook.startswith('chroot "$1" ') for hook in installs), installs
+        if "full" in build_images.arch_variants(arch):
+            assert any("apt-get install" in hook for hook in installs), hooks
