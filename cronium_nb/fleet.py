@@ -66,6 +66,7 @@ FIXTURE_SUDO_PASSWORD = "fixture-sudo-pw-7c41e9"
 FIXTURE_PASSWORD_USERS = ("operator", "intruder")
 FLEET_LABEL = "cronium.fleet"
 OWNER_LABEL = "cronium.fleet.owner"  # the starting process, as cronium_nb.store.current_owner() names it
+WORKDIR_OWNER_FILE = "owner"  # in a fleet's temporary folder: the process that started it
 NETWORK_LABEL = "cronium.fleet.network"  # the fleet's networks: "internal" or "edge"
 HOST_KEY_PATH = "etc/ssh/ssh_host_ed25519_key"
 BASTION = "bastion"  # the bastion's server name (after the fleet's name prefix)
@@ -215,7 +216,11 @@ class Fleet:
         if missing:
             raise FleetError(f"missing from the Docker daemon: image {', '.join(missing)}; {BUILD_HINT}")
         fleet_id = uuid.uuid4().hex[:8]
-        fleet = cls(client, fleet_id, Path(tempfile.mkdtemp(prefix=f"cronium-fleet-{fleet_id}-")))
+        workdir = Path(tempfile.mkdtemp(prefix=f"cronium-fleet-{fleet_id}-"))
+        # Before any container exists: cleanup_stale() in another process must not take the
+        # folder of a fleet that is still starting for one that was left behind.
+        (workdir / WORKDIR_OWNER_FILE).write_text(current_owner())
+        fleet = cls(client, fleet_id, workdir)
         try:
             fleet._start(
                 counts,
@@ -403,8 +408,8 @@ class Fleet:
 
     @staticmethod
     def cleanup_stale(client: docker.DockerClient | None = None) -> int:
-        """Remove fleet containers (and then the fleets' networks) whose starting process is
-        gone; returns how many containers."""
+        """Remove fleet containers (and then the fleets' networks and temporary folders) whose
+        starting process is gone; returns how many containers."""
         import docker.errors
 
         client = client or _docker_client()
@@ -420,6 +425,9 @@ class Fleet:
             with contextlib.suppress(docker.errors.NotFound):  # removed meanwhile by its own fleet
                 network.remove()
         for leftover in Path(tempfile.gettempdir()).glob("cronium-fleet-*"):
+            with contextlib.suppress(OSError):  # no owner file: an older version's, or removed meanwhile
+                if owner_alive((leftover / WORKDIR_OWNER_FILE).read_text()):
+                    continue
             fleet_id = leftover.name.split("-")[2]
             if not client.containers.list(all=True, filters={"label": f"{FLEET_LABEL}={fleet_id}"}):
                 shutil.rmtree(leftover, ignore_errors=True)

@@ -11,7 +11,8 @@ that :class:`cronium_nb.Fleet` starts. An architecture whose images all exist un
 hashes is not rebuilt.
 
 Usage: python sshd-fixtures/build_images.py [--arch amd64,arm64] [--variant full,bare] [--check]
-``--check`` exits 1 when some image would be built, and builds nothing.
+``--check`` exits 1 when some image would be built, and builds nothing. A build makes every image
+of each architecture that has a wanted image missing (``--variant bare`` builds the full one too).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import hashlib
 import json
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -115,8 +117,8 @@ def mmdebstrap_command(arch: str, output: Path, bare_tar: str) -> list[str]:
     the bare tree."""
     hooks = [
         'rm -f "$1"/etc/ssh/ssh_host_*',
-        f'install -m 0755 {HERE / "entrypoint.sh"} "$1"{ENTRYPOINT}',
-        f'install -m 0644 {HERE / "sshd_config.conf"} "$1"/etc/ssh/sshd_config.d/cronium.conf',
+        f'install -m 0755 {shlex.quote(str(HERE / "entrypoint.sh"))} "$1"{ENTRYPOINT}',
+        f'install -m 0644 {shlex.quote(str(HERE / "sshd_config.conf"))} "$1"/etc/ssh/sshd_config.d/cronium.conf',
         'chroot "$1" usermod -p "*" root',
         *(useradd_hook(user, uid) for user, uid in FIXTURE_USERS.items()),
         *(f'echo "{user}:{FIXTURE_SUDO_PASSWORD}" | chroot "$1" chpasswd' for user in FIXTURE_PASSWORD_USERS),

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import warnings
 from pathlib import Path
 
 import pytest
@@ -102,6 +103,7 @@ def drive_dashboard(page, base: str, token: str, screenshot: Path) -> str:
         # load ("Error Loading Theme") and the page never attached the kernel. Reload it, as a
         # user would; the dashboard under test has not been touched yet.
         page.screenshot(path=str(screenshot.with_name("dashboard-first-load.png")), full_page=True)
+        warnings.warn("JupyterLab's first page load attached no kernel within 60 s: reloaded", stacklevel=1)
         page.reload()
         idle_kernel.wait_for()
     run_button = page.locator("button.jupyter-button", has_text="Run").first

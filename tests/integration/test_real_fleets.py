@@ -251,7 +251,7 @@ def test_down_and_cleanup_stale_remove_the_fleet_networks() -> None:
     finally:
         owner.send_signal(signal.SIGKILL)
         owner.wait()
-    assert Fleet.cleanup_stale() >= 2
+    Fleet.cleanup_stale()  # another test process may have run it first: no count is asserted
     assert _fleet_networks(fleet_id) == []
 
 
