@@ -483,8 +483,19 @@ class Fleet:
         exit_code, output = self.container(name).exec_run(argv, user=user)
         return ExecResult(exit_code, output.decode("utf-8", errors="replace"))
 
-    def pause(self, name: str) -> None:
-        self.container(name).pause()
+    def pause(self, name: str, attempts: int = 5) -> None:
+        """Freeze every process of the server (``docker pause``). runc can fail to freeze a
+        container whose processes fork at that moment ("unable to freeze", seen under load with
+        emulated servers): it is asked again, up to ``attempts`` times."""
+        import docker.errors
+
+        for attempt in range(1, attempts + 1):
+            try:
+                self.container(name).pause()
+                return
+            except docker.errors.APIError as error:
+                if "unable to freeze" not in str(error) or attempt == attempts:
+                    raise
 
     def unpause(self, name: str) -> None:
         self.container(name).unpause()
