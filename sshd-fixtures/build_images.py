@@ -182,33 +182,30 @@ def debian_mirror() -> str:
 
 def build(arch: str) -> list[str]:
     """Build the images of one architecture unless all exist; one line per image."""
-    variants = arch_variants(arch)
-    if all(image_exists(hashed_tag(arch, variant)) for variant in variants):
-        for variant in variants:
-            subprocess.run(["docker", "tag", hashed_tag(arch, variant), image_tag(arch, variant)], check=True)
-        return [f"{hashed_tag(arch, variant)}: up to date" for variant in variants]
+    recipes = {variant: recipe_hash(arch, variant) for variant in arch_variants(arch)}
+    tags = {variant: f"{image_tag(arch, variant)}-{recipe}" for variant, recipe in recipes.items()}
+    if all(image_exists(hashed) for hashed in tags.values()):
+        for variant, hashed in tags.items():
+            subprocess.run(["docker", "tag", hashed, image_tag(arch, variant)], check=True)
+        return [f"{hashed}: up to date" for hashed in tags.values()]
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="cronium-rootfs-") as tmp:
-        trees = {"bare": Path(tmp) / "bare.tar"}
-        if "full" in variants:
-            trees["full"] = Path(tmp) / "full.tar"
-        output = trees["full"] if "full" in variants else trees["bare"]
+        trees = {variant: Path(tmp) / f"{variant}.tar" for variant in tags}
+        output = trees.get("full", trees["bare"])
         result = subprocess.run(mmdebstrap_command(arch, output, str(trees["bare"])), capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"mmdebstrap failed for {arch}:\n{result.stderr[-4000:]}")
-        for variant in variants:
+        for variant, hashed in tags.items():
             changes = [
                 *IMAGE_SETTINGS,
-                f"LABEL cronium.sshd.arch={arch} cronium.sshd.variant={variant}"
-                f" cronium.sshd.recipe={recipe_hash(arch, variant)}",
+                f"LABEL cronium.sshd.arch={arch} cronium.sshd.variant={variant} cronium.sshd.recipe={recipes[variant]}",
             ]
             change_args = [arg for change in changes for arg in ("--change", change)]
-            hashed = hashed_tag(arch, variant)
             tree = str(trees[variant])
             subprocess.run(["docker", "import", *change_args, tree, hashed], check=True, capture_output=True)
             subprocess.run(["docker", "tag", hashed, image_tag(arch, variant)], check=True)
     seconds = time.monotonic() - started
-    return [f"{hashed_tag(arch, variant)}: built in {seconds:.0f} s" for variant in variants]
+    return [f"{hashed}: built in {seconds:.0f} s" for hashed in tags.values()]
 
 
 def main(argv: list[str] | None = None) -> int:
