@@ -47,6 +47,15 @@ HERE = Path(__file__).resolve().parent
 RECIPE_FILES = ("entrypoint.sh", "sshd_config.conf")
 SUITES = {"amd64": "bookworm", "arm64": "bookworm", "riscv64": "trixie"}
 BASE_PACKAGES = ["openssh-server", "procps", "tini", "bash", "coreutils", "tar", "gzip"]
+# What a suite needs beyond that, chosen for what it costs under emulation (every package's
+# set-up runs through qemu for a foreign architecture):
+SUITE_OPTIONS = {
+    # merged /usr made by mmdebstrap's hook, not by the usrmerge package, whose conversion and
+    # perl dependencies took about 15 s of an arm64 build
+    "bookworm": ["--hook-dir=/usr/share/mmdebstrap/hooks/merged-usr"],
+    # openssh-server wants systemd or a sysusers program: the standalone one, not all of systemd
+    "trixie": ["--include=systemd-standalone-sysusers"],
+}
 FULL_PACKAGES = ["python3", "nodejs", "sudo"]  # added to the bare tree to make the full image
 # The bare tree is saved from inside mmdebstrap's run, before its clean-up: these options leave
 # out what that clean-up would remove, and put back the start-stop-daemon it set aside.
@@ -58,6 +67,9 @@ BARE_TAR_OPTIONS = [
     ]),
     r"--transform='s,^\./usr/sbin/start-stop-daemon\.REAL$,./usr/sbin/start-stop-daemon,'",
 ]  # fmt: skip
+# apt as mmdebstrap's own hooks run it: this machine's apt with the tree's configuration,
+# dpkg chrooted into the tree (tests/unit/test_tools.py holds every install hook to this form).
+HOST_APT_IN_TREE = 'APT_CONFIG="$MMDEBSTRAP_APT_CONFIG" apt-get -oDPkg::Chroot-Directory="$1"'
 BARE_TAR = "@BARE_TAR@"  # in a recipe, where the bare tree's tar goes
 # Debian ships a system group named "operator" (gid 37), so useradd cannot make that user a
 # group of its own name: it gets the users group instead.
@@ -127,20 +139,27 @@ def mmdebstrap_command(arch: str, output: Path, bare_tar: str) -> list[str]:
         options = " ".join(BARE_TAR_OPTIONS)
         hooks += [
             f'tar --create --one-file-system --numeric-owner {options} --file "{bare_tar}" --directory "$1" .',
-            # The tree's own apt, inside it: apt run from outside would install on this machine.
-            f'chroot "$1" apt-get install --yes --quiet --no-install-recommends {" ".join(FULL_PACKAGES)}',
+            # apt on this machine (apt in the tree would parse its package lists under emulation),
+            # dpkg in the tree: without Chroot-Directory dpkg would install on this machine.
+            f"{HOST_APT_IN_TREE} install --yes --quiet --no-install-recommends {' '.join(FULL_PACKAGES)}",
             *sudoers_hooks(),
         ]
     hooks.append('rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*')
+    # openssh-server's set-up makes the host keys that do not exist yet (an RSA key alone took
+    # 13 s under emulation); the fleet brings its own, so empty stand-ins go first (removed above).
+    placeholders = " ".join(f'"$1"/etc/ssh/ssh_host_{kind}_key' for kind in ("rsa", "ecdsa", "ed25519"))
     return [
         "mmdebstrap",
         "--quiet",
-        "--variant=apt",
+        # apt in the tree only where the full image's packages are added with it
+        "--variant=apt" if "full" in arch_variants(arch) else "--variant=essential",
+        *SUITE_OPTIONS[SUITES[arch]],
         f"--architectures={arch}",
         f"--include={','.join(BASE_PACKAGES)}",
         "--dpkgopt=path-exclude=/usr/share/doc/*",
         "--dpkgopt=path-exclude=/usr/share/man/*",
         "--dpkgopt=path-exclude=/usr/share/locale/*",
+        f'--essential-hook=mkdir -p "$1"/etc/ssh && touch {placeholders}',
         *(f"--customize-hook={hook}" for hook in hooks),
         SUITES[arch],
         str(output),
@@ -227,8 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if stale else 0
     if stale:
         check_build_host({arch for arch, _ in stale})
-    # Two architectures at a time (two cores), the longest first: emulated arm64 (~4 min),
-    # riscv64 (~3.5 min), then the native one (~1.5 min), so that no long build starts last.
+    # Two architectures at a time (two cores), the longest first: emulated arm64 (~3.5 min),
+    # riscv64 (~1.5 min), then the native one, so that no long build starts last.
     arches = sorted({arch for arch, _ in wanted}, key=lambda arch: (arch == HOST_ARCH, arch == "riscv64"))
     with ThreadPoolExecutor(max_workers=2) as pool:
         for lines in pool.map(build, arches):

@@ -86,14 +86,17 @@ def test_the_image_build_names_missing_host_packages(build_images, monkeypatch: 
 
 def test_the_image_build_installs_packages_only_inside_the_tree(build_images) -> None:
     """mmdebstrap runs its hooks as root on this machine: apt or dpkg called from a hook without
-    ``chroot "$1"`` installs on this machine (it happened once, with apt's config pointed at the
-    tree: apt resolved against the tree, dpkg installed here)."""
+    ``chroot "$1"`` or apt's ``DPkg::Chroot-Directory`` installs on this machine (it happened
+    once, with apt's config pointed at the tree: apt resolved against the tree, dpkg installed
+    here)."""
     package_tools = re.compile(r"(?:^|[\s;&|(/])(?:apt|apt-get|dpkg|aptitude)(?:\s|$)")  # as a command
     for arch in build_images.SUITES:
         command = build_images.mmdebstrap_command(arch, Path("rootfs"), "bare.tar")
-        hooks = [part.split("=", 1)[1] for part in command if part.startswith("--customize-hook=")]
+        hooks = [part.split("=", 1)[1] for part in command if re.match(r"--[a-z]+-hook=", part)]
         installs = [hook for hook in hooks if package_tools.search(hook)]
-        # the whole hook is one install inside the tree: nothing chained after a harmless chroot
-        assert all(re.fullmatch(r'chroot "\$1" apt-get install [\w .+-]+', hook) for hook in installs), installs
+        # the whole hook is one install into the tree: nothing chained after it
+        in_tree = re.escape(build_images.HOST_APT_IN_TREE) + r" install [\w .+-]+"
+        assert build_images.HOST_APT_IN_TREE.endswith('-oDPkg::Chroot-Directory="$1"')
+        assert all(re.fullmatch(in_tree, hook) for hook in installs), installs
         if "full" in build_images.arch_variants(arch):
-            assert any("apt-get install" in hook for hook in installs), hooks
+            assert any(" install " in hook for hook in installs), hooks
