@@ -22,6 +22,9 @@ pytestmark = pytest.mark.fleet
 @pytest.fixture(autouse=True)
 def private_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CRONIUM_HOME", str(tmp_path / "cronium-home"))  # kernels inherit it
+    # and their temporary files (the notebooks' mkdtemp() state dirs, Dask's scratch space) go
+    # with the test's, not into the machine's /tmp
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")))
