@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import platform
 import shlex
 import shutil
 import subprocess
@@ -36,12 +35,12 @@ from cronium_nb.fleet import (
     FIXTURE_SUDO_PASSWORD,
     FIXTURE_SUDOERS,
     FIXTURE_USERS,
+    HOST_ARCH,
     IMAGE_REPOSITORY,
     IMAGES,
     VARIANTS,
     image_tag,
 )
-from cronium_nb.ssh.deploy import MACHINE_ARCH
 
 HERE = Path(__file__).resolve().parent
 RECIPE_FILES = ("entrypoint.sh", "sshd_config.conf")
@@ -83,7 +82,6 @@ IMAGE_SETTINGS = [f'ENTRYPOINT ["/usr/bin/tini", "--", "{ENTRYPOINT}"]']  # `doc
 # of mmdebstrap, yet mmdebstrap needs it to build for a foreign architecture.
 BUILD_PROGRAMS = {"docker": "docker.io", "mmdebstrap": "mmdebstrap"}
 FOREIGN_BUILD_PROGRAMS = {"arch-test": "arch-test"}
-HOST_ARCH = MACHINE_ARCH.get(platform.machine(), platform.machine())
 
 
 def check_build_host(arches: set[str]) -> None:

@@ -100,3 +100,11 @@ def test_the_image_build_installs_packages_only_inside_the_tree(build_images) ->
         assert all(re.fullmatch(in_tree, hook) for hook in installs), installs
         if "full" in build_images.arch_variants(arch):
             assert any(" install " in hook for hook in installs), hooks
+
+
+def test_the_slowest_first_list_names_test_files_that_exist() -> None:
+    """A renamed file would silently lose its place at the front of `make test`'s queue."""
+    from tests.conftest import REPO_ROOT, SLOWEST_FIRST
+
+    assert len(set(SLOWEST_FIRST)) == len(SLOWEST_FIRST)
+    assert [name for name in SLOWEST_FIRST if not (REPO_ROOT / "tests" / name).is_file()] == []
