@@ -113,8 +113,9 @@ def recipe_hash(arch: str, variant: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def hashed_tag(arch: str, variant: str) -> str:
-    return f"{image_tag(arch, variant)}-{recipe_hash(arch, variant)}"
+def hashed_tag(arch: str, variant: str, recipe: str | None = None) -> str:
+    """The image's tag under its recipe hash (``recipe``: that hash, when already worked out)."""
+    return f"{image_tag(arch, variant)}-{recipe or recipe_hash(arch, variant)}"
 
 
 def image_exists(ref: str) -> bool:
@@ -202,7 +203,7 @@ def build(arch: str, niceness: int = 0) -> list[str]:
     """Build the images of one architecture unless all exist; one line per image. ``niceness``
     lowers the build's CPU priority (``nice``), so that a longer build beside it keeps a core."""
     recipes = {variant: recipe_hash(arch, variant) for variant in arch_variants(arch)}
-    tags = {variant: f"{image_tag(arch, variant)}-{recipe}" for variant, recipe in recipes.items()}
+    tags = {variant: hashed_tag(arch, variant, recipe) for variant, recipe in recipes.items()}
     if all(image_exists(hashed) for hashed in tags.values()):
         for variant, hashed in tags.items():
             subprocess.run(["docker", "tag", hashed, image_tag(arch, variant)], check=True)

@@ -9,7 +9,7 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-# The test files that take longest (40 s to 2.5 min each in one process), started first: `make
+# The test files that take longest (25 s to 2.5 min each in one process), started first: `make
 # test` hands whole files to its processes (`--dist loadfile --no-loadscope-reorder`), and a long
 # file handed out last would keep one process busy while the others idle. The order comes from a
 # one-process run's durations; only the order matters.

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cronium_nb.tools import ToolError, ToolRegistry
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, SLOWEST_FIRST
 
 
 def call(registry: ToolRegistry, name: str, arguments: object) -> object:
@@ -90,13 +90,13 @@ def test_the_image_build_installs_packages_only_inside_the_tree(build_images) ->
     once, with apt's config pointed at the tree: apt resolved against the tree, dpkg installed
     here)."""
     package_tools = re.compile(r"(?:^|[\s;&|(/])(?:apt|apt-get|dpkg|aptitude)(?:\s|$)")  # as a command
+    assert build_images.HOST_APT_IN_TREE.endswith('-oDPkg::Chroot-Directory="$1"')
+    # the whole hook is one install into the tree: nothing chained after it
+    in_tree = re.escape(build_images.HOST_APT_IN_TREE) + r" install [\w .+-]+"
     for arch in build_images.SUITES:
         command = build_images.mmdebstrap_command(arch, Path("rootfs"), "bare.tar")
         hooks = [part.split("=", 1)[1] for part in command if re.match(r"--[a-z]+-hook=", part)]
         installs = [hook for hook in hooks if package_tools.search(hook)]
-        # the whole hook is one install into the tree: nothing chained after it
-        in_tree = re.escape(build_images.HOST_APT_IN_TREE) + r" install [\w .+-]+"
-        assert build_images.HOST_APT_IN_TREE.endswith('-oDPkg::Chroot-Directory="$1"')
         assert all(re.fullmatch(in_tree, hook) for hook in installs), installs
         if "full" in build_images.arch_variants(arch):
             assert any(" install " in hook for hook in installs), hooks
@@ -104,7 +104,5 @@ def test_the_image_build_installs_packages_only_inside_the_tree(build_images) ->
 
 def test_the_slowest_first_list_names_test_files_that_exist() -> None:
     """A renamed file would silently lose its place at the front of `make test`'s queue."""
-    from tests.conftest import REPO_ROOT, SLOWEST_FIRST
-
     assert len(set(SLOWEST_FIRST)) == len(SLOWEST_FIRST)
     assert [name for name in SLOWEST_FIRST if not (REPO_ROOT / "tests" / name).is_file()] == []
