@@ -20,11 +20,17 @@ served: it is fixed for the run and the helpers read it from the run's event.jso
 
 aiohttp is imported when the service starts (the first API-mode run), not with this module: an
 executor constructs its service up front, and most never serve a request.
+
+The directory holds an ``owner`` file (host, pid, start time of the process). A process that ends
+without closing its service (a killed kernel) leaves its directory behind; the next service this
+user starts on the machine removes every such directory whose owner is gone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import secrets
 import shutil
 import tempfile
@@ -38,6 +44,7 @@ from typing import TYPE_CHECKING, Any, cast
 import jwt
 
 from cronium_nb.model import variable_too_deep
+from cronium_nb.store import current_owner, owner_alive
 from cronium_nb.tools import ToolError, ToolRegistry
 
 if TYPE_CHECKING:
@@ -48,7 +55,22 @@ MAX_CONNECTIONS = 512
 REQUEST_HEAD_TIMEOUT_S = 10.0
 BODY_TIMEOUT_S = 30.0
 SOCKET_NAME = "runtime.sock"
+DIRECTORY_PREFIX = "cronium-api-"  # in the temporary directory (tempfile.gettempdir())
+OWNER_FILE = "owner"
 ALGORITHM = "HS256"
+
+
+def remove_stale_directories() -> int:
+    """Remove this user's service directories whose owning process is gone; returns how many.
+    A directory with no owner file yet (a service starting now) is left alone."""
+    removed = 0
+    for directory in Path(tempfile.gettempdir()).glob(f"{DIRECTORY_PREFIX}*"):
+        with contextlib.suppress(OSError):  # another user's (0700), or removed meanwhile
+            if directory.stat().st_uid != os.getuid() or owner_alive((directory / OWNER_FILE).read_text()):
+                continue
+            shutil.rmtree(directory)
+            removed += 1
+    return removed
 
 
 @dataclass
@@ -181,7 +203,9 @@ class RuntimeService:
             await runner.setup()
             assert runner.server is not None
             handler_factory = runner.server
-            self._directory = Path(tempfile.mkdtemp(prefix="cronium-api-"))  # 0700
+            remove_stale_directories()
+            self._directory = Path(tempfile.mkdtemp(prefix=DIRECTORY_PREFIX))  # 0700
+            (self._directory / OWNER_FILE).write_text(current_owner())
             self.path = self._directory / SOCKET_NAME
             self._server = await asyncio.get_running_loop().create_unix_server(
                 lambda: _GuardedConnection(self, handler_factory()), str(self.path)

@@ -5,6 +5,7 @@ clicked, every server's output found on the page, and a screenshot kept."""
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import shutil
 import socket
@@ -59,7 +60,8 @@ def jupyterlab(tmp_path: Path):
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
-        env={**__import__("os").environ, "CRONIUM_HOME": str(tmp_path / "cronium-home")},
+        # the kernel's temporary files (the notebook's mkdtemp() state dir) go with the test's
+        env={**os.environ, "CRONIUM_HOME": str(tmp_path / "cronium-home"), "TMPDIR": str(tmp_path)},
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))

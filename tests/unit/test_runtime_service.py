@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
+
+import pytest
 
 from cronium_nb.runtime_api import RuntimeService
 
@@ -66,3 +72,44 @@ def test_a_body_sent_byte_by_byte_does_not_hold_the_connection(monkeypatch) -> N
     answer, elapsed = asyncio.run(scenario())
     assert answer.startswith(b"HTTP/1.1 408")
     assert elapsed < 20  # a hang is the bug
+
+
+def test_a_killed_process_leaves_its_directory_only_until_the_next_service_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kernel killed with its executor open cannot remove the service's private directory;
+    the next service this user starts removes it, and leaves a live process's alone."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    starter = (
+        "import asyncio\n"
+        "from cronium_nb.runtime_api import RuntimeService\n"
+        "async def main():\n"
+        "    print(await RuntimeService().start(), flush=True)\n"
+        "    await asyncio.sleep(600)\n"
+        "asyncio.run(main())\n"
+    )
+
+    async def scenario() -> tuple[Path, bool, bool, bool]:
+        live = RuntimeService()
+        live_directory = (await live.start()).parent
+        other = subprocess.Popen(
+            [sys.executable, "-c", starter],
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "TMPDIR": str(tmp_path)},
+        )
+        assert other.stdout is not None
+        killed_directory = Path(other.stdout.readline().strip()).parent
+        other.kill()
+        other.wait()
+        left_behind = killed_directory.is_dir()
+        newest = RuntimeService()
+        await newest.start()
+        outcome = left_behind, killed_directory.exists(), live_directory.is_dir()
+        await newest.close()
+        await live.close()
+        return killed_directory, *outcome
+
+    killed_directory, left_behind, still_there, live_kept = asyncio.run(scenario())
+    assert killed_directory.parent == tmp_path
+    assert left_behind and not still_there and live_kept
