@@ -33,6 +33,7 @@ import contextlib
 import os
 import secrets
 import shutil
+import stat
 import tempfile
 import time
 import weakref
@@ -44,7 +45,7 @@ from typing import TYPE_CHECKING, Any, cast
 import jwt
 
 from cronium_nb.model import variable_too_deep
-from cronium_nb.store import current_owner, owner_alive
+from cronium_nb.store import current_owner, owner_ended
 from cronium_nb.tools import ToolError, ToolRegistry
 
 if TYPE_CHECKING:
@@ -61,15 +62,18 @@ ALGORITHM = "HS256"
 
 
 def remove_stale_directories() -> int:
-    """Remove this user's service directories whose owning process is gone; returns how many.
-    A directory with no owner file yet (a service starting now) is left alone."""
+    """Remove this user's service directories whose owning process, on this machine, has ended;
+    returns how many. Only real directories of this user count (not a link, whoever made it),
+    and one with no owner file yet (a service starting now) is left alone."""
     removed = 0
     for directory in Path(tempfile.gettempdir()).glob(f"{DIRECTORY_PREFIX}*"):
         with contextlib.suppress(OSError):  # another user's (0700), or removed meanwhile
-            if directory.stat().st_uid != os.getuid() or owner_alive((directory / OWNER_FILE).read_text()):
+            status = directory.lstat()
+            if not stat.S_ISDIR(status.st_mode) or status.st_uid != os.getuid():
                 continue
-            shutil.rmtree(directory)
-            removed += 1
+            if owner_ended((directory / OWNER_FILE).read_text()):
+                shutil.rmtree(directory)
+                removed += 1
     return removed
 
 

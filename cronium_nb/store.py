@@ -229,6 +229,12 @@ def owner_alive(owner: str) -> bool:
     return _process_start_time(pid) == start
 
 
+def owner_ended(owner: str) -> bool:
+    """Whether ``owner`` names a process of this machine that has ended (another machine's
+    cannot be checked: never ended, for what would be removed on that ground)."""
+    return owner.partition(":")[0] == socket.gethostname() and not owner_alive(owner)
+
+
 def _other_live_owner(row: Sequence[Any] | None) -> str | None:
     """The owner of an executions row (status, owner) that is running in another live process."""
     if row is None or row[0] != Status.RUNNING.value or row[1] == current_owner() or not owner_alive(row[1]):

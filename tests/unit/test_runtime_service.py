@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -89,6 +90,15 @@ def test_a_killed_process_leaves_its_directory_only_until_the_next_service_start
         "asyncio.run(main())\n"
     )
 
+    # never removed: a link by that name (whoever made it), and a directory of another machine's
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "owner").write_text(f"{socket.gethostname()}:999999999:0")  # a process that has ended
+    (tmp_path / "cronium-api-link").symlink_to(victim)
+    elsewhere = tmp_path / "cronium-api-elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "owner").write_text("another-machine:1:0")
+
     async def scenario() -> tuple[Path, bool, bool, bool]:
         live = RuntimeService()
         live_directory = (await live.start()).parent
@@ -113,3 +123,4 @@ def test_a_killed_process_leaves_its_directory_only_until_the_next_service_start
     killed_directory, left_behind, still_there, live_kept = asyncio.run(scenario())
     assert killed_directory.parent == tmp_path
     assert left_behind and not still_there and live_kept
+    assert (victim / "owner").is_file() and (tmp_path / "cronium-api-link").is_symlink() and elsewhere.is_dir()
