@@ -33,6 +33,7 @@ import contextlib
 import os
 import secrets
 import shutil
+import socket
 import stat
 import tempfile
 import time
@@ -62,19 +63,47 @@ ALGORITHM = "HS256"
 
 
 def remove_stale_directories() -> int:
-    """Remove this user's service directories whose owning process, on this machine, has ended;
-    returns how many. Only real directories of this user count (not a link, whoever made it),
-    and one with no owner file yet (a service starting now) is left alone."""
+    """Remove this user's service directories that a process left behind; returns how many.
+
+    Only a real directory of this user counts (not a link, whoever made it), and only when its
+    owner file names a process of this machine that has ended and nothing answers on its socket:
+    a service in another pid namespace sharing this temporary directory (a container of the same
+    pod) looks ended from here but still listens. A directory with no owner file yet (a service
+    starting now) is left alone."""
     removed = 0
     for directory in Path(tempfile.gettempdir()).glob(f"{DIRECTORY_PREFIX}*"):
         with contextlib.suppress(OSError):  # another user's (0700), or removed meanwhile
             status = directory.lstat()
             if not stat.S_ISDIR(status.st_mode) or status.st_uid != os.getuid():
                 continue
-            if owner_ended((directory / OWNER_FILE).read_text()):
+            if owner_ended(_read_owner(directory / OWNER_FILE)) and not _answers(directory / SOCKET_NAME):
                 shutil.rmtree(directory)
                 removed += 1
     return removed
+
+
+def _read_owner(path: Path) -> str:
+    """The owner file's text: a regular file only (no link, FIFO or device), its first bytes."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            return ""
+        return os.read(descriptor, 256).decode("ascii", errors="replace")
+    finally:
+        os.close(descriptor)
+
+
+def _answers(path: Path) -> bool:
+    """Whether something listens on the Unix socket at ``path`` (a missing one does not)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            return False
+        except OSError:
+            return True  # cannot tell: keep it
+        return True
 
 
 @dataclass

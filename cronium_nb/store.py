@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import sqlite3
 import threading
@@ -229,9 +230,16 @@ def owner_alive(owner: str) -> bool:
     return _process_start_time(pid) == start
 
 
+# host:pid:start time, as current_owner() writes it (a pid has at most 7 digits on Linux)
+OWNER_PATTERN = re.compile(r"[^:\s]+:[0-9]{1,9}:[0-9]{1,20}")
+
+
 def owner_ended(owner: str) -> bool:
-    """Whether ``owner`` names a process of this machine that has ended (another machine's
-    cannot be checked: never ended, for what would be removed on that ground)."""
+    """Whether ``owner`` names a process of this machine that has ended. Another machine's
+    cannot be checked, and anything not in current_owner()'s form (half written, say) is not
+    judged: neither counts as ended, for what would be removed on that ground."""
+    if not OWNER_PATTERN.fullmatch(owner):
+        return False
     return owner.partition(":")[0] == socket.gethostname() and not owner_alive(owner)
 
 

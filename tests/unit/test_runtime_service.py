@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -79,7 +80,8 @@ def test_a_killed_process_leaves_its_directory_only_until_the_next_service_start
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A kernel killed with its executor open cannot remove the service's private directory;
-    the next service this user starts removes it, and leaves a live process's alone."""
+    the next service this user starts removes it, and leaves alone a live process's, a link, another
+    machine's, a half-written owner's and one whose socket still answers."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     starter = (
         "import asyncio\n"
@@ -90,14 +92,34 @@ def test_a_killed_process_leaves_its_directory_only_until_the_next_service_start
         "asyncio.run(main())\n"
     )
 
-    # never removed: a link by that name (whoever made it), and a directory of another machine's
-    victim = tmp_path / "victim"
-    victim.mkdir()
-    (victim / "owner").write_text(f"{socket.gethostname()}:999999999:0")  # a process that has ended
+    host = socket.gethostname()
+
+    def planted(name: str, owner: str) -> Path:
+        directory = tmp_path / name
+        directory.mkdir(mode=0o700)
+        (directory / "owner").write_text(owner)
+        return directory
+
+    # removed too: this process's pid with another start time (the pid of an ended one, reused)
+    reused = planted("cronium-api-reused", f"{host}:{os.getpid()}:1")
+    # never removed: a link by that name (whoever made it), another machine's directory, a half
+    # written owner, and an ended owner's whose socket still answers (another pid namespace's)
+    victim = planted("victim", f"{host}:999999999:0")
     (tmp_path / "cronium-api-link").symlink_to(victim)
-    elsewhere = tmp_path / "cronium-api-elsewhere"
-    elsewhere.mkdir()
-    (elsewhere / "owner").write_text("another-machine:1:0")
+    elsewhere = planted("cronium-api-elsewhere", "another-machine:1:0")
+    half_written = planted("cronium-api-half", f"{host}:")
+    listening = planted("cronium-api-listening", f"{host}:999999999:0")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(listening / "runtime.sock"))
+    listener.listen()
+    removed_trees: list[Path] = []
+    real_rmtree = shutil.rmtree
+
+    def recording_rmtree(path, *args, **kwargs):  # rmtree refuses a link itself: the sweep must not ask
+        removed_trees.append(Path(path))
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", recording_rmtree)
 
     async def scenario() -> tuple[Path, bool, bool, bool]:
         live = RuntimeService()
@@ -120,7 +142,13 @@ def test_a_killed_process_leaves_its_directory_only_until_the_next_service_start
         await live.close()
         return killed_directory, *outcome
 
-    killed_directory, left_behind, still_there, live_kept = asyncio.run(scenario())
+    try:
+        killed_directory, left_behind, still_there, live_kept = asyncio.run(scenario())
+    finally:
+        listener.close()
     assert killed_directory.parent == tmp_path
     assert left_behind and not still_there and live_kept
-    assert (victim / "owner").is_file() and (tmp_path / "cronium-api-link").is_symlink() and elsewhere.is_dir()
+    assert not reused.exists()
+    assert (victim / "owner").is_file() and (tmp_path / "cronium-api-link").is_symlink()
+    assert elsewhere.is_dir() and half_written.is_dir() and listening.is_dir()
+    assert tmp_path / "cronium-api-link" not in removed_trees
