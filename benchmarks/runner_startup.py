@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -17,12 +16,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from cronium_nb.fleet import HOST_ARCH
 from cronium_nb.manifest import Manifest
 from cronium_nb.payload import build_archive
-from cronium_nb.ssh.deploy import MACHINE_ARCH
 
 DIST = Path(__file__).resolve().parent.parent / "runner" / "dist"
-HOST_ARCH = MACHINE_ARCH[os.uname().machine]
 
 
 def median_ms(command: list[str], runs: int, stdin: bytes = b"") -> float:

@@ -18,14 +18,13 @@ import asyncssh
 import pytest
 
 import cronium_nb
+from cronium_nb.fleet import HOST_ARCH
 from cronium_nb.manifest import SCRIPT_TYPES, Manifest
 from cronium_nb.model import Server
 from cronium_nb.payload import PayloadArchive, build_archive
 from cronium_nb.protocol import MESSAGE, STREAM_NAMES, FrameDecoder, LineSplitter
-from cronium_nb.ssh.deploy import MACHINE_ARCH
 from tests.conftest import REPO_ROOT
 
-HOST_ARCH = MACHINE_ARCH[os.uname().machine]
 # The runner binary for this machine (`make runner`); CRONIUM_TEST_RUNNER overrides it.
 LOCAL_RUNNER = shlex.split(os.environ.get("CRONIUM_TEST_RUNNER", "")) or [
     str(REPO_ROOT / "runner" / "dist" / f"cronium-runner-linux-{HOST_ARCH}")
