@@ -9,6 +9,7 @@ process is gone, is marked ``interrupted``. Queries come back as pandas DataFram
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -753,9 +754,11 @@ class _PendingChunk:
 
 def _explode_chunks(rows: list[tuple[str, int, float, str, str]]) -> pd.DataFrame:
     """One row per line from stored chunks (server, first_seq, ts, stream, lines), built column
-    by column: each chunk's fields repeated by its line count, the texts split once for all."""
-    texts = [row[4] for row in rows]
-    counts = np.fromiter((text.count("\n") + 1 for text in texts), dtype=np.int64, count=len(rows))
+    by column: each chunk's fields repeated by its line count. Each text is split on its own
+    (its line count is the split's length): joining them all to split once copied the whole
+    text and counted its newlines apart, a third of the time for 2 million lines."""
+    lines_by_chunk = [row[4].split("\n") for row in rows]
+    counts = np.fromiter(map(len, lines_by_chunk), dtype=np.int64, count=len(rows))
     first_row = np.cumsum(counts) - counts
     first_seqs = np.fromiter((row[1] for row in rows), dtype=np.int64, count=len(rows))
     stamps_ns = np.fromiter((round(row[2] * 1e9) for row in rows), dtype=np.int64, count=len(rows))
@@ -769,7 +772,7 @@ def _explode_chunks(rows: list[tuple[str, int, float, str, str]]) -> pd.DataFram
             "seq": np.repeat(first_seqs - first_row, counts) + np.arange(counts.sum(), dtype=np.int64),
             "ts": pd.to_datetime(np.repeat(stamps_ns, counts), utc=True),
             "stream": repeated(3),
-            "line": np.array("\n".join(texts).split("\n") if rows else [], dtype=object),
+            "line": np.fromiter(itertools.chain.from_iterable(lines_by_chunk), dtype=object, count=counts.sum()),
         }
     )
 
