@@ -32,6 +32,7 @@ from cronium_nb import Callbacks, Event, Executor, Fleet, Server
 from cronium_nb.ssh.options import PREFERRED_CIPHERS  # the floors use the ciphers we use
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_floor import CpuFloor
 from peers import AnsibleAdHoc, FabricGroup, ParallelSsh
 
 if TYPE_CHECKING:
@@ -79,16 +80,31 @@ class Plan:
         return max(sizes)
 
 
-def timed(action: Callable[[], object], runs: int, prepare: Callable[[], object] | None = None) -> list[float]:
-    """Seconds per run of ``action``; ``prepare`` runs before each, untimed."""
+def timed(
+    action: Callable[[], object],
+    runs: int,
+    prepare: Callable[[], object] | None = None,
+    floor: CpuFloor | None = None,
+) -> list[float]:
+    """Seconds per run of ``action``; ``prepare`` runs before each, untimed; ``floor`` measures
+    each run's CPU floor."""
     samples = []
     for _ in range(runs):
         if prepare is not None:
             prepare()
+        if floor is not None:
+            floor.start()
         started = time.perf_counter()
         action()
         samples.append(time.perf_counter() - started)
+        if floor is not None:
+            floor.stop()
     return samples
+
+
+def floor_of(fleet: Fleet, servers: Sequence[Server]) -> CpuFloor:
+    """A CPU floor meter over these servers' containers."""
+    return CpuFloor.of_containers(fleet.member(server.name).container_id for server in servers)
 
 
 def check(result, servers: Sequence[Server]) -> None:
@@ -161,20 +177,25 @@ def bench_fanout(report: Report, fleet: Fleet, state: Path, plan: Plan) -> None:
                 if n == max(plan.fanout_sizes):
                     report.phases(f"B2 cold connections, {n} servers", executor, keep_last=True)
 
-        report.add("B2", "cronium_nb, cold connections", n, timed(cold, plan.fanout_runs))
+        floor = floor_of(fleet, servers)
+        report.add("B2", "cronium_nb, cold connections", n, timed(cold, plan.fanout_runs, floor=floor),
+                   extra=floor.extra())  # fmt: skip
         with Executor(fleet.inventory, state_dir=state) as executor:
             check(executor.run(event, servers), servers)
+            floor = floor_of(fleet, servers)
             report.add("B2", "cronium_nb, warm connections", n,
-                       timed(lambda: check(executor.run(event, servers), servers), plan.fanout_runs))  # fmt: skip
+                       timed(lambda: check(executor.run(event, servers), servers), plan.fanout_runs, floor=floor),
+                       extra=floor.extra())  # fmt: skip
             if n == max(plan.fanout_sizes):
                 report.phases(f"B2 warm connections, {n} servers", executor)
         for tool in (ParallelSsh(servers), FabricGroup(servers)):
             try:
                 for new_client, label in ((True, "new client"), (False, "connections reused")):
                     tool.run(FANOUT_COMMAND, FANOUT_EXPECT, new_client=new_client)  # warm-up
+                    floor = floor_of(fleet, servers)
                     samples = timed(lambda: tool.run(FANOUT_COMMAND, FANOUT_EXPECT, new_client=new_client),
-                                    plan.fanout_runs)  # fmt: skip
-                    report.add("B2", f"{tool.name}, {label}", n, samples)
+                                    plan.fanout_runs, floor=floor)  # fmt: skip
+                    report.add("B2", f"{tool.name}, {label}", n, samples, extra=floor.extra())
             finally:
                 tool.close()
         ansible = AnsibleAdHoc(servers)
@@ -210,8 +231,10 @@ def bench_deploy(report: Report, fleet: Fleet, state: Path, plan: Plan) -> None:
                 metrics = executor.metrics().set_index("metric")["value"]
                 sent.append(int(metrics["deployments.bytes_sent"]))
 
-        report.add("B3", "cronium_nb deploy, static binary", n, timed(deploy, plan.deploy_runs, remove_runner),
-                   extra={"bytes_sent": statistics.median(sent)})  # fmt: skip
+        floor = floor_of(fleet, servers)
+        samples = timed(deploy, plan.deploy_runs, remove_runner, floor=floor)
+        report.add("B3", "cronium_nb deploy, static binary", n, samples,
+                   extra={"bytes_sent": statistics.median(sent), **floor.extra()})  # fmt: skip
 
 
 # --- B4 ---------------------------------------------------------------------------------------
@@ -238,16 +261,18 @@ async def _stream_raw(server: Server) -> int:
         return lines
 
 
-def _stream_ours(server: Server, state: str) -> tuple[int, float, float, float]:
+def _stream_ours(server: Server, state: str, floor: CpuFloor) -> tuple[int, float, float, float]:
     """Lines stored, seconds to stream them, the peak RSS while streaming (MB) and the seconds
     ``res.logs`` takes to give them back (after the peak was taken: 2 million lines in a
     DataFrame are several hundred MB of their own, which is reading, not streaming)."""
     event = Event(name="bench-stream", script=STREAM_COMMAND, type="sh", timeout=600)
     with Executor(state_dir=state) as executor:
         check(executor.run(event, [server]), [server])  # deploy first: B4 measures streaming
+        floor.start()
         started = time.perf_counter()
         result = executor.run(event, [server])
         elapsed = time.perf_counter() - started
+        floor.stop()
         check(result, [server])
         stored = executor.store._query(
             "SELECT SUM(line_count) FROM log_chunks WHERE execution_id = ?", (result.execution_id,)
@@ -264,26 +289,31 @@ def _stream_ours(server: Server, state: str) -> tuple[int, float, float, float]:
 def stream_child(tool: str, server_json: str, state: str) -> None:
     """One B4 measurement in its own process, so that its peak RSS is its own."""
     server = Server(**json.loads(server_json))
-    started = time.perf_counter()
+    floor = CpuFloor.from_environment()
     read_back = None
     if tool == "raw":
+        floor.start()
+        started = time.perf_counter()
         lines = asyncio.run(_stream_raw(server))
         elapsed = time.perf_counter() - started
+        floor.stop()
         peak = _status_mb()
     else:
-        lines, elapsed, peak, read_back = _stream_ours(server, state)
-    print(json.dumps({"lines": lines, "seconds": elapsed, "peak_rss_mb": peak, "read_back_s": read_back}))
+        lines, elapsed, peak, read_back = _stream_ours(server, state, floor)
+    print(json.dumps({"lines": lines, "seconds": elapsed, "peak_rss_mb": peak, "read_back_s": read_back,
+                      "cpu_floor_s": floor.median()}))  # fmt: skip
 
 
 def bench_streaming(report: Report, fleet: Fleet, state: Path, plan: Plan) -> None:
     server = fleet.servers[0]
     megabytes = STREAM_LINES * (len(STREAM_LINE) + 1) / 1e6
+    containers = floor_of(fleet, [server])
     for tool, label in (("raw", "asyncssh read(65536), open connection"), ("ours", "cronium_nb (stored, lines)")):
-        seconds, rss, read_back = [], [], []
+        seconds, rss, read_back, floors = [], [], [], []
         for _ in range(plan.stream_runs):
             child = subprocess.run(
                 [sys.executable, __file__, "--stream-child", tool, json.dumps(server.__dict__), str(state)],
-                capture_output=True, text=True, timeout=900,
+                capture_output=True, text=True, timeout=900, env=containers.environment(),
             )  # fmt: skip
             if child.returncode != 0:
                 raise RuntimeError(f"{label}: the measuring process failed:\n{child.stderr[-2000:]}")
@@ -294,13 +324,20 @@ def bench_streaming(report: Report, fleet: Fleet, state: Path, plan: Plan) -> No
             rss.append(measured["peak_rss_mb"])
             if measured["read_back_s"] is not None:
                 read_back.append(measured["read_back_s"])
+            if measured["cpu_floor_s"] is not None:
+                floors.append(measured["cpu_floor_s"])
         extra = {"mb_per_s": megabytes / statistics.median(seconds), "peak_rss_mb": max(rss)}
+        if floors:
+            extra["cpu_floor_ms"] = statistics.median(floors) * 1000
         if read_back:
             extra["logs_read_s"] = statistics.median(read_back)
         report.add("B4", label, 1, seconds, extra=extra)
 
 
 # --- B6 ---------------------------------------------------------------------------------------
+
+
+COLD_LABEL = "cronium_nb, cold connections (runner cached)"
 
 
 def scale_child(servers_json: str, state: str, runs: str) -> None:
@@ -317,17 +354,19 @@ def scale_child(servers_json: str, state: str, runs: str) -> None:
         with Executor(state_dir=state) as executor:
             check(executor.run(event, servers), servers)
 
+    cold_floor, warm_floor = CpuFloor.from_environment(), CpuFloor.from_environment()
     cpu_before = cpu()
-    cold_samples = timed(cold, int(runs))
+    cold_samples = timed(cold, int(runs), floor=cold_floor)
     cold_cpu = (cpu() - cpu_before) / int(runs)
     with Executor(state_dir=state) as executor:
         check(executor.run(event, servers), servers)
         cpu_before = cpu()
-        warm_samples = timed(lambda: check(executor.run(event, servers), servers), int(runs))
+        warm_samples = timed(lambda: check(executor.run(event, servers), servers), int(runs), floor=warm_floor)
         warm_cpu = (cpu() - cpu_before) / int(runs)
         rss_mb = _status_mb("VmRSS")
+    floors = {"cold_floor": cold_floor.extra(), "warm_floor": warm_floor.extra()}
     print(json.dumps({"cold": cold_samples, "warm": warm_samples, "cold_cpu_s": cold_cpu, "warm_cpu_s": warm_cpu,
-                      "rss_mb": rss_mb}))  # fmt: skip
+                      "rss_mb": rss_mb, **floors}))  # fmt: skip
 
 
 def bench_scale(report: Report, fleet: Fleet, state: Path, plan: Plan) -> None:
@@ -336,15 +375,14 @@ def bench_scale(report: Report, fleet: Fleet, state: Path, plan: Plan) -> None:
         child = subprocess.run(
             [sys.executable, __file__, "--scale-child", json.dumps([s.__dict__ for s in servers]), str(state),
              str(plan.scale_runs)], capture_output=True, text=True, timeout=1800,
+            env=floor_of(fleet, servers).environment(),
         )  # fmt: skip
         if child.returncode != 0:
             raise RuntimeError(f"B6 at {n} servers: the measuring process failed:\n{child.stderr[-2000:]}")
         measured = json.loads(child.stdout.strip().splitlines()[-1])
-        extra = {"rss_mb": measured["rss_mb"]}
-        report.add("B6", "cronium_nb, cold connections (runner cached)", n, measured["cold"],
-                   extra={**extra, "cpu_ms_per_server": measured["cold_cpu_s"] * 1000 / n})  # fmt: skip
-        report.add("B6", "cronium_nb, warm connections", n, measured["warm"],
-                   extra={**extra, "cpu_ms_per_server": measured["warm_cpu_s"] * 1000 / n})  # fmt: skip
+        for kind, label in (("cold", COLD_LABEL), ("warm", "cronium_nb, warm connections")):
+            extra = {"rss_mb": measured["rss_mb"], "cpu_ms_per_server": measured[f"{kind}_cpu_s"] * 1000 / n}
+            report.add("B6", label, n, measured[kind], extra={**extra, **measured[f"{kind}_floor"]})
 
 
 # --- B7 ---------------------------------------------------------------------------------------
