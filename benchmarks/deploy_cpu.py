@@ -2,7 +2,9 @@
 orchestrator's, per server, for a cold deployment (B3's case), a run on new connections with the
 runner cached, and an SSH connection alone; then the fan-out of B2 and B6 (`hostname; uptime`)
 on new connections and on warm ones, ours against parallel-ssh's and Fabric's (what the servers
-pay for each tool: on this machine they share the orchestrator's 2 cores); then, on one server,
+pay for each tool: on this machine they share the orchestrator's 2 cores) and against a bare
+exec on new connections, with and without the runner binary started (the least a run through a
+runner could cost); then, on one server,
 each deploy step on its own.
 
 Usage: python benchmarks/deploy_cpu.py [SERVERS]   (needs `make fixtures runner`; cgroup v1)
@@ -71,8 +73,11 @@ async def connect_all(fleet: Fleet, names: list[str]) -> list[asyncssh.SSHClient
     )
 
 
-async def connect_and_close(fleet: Fleet, names: list[str]) -> None:
+async def connect_and_close(fleet: Fleet, names: list[str], command: str | None = None) -> None:
+    """New connections to every server, each running ``command`` (if any) once, then closed."""
     for connection in await connect_all(fleet, names):
+        if command is not None:
+            assert (await connection.run(command, check=False)).exit_status == 0
         connection.close()
         await connection.wait_closed()
 
@@ -116,6 +121,13 @@ def fanout_cpu(fleet: Fleet, names: list[str], state: str) -> None:
 
     for _ in range(3):
         measure("fan-out, cronium_nb, new connections", fleet, names, ours_cold)
+    # The least a run through any runner could cost on a new connection (an exec channel that
+    # starts the runner binary, then the script), against the bare exec the peers do.
+    version = RunnerBuilds(runner_dist()).choose(HostInfo("x86_64")).invocation(["version"])
+    for label, command in (("fan-out, asyncssh exec, new connections", FANOUT.script),
+                           ("the same, and the runner started", f"{version} >/dev/null; {FANOUT.script}")):  # fmt: skip
+        for _ in range(3):
+            measure(label, fleet, names, lambda: asyncio.run(connect_and_close(fleet, names, command)))
     with Executor(fleet.inventory, state_dir=state) as executor:
         assert executor.run(FANOUT, names).ok
         for _ in range(3):
