@@ -119,9 +119,11 @@ class RunnerSessions:
         if socket_path is None:
             return False
         # sshd switches a connection to TCP_NODELAY only once a session runs a command; before
-        # that every exchange on a stream-local channel waits for a delayed ACK (40 ms). A shell
-        # builtin is the cheapest command there is (the probe, which would save a round trip
-        # where the daemon is gone, costs the server ~10 ms more CPU on every new connection).
+        # that every exchange on a stream-local channel waits for a delayed ACK (40 ms) from
+        # sshd's TCP peer: a bastion or a port proxy as often as this client, so TCP_QUICKACK
+        # here cannot replace it (benchmarks/analysis.md). A shell builtin is the cheapest
+        # command there is (the probe, which would save a round trip where the daemon is gone,
+        # costs the server ~10 ms more CPU on every new connection).
         nudge = await pooled.connection.create_process(":")
         try:
             session = await RunnerSession.connect(pooled.connection, socket_path, build.remote_name)
