@@ -24,17 +24,19 @@ CGROUPS_VARIABLE = "CRONIUM_BENCH_CGROUPS"
 
 
 def usage_files(container_ids: Iterable[str]) -> list[Path]:
-    """Each container's CPU usage file, where this machine's cgroups keep it."""
+    """Each container's CPU usage file, where this machine's cgroups keep it; none at all if
+    one of them cannot be found (a floor without some servers' CPU would claim too little)."""
     files = []
     for container in container_ids:
-        for candidate in (
+        candidates = (
             Path(f"/sys/fs/cgroup/cpuacct/docker/{container}/cpuacct.usage"),  # v1
             Path(f"/sys/fs/cgroup/system.slice/docker-{container}.scope/cpu.stat"),  # v2, systemd driver
             Path(f"/sys/fs/cgroup/docker/{container}/cpu.stat"),  # v2, cgroupfs driver
-        ):
-            if candidate.exists():
-                files.append(candidate)
-                break
+        )
+        found = next((candidate for candidate in candidates if candidate.exists()), None)
+        if found is None:
+            return []
+        files.append(found)
     return files
 
 

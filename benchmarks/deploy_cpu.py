@@ -28,6 +28,7 @@ from cronium_nb.resources import runner_dist
 from cronium_nb.ssh.deploy import INSTALL_SCRIPT, HostInfo, RunnerBuilds, remote_script
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_floor import CpuFloor
 from peers import FabricGroup, ParallelSsh
 
 EVENT = Event(name="deploy-cpu", script="true", type="sh")
@@ -35,17 +36,9 @@ FANOUT = Event(name="bench-fanout", script="hostname; uptime", type="sh")
 REMOVE_RUNNER = "pkill -f 'cronium-runner [d]aemon'; rm -rf ~/.cache/cronium"
 
 
-def container_cgroup(container: str) -> Path:
-    """A fleet container's cgroup (v1, cpuacct): its CPU use and its processes."""
-    return Path(f"/sys/fs/cgroup/cpuacct/docker/{container}")
-
-
 def server_cpu_s(fleet: Fleet, names: list[str]) -> float:
     """CPU seconds the servers' containers have used so far."""
-    total = 0
-    for name in names:
-        total += int((container_cgroup(fleet.member(name).container_id) / "cpuacct.usage").read_text())
-    return total / 1e9
+    return CpuFloor.of_containers(fleet.member(name).container_id for name in names).servers_cpu_s()
 
 
 def own_cpu_s() -> float:

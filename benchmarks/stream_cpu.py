@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import STREAM_COMMAND, _stream_raw  # the same stream and floor as B4
-from deploy_cpu import container_cgroup
+from cpu_floor import CpuFloor
 
 from cronium_nb import Event, Executor, Fleet, Server
 
@@ -46,8 +46,8 @@ def by_rank(before: dict[str, float], after: dict[str, float]) -> dict[str, floa
 def server_cpu(container: str) -> dict[str, float]:
     """The server's processes now: pid and name -> CPU seconds (their own, and of the children
     they waited for), and the container's whole CPU under "all"."""
-    cgroup = container_cgroup(container)
-    seconds = {"all": int((cgroup / "cpuacct.usage").read_text()) / 1e9}
+    cgroup = Path(f"/sys/fs/cgroup/cpuacct/docker/{container}")  # cgroup v1: its processes
+    seconds = {"all": CpuFloor.of_containers([container]).servers_cpu_s()}
     for pid in (cgroup / "cgroup.procs").read_text().split():
         try:
             stat = Path(f"/proc/{pid}/stat").read_text()
