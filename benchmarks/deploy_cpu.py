@@ -7,7 +7,7 @@ exec on new connections, with and without the runner binary started (the least a
 runner could cost); then, on one server,
 each deploy step on its own.
 
-Usage: python benchmarks/deploy_cpu.py [SERVERS]   (needs `make fixtures runner`; cgroup v1)
+Usage: python benchmarks/deploy_cpu.py [SERVERS]   (needs `make fixtures runner`)
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ each part: on this side the event loop's thread and the store's thread, on the s
 process, the runner session and the script (`yes | head`). Servers and orchestrator share the
 machine's cores, so a stream cannot take less wall time than all of it divided by the cores.
 
-Usage: python benchmarks/stream_cpu.py [RUNS]   (needs `make fixtures runner`; cgroup v1)
+Usage: python benchmarks/stream_cpu.py [RUNS]   (needs `make fixtures runner`)
 """
 
 from __future__ import annotations
@@ -46,9 +46,9 @@ def by_rank(before: dict[str, float], after: dict[str, float]) -> dict[str, floa
 def server_cpu(container: str) -> dict[str, float]:
     """The server's processes now: pid and name -> CPU seconds (their own, and of the children
     they waited for), and the container's whole CPU under "all"."""
-    cgroup = Path(f"/sys/fs/cgroup/cpuacct/docker/{container}")  # cgroup v1: its processes
-    seconds = {"all": CpuFloor.of_containers([container]).servers_cpu_s()}
-    for pid in (cgroup / "cgroup.procs").read_text().split():
+    floor = CpuFloor.of_containers([container])
+    seconds = {"all": floor.servers_cpu_s()}
+    for pid in (floor.files[0].parent / "cgroup.procs").read_text().split():  # the cgroup's processes
         try:
             stat = Path(f"/proc/{pid}/stat").read_text()
             command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
