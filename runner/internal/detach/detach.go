@@ -395,6 +395,12 @@ func follow(job string, in *execute.Input, out *execute.Framed, c Config) {
 			continue
 		}
 		if gone {
+			// result.json is written before the result frame: a spool write that failed
+			// after it (a full disk) leaves the result there.
+			if result, err := readPrivate(filepath.Join(dir, ResultFile)); err == nil && json.Valid(result) {
+				out.Frame(protocol.Message, execute.Now(), result)
+				return
+			}
 			if info, err := readInfo(dir); err == nil {
 				stopLost(info)
 			}

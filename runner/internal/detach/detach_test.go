@@ -6,6 +6,7 @@ import (
 	"compress/gzip"
 	"encoding/json"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -370,6 +371,22 @@ func TestLostKeeperIsReported(t *testing.T) {
 	}
 }
 
+// A spool write that fails after result.json was written (a full disk) leaves no result frame:
+// a follower that finds the keeper gone sends result.json rather than calling the run lost.
+func TestResultFileStandsInForAMissingResultFrame(t *testing.T) {
+	c := testConfig(t)
+	f := detachJob(t, c, "job7", "echo up", 120, "")
+	f.collect(t)
+	waitState(t, c, "job7", "finished")
+	if err := os.Truncate(filepath.Join(c.Workroot, JobsDir, "job7", SpoolFile), int64(len(protocol.Magic))); err != nil {
+		t.Fatal(err)
+	}
+	_, messages := attach(t, c, "job7").collect(t)
+	if result := messages["result"]; result == nil || result["exit_code"] != float64(0) || result["runner_error"] != nil {
+		t.Fatalf("messages %v", messages)
+	}
+}
+
 func TestRefusedRequests(t *testing.T) {
 	c := testConfig(t)
 	for name, extra := range map[string]string{"../escape": "", "ok": `, "spool_max_bytes": -1`} {
@@ -495,6 +512,44 @@ func TestSpoolLimitBoundsTheFileWithItsFrameHeaders(t *testing.T) {
 	dropped := messages["spool_dropped"]
 	if kept := int64(strings.Count(stdout, "x\n")); dropped == nil || kept+int64(dropped["lines"].(float64)) != 2000 {
 		t.Fatalf("%d lines kept, marker %v: not every line accounted for", kept, dropped)
+	}
+}
+
+// A follower relays the result as soon as its frame is in the spool, and the orchestrator's
+// release follows at once: by then result.json must be in place, or the release finds the run
+// going on and leaves its job dir. Here result.json's temporary file is a FIFO and the result
+// is larger than a pipe holds, so the keeper's write of it waits for this test to read it.
+func TestResultFileIsWrittenBeforeTheResultFrame(t *testing.T) {
+	spool, path := newSpool(t, DefaultSpoolBytes)
+	temporary := fmt.Sprintf("%s.tmp-%d", spool.ResultPath, os.Getpid()) // writeRaw's name
+	if err := syscall.Mkfifo(temporary, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		result := pyjson.NewObject().Set("type", "result").Set("exit_code", 0).Set("error", strings.Repeat("x", 256*1024))
+		done <- spool.Message(result)
+	}()
+	fifo, err := os.Open(temporary) // returns once the keeper's side has opened it for writing
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fifo.Close()
+	head := make([]byte, 1024)
+	if _, err := io.ReadFull(fifo, head); err != nil { // the write has begun and cannot end yet
+		t.Fatal(err)
+	}
+	if _, messages := decodeSpool(t, path); messages["result"] != nil {
+		t.Fatal("the result frame reached the spool before result.json was written")
+	}
+	if _, err := io.Copy(io.Discard, fifo); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if _, messages := decodeSpool(t, path); messages["result"] == nil {
+		t.Fatal("no result frame in the spool once result.json was written")
 	}
 }
 

@@ -146,7 +146,8 @@ func (s *Spool) drop(data []byte) {
 }
 
 // Message appends a message; before the result, the dropped-output marker (when output was
-// dropped), and after it result.json.
+// dropped) and result.json. result.json comes first so that a follower that has relayed the
+// result finds the run ended: the orchestrator's release that follows must not find it going on.
 func (s *Spool) Message(message *pyjson.Object) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -165,13 +166,14 @@ func (s *Spool) Message(message *pyjson.Object) error {
 		s.append(protocol.Encode(protocol.Message, execute.Now(), pyjson.Compact(marker)))
 	}
 	text := pyjson.Compact(message)
+	var resultErr error
+	if kind == "result" {
+		resultErr = writeRaw(s.ResultPath, text) // the frame goes to the spool all the same
+	}
 	if err := s.append(protocol.Encode(protocol.Message, execute.Now(), text)); err != nil {
 		return fmt.Errorf("cannot write to the spool: %w", err)
 	}
-	if kind == "result" {
-		return writeRaw(s.ResultPath, text)
-	}
-	return nil
+	return resultErr
 }
 
 func writeRaw(path string, data []byte) error {
