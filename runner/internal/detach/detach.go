@@ -362,6 +362,15 @@ func readPrivate(path string) ([]byte, error) {
 	return io.ReadAll(io.LimitReader(f, protocol.MaxFrame))
 }
 
+// readResult is the job's result.json, or nil while it has none (or not a whole one).
+func readResult(dir string) []byte {
+	data, err := readPrivate(filepath.Join(dir, ResultFile))
+	if err != nil || !json.Valid(data) {
+		return nil
+	}
+	return data
+}
+
 // follow relays the job's spool to out from its start, then as it grows, until the result
 // frame; stop lines from in go to the job's control FIFO. It returns when the result has been
 // sent, when in ends (the orchestrator left: the run goes on), or when out fails.
@@ -397,7 +406,7 @@ func follow(job string, in *execute.Input, out *execute.Framed, c Config) {
 		if gone {
 			// result.json is written before the result frame: a spool write that failed
 			// after it (a full disk) leaves the result there.
-			if result, err := readPrivate(filepath.Join(dir, ResultFile)); err == nil && json.Valid(result) {
+			if result := readResult(dir); result != nil {
 				out.Frame(protocol.Message, execute.Now(), result)
 				return
 			}
@@ -498,7 +507,7 @@ func stateOf(dir, job string) State {
 	if st, err := os.Lstat(filepath.Join(dir, SpoolFile)); err == nil {
 		s.SpoolSize = st.Size()
 	}
-	if data, err := readPrivate(filepath.Join(dir, ResultFile)); err == nil && json.Valid(data) {
+	if data := readResult(dir); data != nil {
 		s.State, s.Result = "finished", summary(data)
 		if st, err := os.Lstat(filepath.Join(dir, ResultFile)); err == nil {
 			s.FinishedAt = float64(st.ModTime().UnixNano()) / 1e9
