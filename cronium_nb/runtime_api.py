@@ -206,6 +206,7 @@ class RuntimeService:
         self._runner: web.AppRunner | None = None
         self._server: asyncio.AbstractServer | None = None
         self._directory: Path | None = None
+        self._starting = asyncio.Lock()  # a fan-out's servers ask for the service at once
         self.path: Path | None = None
         # transports that got at least as far as a request; counters for tests and metrics
         self.served: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()
@@ -213,40 +214,46 @@ class RuntimeService:
 
     async def start(self) -> Path:
         """Listen on a Unix socket in a new private directory (once); returns its path."""
-        if self._runner is None:
-            from aiohttp import web
-
-            @web.middleware
-            async def authenticate(request: web.Request, handler: Callable) -> web.StreamResponse:
-                return await self._authenticate(request, handler)
-
-            app = web.Application(middlewares=[authenticate], client_max_size=16 * 1024 * 1024)
-            prefix = "/v1/executions/{execution_id}"
-            app.add_routes(
-                [
-                    web.get(f"{prefix}/input", self._get_input),
-                    web.put(f"{prefix}/output", self._put_output),
-                    web.put(f"{prefix}/output/{{key}}", self._put_output_key),
-                    web.get(f"{prefix}/variables/{{name}}", self._get_variable),
-                    web.put(f"{prefix}/variables/{{name}}", self._put_variable),
-                    web.post(f"{prefix}/tools/{{name}}", self._call_tool),
-                ]
-            )
-            runner = web.AppRunner(app, access_log=None, keepalive_timeout=0)
-            await runner.setup()
-            assert runner.server is not None
-            handler_factory = runner.server
-            remove_stale_directories()
-            self._directory = Path(tempfile.mkdtemp(prefix=DIRECTORY_PREFIX))  # 0700
-            (self._directory / OWNER_FILE).write_text(current_owner())
-            self.path = self._directory / SOCKET_NAME
-            self._server = await asyncio.get_running_loop().create_unix_server(
-                lambda: _GuardedConnection(self, handler_factory()), str(self.path)
-            )
-            self.path.chmod(0o600)
-            self._runner = runner
+        async with self._starting:
+            if self._runner is None:
+                await self._listen()
         assert self.path is not None
         return self.path
+
+    async def _listen(self) -> None:
+        """The application, its private directory (stale ones of ended processes swept first)
+        and the socket."""
+        from aiohttp import web
+
+        @web.middleware
+        async def authenticate(request: web.Request, handler: Callable) -> web.StreamResponse:
+            return await self._authenticate(request, handler)
+
+        app = web.Application(middlewares=[authenticate], client_max_size=16 * 1024 * 1024)
+        prefix = "/v1/executions/{execution_id}"
+        app.add_routes(
+            [
+                web.get(f"{prefix}/input", self._get_input),
+                web.put(f"{prefix}/output", self._put_output),
+                web.put(f"{prefix}/output/{{key}}", self._put_output_key),
+                web.get(f"{prefix}/variables/{{name}}", self._get_variable),
+                web.put(f"{prefix}/variables/{{name}}", self._put_variable),
+                web.post(f"{prefix}/tools/{{name}}", self._call_tool),
+            ]
+        )
+        runner = web.AppRunner(app, access_log=None, keepalive_timeout=0)
+        await runner.setup()
+        assert runner.server is not None
+        handler_factory = runner.server
+        await asyncio.to_thread(remove_stale_directories)  # file system and socket probes
+        self._directory = Path(tempfile.mkdtemp(prefix=DIRECTORY_PREFIX))  # 0700
+        (self._directory / OWNER_FILE).write_text(current_owner())
+        self.path = self._directory / SOCKET_NAME
+        self._server = await asyncio.get_running_loop().create_unix_server(
+            lambda: _GuardedConnection(self, handler_factory()), str(self.path)
+        )
+        self.path.chmod(0o600)
+        self._runner = runner
 
     async def close(self) -> None:
         if self._server is not None:

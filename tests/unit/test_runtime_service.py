@@ -152,3 +152,20 @@ def test_a_killed_process_leaves_its_directory_only_until_the_next_service_start
     assert (victim / "owner").is_file() and (tmp_path / "cronium-api-link").is_symlink()
     assert elsewhere.is_dir() and half_written.is_dir() and listening.is_dir()
     assert tmp_path / "cronium-api-link" not in removed_trees
+
+
+def test_concurrent_starts_open_one_service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The servers of one fan-out ask for the service at once: every one of them gets the same
+    socket, and one private directory is made (a second would be left behind by close())."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    async def scenario() -> tuple[set[Path], list[Path], list[Path]]:
+        service = RuntimeService()
+        paths = await asyncio.gather(*(service.start() for _ in range(8)))
+        made = sorted(tmp_path.glob("cronium-api-*"))
+        await service.close()
+        return set(paths), made, sorted(tmp_path.glob("cronium-api-*"))
+
+    paths, made, left = asyncio.run(scenario())
+    assert len(paths) == 1 and [next(iter(paths)).parent] == made, (paths, made)
+    assert left == []
